@@ -1,0 +1,159 @@
+"""The data interface every dataset implements.
+
+A federated dataset is a population of clients. Each client holds named
+modality arrays, labels and a per-example modality-presence mask; its first
+``n_support`` examples are the support set (adaptation), the rest the query
+set (evaluation). Some clients are *held out*: they never train and measure how
+the meta-parameters serve new clients.
+
+Datasets build clients lazily (``dataset.client(cid)``) so that a SuperNode
+touches only its own partition and a large population never lives in memory as
+Python objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ModalityKind = Literal["image", "sequence", "tokens", "vector"]
+TaskKind = Literal["classification", "regression"]
+
+
+class DataError(ValueError):
+    """A data file or dataset definition is unusable; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One input modality.
+
+    kind:
+      * ``image``    float ``[H, W]`` (one channel);
+      * ``sequence`` float ``[T, F]`` (audio frames x features, 1-D signals with F=1);
+      * ``tokens``   int64 ``[L]`` token ids, ``0`` is padding; needs ``vocab_size``;
+      * ``vector``   float ``[D]``.
+    """
+
+    name: str
+    kind: ModalityKind
+    shape: tuple[int, ...]
+    vocab_size: int = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.int64 if self.kind == "tokens" else torch.float32
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model needs to know about a dataset."""
+
+    modalities: tuple[ModalitySpec, ...]
+    task: TaskKind = "classification"
+    num_classes: int = 0  # 0 for regression; output dim is then ``output_dim``
+    output_dim: int = 1
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modalities)
+
+
+@dataclass
+class ClientData:
+    """One client's private data.
+
+    x:        modality name -> tensor ``[n, *shape]`` (zeros where absent)
+    y:        ``[n]`` int64 labels (classification) or ``[n, output_dim]`` float (regression)
+    present:  ``[n, M]`` bool, modality presence per example, columns in spec order
+    n_support: the first ``n_support`` rows are the support set, the rest the query set
+    """
+
+    x: dict[str, Tensor]
+    y: Tensor
+    present: Tensor
+    n_support: int
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def n_query(self) -> int:
+        return self.n - self.n_support
+
+    def rows(self, start: int, stop: int) -> "Batch":
+        return Batch(
+            x={k: v[start:stop] for k, v in self.x.items()},
+            y=self.y[start:stop],
+            present=self.present[start:stop],
+        )
+
+    def support(self) -> "Batch":
+        return self.rows(0, self.n_support)
+
+    def query(self) -> "Batch":
+        return self.rows(self.n_support, self.n)
+
+    def to(self, device: torch.device | str) -> "ClientData":
+        return ClientData(
+            x={k: v.to(device) for k, v in self.x.items()},
+            y=self.y.to(device),
+            present=self.present.to(device),
+            n_support=self.n_support,
+        )
+
+
+@dataclass
+class Batch:
+    """A set of examples: the unit the model and the loss functions take."""
+
+    x: dict[str, Tensor]
+    y: Tensor
+    present: Tensor
+
+    def index(self, idx: Tensor) -> "Batch":
+        return Batch(x={k: v[idx] for k, v in self.x.items()}, y=self.y[idx], present=self.present[idx])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(
+            x={k: v.to(device) for k, v in self.x.items()},
+            y=self.y.to(device),
+            present=self.present.to(device),
+        )
+
+
+class FederatedDataset(Protocol):
+    """A population of clients, built lazily."""
+
+    spec: DatasetSpec
+    num_clients: int
+    train_clients: list[int]
+    heldout_clients: list[int]
+
+    def client(self, cid: int) -> ClientData: ...
+
+
+@dataclass
+class ClientSplit:
+    """Which clients train and which are held out."""
+
+    train: list[int] = field(default_factory=list)
+    heldout: list[int] = field(default_factory=list)
+
+
+def split_clients(num_clients: int, heldout_fraction: float, seed: int) -> ClientSplit:
+    """Deterministically split client ids into train and held-out groups.
+
+    At least one client lands on each side.
+    """
+    if num_clients < 2:
+        raise DataError(f"data.num_clients: need at least 2 clients, got {num_clients}")
+    rng = np.random.default_rng([seed, 0xC11E])
+    perm = rng.permutation(num_clients)
+    n_held = min(max(1, int(round(heldout_fraction * num_clients))), num_clients - 1)
+    return ClientSplit(train=sorted(perm[n_held:].tolist()), heldout=sorted(perm[:n_held].tolist()))
