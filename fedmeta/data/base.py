@@ -157,3 +157,20 @@ def split_clients(num_clients: int, heldout_fraction: float, seed: int) -> Clien
     perm = rng.permutation(num_clients)
     n_held = min(max(1, int(round(heldout_fraction * num_clients))), num_clients - 1)
     return ClientSplit(train=sorted(perm[n_held:].tolist()), heldout=sorted(perm[:n_held].tolist()))
+
+
+def spec_to_dict(spec: DatasetSpec) -> dict:
+    return {
+        "modalities": [{"name": m.name, "kind": m.kind, "shape": list(m.shape), "vocab_size": m.vocab_size} for m in spec.modalities],
+        "task": spec.task,
+        "num_classes": spec.num_classes,
+        "output_dim": spec.output_dim,
+    }
+
+
+def spec_from_dict(d: dict) -> DatasetSpec:
+    try:
+        mods = tuple(ModalitySpec(m["name"], m["kind"], tuple(m["shape"]), int(m.get("vocab_size", 0))) for m in d["modalities"])
+        return DatasetSpec(mods, d.get("task", "classification"), int(d.get("num_classes", 0)), int(d.get("output_dim", 1)))
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"dataset spec: malformed ({err})") from None

@@ -1,0 +1,64 @@
+"""The Flower ClientApp: Flower messages in, fedmeta functions, Flower messages out.
+
+The server sends the experiment config with every message (``fedmeta-config``),
+so a client needs only its own data: ``partition-id`` (simulation) or
+``partition-dir`` (a deployed SuperNode's ``--node-config``), and optionally
+``device`` (``auto | cpu | cuda[:i]``).
+
+Imports stay light: a deployed SuperNode starts a fresh process per message.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmeta.config import Config, config_from_json
+from fedmeta.data.base import spec_to_dict
+from fedmeta.engines import client as work
+
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context):
+    cfg: Config = config_from_json(str(msg.content["config"]["fedmeta-config"]))
+    work.configure_torch(1)
+    cid, data, spec, heldout = work.resolve_client(cfg, dict(context.node_config))
+    device = work.resolve_device(str(context.node_config.get("device", cfg.simulation.device)))
+    model = work.model_for(cfg, spec).to(device)
+    return cfg, cid, data.to(device), spec, heldout, model, device
+
+
+def _theta(msg: Message, device):
+    return {k: v.to(device) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Describe this node's client: id, held out or not, size and data spec."""
+    cfg = config_from_json(str(msg.content["config"]["fedmeta-config"]))
+    cid, data, spec, heldout = work.resolve_client(cfg, dict(context.node_config))
+    info = ConfigRecord({"partition-id": cid, "heldout": heldout, "num-examples": data.n, "spec": json.dumps(spec_to_dict(spec))})
+    return Message(RecordDict({"config": info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Inner loop from theta on the support set; reply phi and ``num-examples``."""
+    cfg, cid, data, spec, _, model, device = _setup(msg, context)
+    rnd = int(msg.content["config"]["server-round"])
+    phi, metrics = work.train_client(model, _theta(msg, device), data, cfg, spec, rnd, cid)
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict={k: v.cpu() for k, v in phi.items()}), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Query loss and accuracy before and after adaptation."""
+    cfg, cid, data, spec, _, model, device = _setup(msg, context)
+    rnd = int(msg.content["config"]["server-round"])
+    metrics = work.evaluate_client(model, _theta(msg, device), data, cfg, spec, rnd, cid)
+    clean = {k: float(v) for k, v in metrics.items() if v == v}  # MetricRecord cannot hold NaN meaningfully
+    return Message(RecordDict({"metrics": MetricRecord(clean)}), reply_to=msg)

@@ -1,0 +1,264 @@
+"""Experiment configuration: pydantic models, TOML files and ``--set`` overrides.
+
+Every field is validated up front. Any problem becomes a :class:`ConfigError`
+whose message is one line naming the field and the allowed range, e.g.::
+
+    config error: meta.inner_steps: must be >= 1 (got 0)
+
+Configs are flat enough to travel as Flower run config (nested keys joined
+with dots, scalar values only), which is how ``flwr run .`` hands them to the
+ServerApp and ClientApp.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; ``str(err)`` is a single line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["synthetic", "avdigits", "sine", "disk"] = "synthetic"
+    num_clients: int = Field(60, ge=2, le=1_000_000)
+    heldout_fraction: float = Field(0.2, gt=0, lt=1)
+    examples_per_client: int = Field(40, ge=2)
+    support_fraction: float = Field(0.5, gt=0, lt=1)
+    num_classes: int = Field(5, ge=2)
+    missing_modality_fraction: float = Field(0.2, ge=0, le=1)
+    missing_modality: str = ""  # "" = a random modality per affected client
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    audio_domain: Literal["espeak", "flite", "both"] = "espeak"
+    k_shot: int = Field(5, ge=1)
+    path: str = ""  # root of on-disk partitions when dataset = "disk"
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    embed_dim: int = Field(32, ge=1)
+    hidden_dim: int = Field(32, ge=1)
+    fusion: Literal["concat", "gated", "attention"] = "concat"
+    modalities: str = ""  # comma-separated subset of modalities to use; "" = all
+
+
+class MetaConfig(_Section):
+    algorithm: Literal["reptile", "fedavg"] = "reptile"
+    inner_steps: int = Field(5, ge=1, le=10_000)
+    inner_lr: float = Field(0.3, gt=0)
+    inner_optimizer: Literal["sgd", "adam"] = "sgd"
+    inner_batch_size: int = Field(10, ge=0)  # 0 = full support set each step
+    adam_beta2: float = Field(0.999, gt=0, lt=1)
+    outer_lr: float = Field(1.0, gt=0)  # beta_0
+    outer_lr_final: float = Field(0.0, ge=0)  # beta at the last round (linear anneal)
+    eval_steps: int = Field(10, ge=0)  # adaptation steps at evaluation
+
+    @model_validator(mode="after")
+    def _final_below_start(self) -> "MetaConfig":
+        if self.outer_lr_final > self.outer_lr:
+            raise ValueError(f"outer_lr_final: must be <= outer_lr ({self.outer_lr}) (got {self.outer_lr_final})")
+        return self
+
+
+class SimulationConfig(_Section):
+    engine: Literal["flower", "vectorized", "sequential"] = "flower"
+    rounds: int = Field(50, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    min_clients: int = Field(1, ge=1)  # a round needs at least this many good replies
+    on_too_few: Literal["skip", "retry"] = "skip"
+    max_retries: int = Field(2, ge=0)
+    eval_every: int = Field(10, ge=1)
+    eval_clients: int = Field(0, ge=0)  # held-out clients evaluated; 0 = all
+    round_timeout: float = Field(600.0, gt=0)  # seconds to wait for replies
+    max_update_norm: float = Field(1e4, gt=0)  # replies with a larger ||phi - theta|| are rejected
+    seed: int = 0
+    deterministic: bool = True
+    device: str = "cpu"
+    num_cpus_per_client: float = Field(1.0, gt=0)
+    chunk_size: int = Field(256, ge=1)  # vectorized engine: clients per vmap chunk
+
+
+class PrivacyConfig(_Section):
+    enabled: bool = False
+    mode: Literal["server", "client"] = "server"
+    noise_multiplier: float = Field(1.0, ge=0)
+    clip_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["pld", "rdp"] = "pld"
+    target_epsilon: float = Field(0.0, ge=0)  # 0 = no budget stop
+    adaptive_clipping: bool = False
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_lr: float = Field(0.2, gt=0)
+    clipped_count_stddev: float = Field(0.0, ge=0)  # 0 = expected cohort / 20, as in Andrew et al.
+
+
+class OutputConfig(_Section):
+    dir: str = ""  # "" = runs/<timestamp>
+    checkpoint_every: int = Field(1, ge=1)
+    progress: bool = True
+    resume: bool = False  # continue the run in ``dir`` from its checkpoint (deployed ServerApp)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    meta: MetaConfig = MetaConfig()
+    simulation: SimulationConfig = SimulationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        from fedmeta.data.base import split_clients  # light import, no torch model code
+
+        n_train = len(split_clients(self.data.num_clients, self.data.heldout_fraction, self.data.seed).train)
+        if self.simulation.clients_per_round > n_train:
+            raise ValueError(
+                f"simulation.clients_per_round: must be <= the {n_train} training clients "
+                f"(data.num_clients={self.data.num_clients}, data.heldout_fraction={self.data.heldout_fraction}) "
+                f"(got {self.simulation.clients_per_round})"
+            )
+        if self.simulation.min_clients > self.simulation.clients_per_round:
+            raise ValueError(
+                f"simulation.min_clients: must be <= simulation.clients_per_round "
+                f"({self.simulation.clients_per_round}) (got {self.simulation.min_clients})"
+            )
+        if self.data.dataset == "disk" and not self.data.path:
+            raise ValueError("data.path: required when data.dataset = 'disk'")
+        return self
+
+    # -- conversions ---------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys with scalar values, the shape of Flower's run config."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+    @property
+    def sample_rate(self) -> float:
+        """Expected fraction of training clients in a round (q for the accountant)."""
+        from fedmeta.data.base import split_clients
+
+        n_train = len(split_clients(self.data.num_clients, self.data.heldout_fraction, self.data.seed).train)
+        return self.simulation.clients_per_round / n_train
+
+
+# -- building configs ------------------------------------------------------------
+
+
+_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"),
+           "less_than_equal": ("le", "<="), "less_than": ("lt", "<")}
+
+
+def _format_error(err: ValidationError) -> str:
+    """One line naming the first bad field, what is allowed and what was given."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind, got, ctx = first["type"], first.get("input"), first.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"config error: {loc}: unknown key"
+    if kind == "value_error":  # our validators name the field (relative to their section)
+        text = str(ctx.get("error", first["msg"]))
+        return f"config error: {loc + '.' if loc else ''}{text}"
+    if kind in _BOUNDS:
+        name, sym = _BOUNDS[kind]
+        return f"config error: {loc}: must be {sym} {ctx[name]} (got {got!r})"
+    if kind == "literal_error":
+        return f"config error: {loc}: must be one of {ctx.get('expected')} (got {got!r})"
+    return f"config error: {loc}: {first['msg'].lower()} (got {got!r})"
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config error: {key}: '{part}' is a value, not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"meta.inner_steps=10"`` -> ``("meta.inner_steps", 10)``; values parse as TOML, else as strings."""
+    if "=" not in item:
+        raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE, e.g. meta.inner_steps=10")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"config error: --set {item!r}: expected KEY=VALUE, e.g. meta.inner_steps=10")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Validate ``data`` (nested dict) with ``overrides`` (``KEY=VALUE`` strings) applied."""
+    merged = dict(data or {})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        merged = _merge(merged, _nest({key: value}))
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a TOML config file (or the built-in defaults) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config error: {p}: file not found") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config error: {p}: invalid TOML: {err}") from None
+    return build_config(data, overrides)
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> Config:
+    """Build a Config from Flower's flat run config (``section.key`` entries; others ignored)."""
+    sections = set(Config.model_fields)
+    flat = {k: v for k, v in run_config.items() if k.split(".", 1)[0] in sections}
+    try:
+        return Config.model_validate(_nest(flat))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def config_from_json(text: str) -> Config:
+    try:
+        return Config.model_validate(json.loads(text))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None

@@ -1,0 +1,1 @@
+"""Engines drive rounds; they all call the same client and server functions."""

@@ -1,0 +1,136 @@
+"""What one client does in a round, shared by every engine and the Flower ClientApp.
+
+``train_client`` runs the inner loop from theta on the support set and returns
+phi; ``evaluate_client`` scores theta on the query set before and after
+adaptation. The batch order comes from ``client_seed(run seed, round, client id)``
+so every engine visits the same examples.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+from fedmeta.config import Config
+from fedmeta.data import ClientData, DatasetSpec, build_dataset
+from fedmeta.meta import InnerConfig, adapt_and_evaluate, batch_schedule, client_seed, inner_loop
+from fedmeta.models import build_model
+
+Params = dict[str, Tensor]
+
+# Salts that keep the random streams of different purposes apart.
+TRAIN_STREAM, EVAL_STREAM = 1, 2
+CURVE_STEPS = (1, 5, 10)
+
+
+def configure_torch(threads: int = 1) -> None:
+    """Small models run fastest single-threaded; two threads per process oversubscribe 2 cores badly."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def model_for(cfg: Config, spec: DatasetSpec) -> nn.Module:
+    return build_model(spec, cfg.model.embed_dim, cfg.model.hidden_dim, cfg.model.fusion, seed=cfg.simulation.seed)
+
+
+def inner_config(cfg: Config, spec: DatasetSpec, evaluation: bool = False) -> InnerConfig:
+    steps = cfg.meta.eval_steps if evaluation else cfg.meta.inner_steps
+    if evaluation and cfg.meta.algorithm == "fedavg":
+        steps = 0  # FedAvg has no adaptation: "after" equals "before"
+    return InnerConfig.from_meta(cfg.meta, spec.task, steps=steps)
+
+
+def train_schedule(cfg: Config, data: ClientData, server_round: int, cid: int) -> Tensor:
+    seed = client_seed(cfg.simulation.seed, TRAIN_STREAM, server_round, cid)
+    return batch_schedule(data.n_support, cfg.meta.inner_steps, cfg.meta.inner_batch_size, seed)
+
+
+def eval_schedule(cfg: Config, data: ClientData, server_round: int, cid: int, steps: int) -> Tensor:
+    seed = client_seed(cfg.simulation.seed, EVAL_STREAM, server_round, cid)
+    return batch_schedule(data.n_support, steps, cfg.meta.inner_batch_size, seed)
+
+
+def train_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> tuple[Params, dict[str, float]]:
+    """phi = inner_loop(theta, support); metrics carry ``num-examples`` (support size) and ``train_loss``."""
+    s = data.support()
+    phi, loss, _ = inner_loop(model, theta, s.x, s.y, s.present, train_schedule(cfg, data, server_round, cid), inner_config(cfg, spec))
+    phi = client_side_clip(cfg, theta, {k: v.detach() for k, v in phi.items()})
+    return phi, {"num-examples": data.n_support, "train_loss": float(loss)}
+
+
+def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> dict[str, float]:
+    """Query loss/accuracy before and after ``meta.eval_steps`` adaptation steps.
+
+    Also ``loss_at_<s>``/``acc_at_<s>`` for s in 1, 5, 10 that are <= eval_steps (adaptation curves).
+    """
+    icfg = inner_config(cfg, spec, evaluation=True)
+    s, q = data.support(), data.query()
+    schedule = eval_schedule(cfg, data, server_round, cid, icfg.steps)
+    out = adapt_and_evaluate(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), schedule, icfg, at_steps=CURVE_STEPS)
+    out["num-examples"] = data.n_query
+    return out
+
+
+@lru_cache(maxsize=4)
+def _dataset(cfg_json: str):
+    from fedmeta.config import config_from_json
+
+    return build_dataset(config_from_json(cfg_json).data)
+
+
+def dataset_for(cfg: Config):
+    """The config's dataset, cached per process (clients themselves are built on demand)."""
+    return _dataset(cfg.model_dump_json())
+
+
+@lru_cache(maxsize=64)
+def _client_data(cfg_json: str, cid: int) -> ClientData:
+    return _dataset(cfg_json).client(cid)
+
+
+def client_data_for(cfg: Config, cid: int) -> ClientData:
+    return _client_data(cfg.model_dump_json(), cid)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda[:i]``; ``auto`` takes CUDA when it is available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r} requested but CUDA is not available on this node")
+    return torch.device(name)
+
+
+def resolve_client(cfg: Config, node_config: dict) -> tuple[int, ClientData, DatasetSpec, bool]:
+    """This node's client: (client id, data, spec, held out?).
+
+    A deployed SuperNode names its partition directory (``partition-dir``); a
+    simulated one gets ``partition-id`` into the config's dataset.
+    """
+    if "partition-dir" in node_config:
+        return _load_dir(str(node_config["partition-dir"]))
+    pid = int(node_config.get("partition-id", -1))
+    ds = dataset_for(cfg)
+    if not 0 <= pid < ds.num_clients:
+        raise ValueError(f"partition-id {pid} is outside the dataset's {ds.num_clients} clients")
+    return pid, client_data_for(cfg, pid), ds.spec, pid in set(ds.heldout_clients)
+
+
+@lru_cache(maxsize=2)
+def _load_dir(path: str):
+    from fedmeta.data.disk import load_client_dir
+
+    data, spec, heldout, cid = load_client_dir(path)
+    return cid, data, spec, heldout
+
+
+def client_side_clip(cfg: Config, theta: Params, phi: Params) -> Params:
+    """With ``privacy.mode = "client"`` the client clips its update before it leaves the device."""
+    if not (cfg.privacy.enabled and cfg.privacy.mode == "client"):
+        return phi
+    from fedmeta.privacy import clip_update
+
+    clipped, _ = clip_update({k: phi[k] - theta[k] for k in theta}, cfg.privacy.clip_norm)
+    return {k: theta[k] + clipped[k] for k in theta}

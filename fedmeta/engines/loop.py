@@ -1,0 +1,244 @@
+"""The round loop every engine shares.
+
+An engine supplies a *backend* that runs clients (Flower messages, a Python
+loop, or ``vmap``); everything else happens here, once: cohort sampling,
+the Reptile/FedAvg step (with clipping and noise when DP is on), privacy
+accounting, evaluation, metrics, checkpoints and resume.
+
+Random streams are derived from (seed, purpose, round), not carried as state,
+so a resumed run draws exactly what an uninterrupted one would have drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedmeta.config import Config
+from fedmeta.meta.inner import client_seed
+from fedmeta.meta.outer import apply_step, delta, meta_step_size, weighted_mean
+from fedmeta.results import RunWriter
+
+Params = dict[str, Tensor]
+SAMPLE_STREAM, NOISE_STREAM, HELDOUT_STREAM = 11, 12, 13
+
+
+@dataclass
+class ClientUpdate:
+    cid: int
+    phi: Params
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Replies:
+    """What a backend got back from one round's clients."""
+
+    results: list[Any] = field(default_factory=list)  # ClientUpdate for train, (cid, metrics) for evaluate
+    failures: int = 0  # no reply, error reply, or timeout
+    rejected: list[str] = field(default_factory=list)  # malformed replies, with reasons
+
+
+class Backend(Protocol):
+    name: str
+
+    def populations(self) -> tuple[list[int], list[int]]:
+        """(training client ids, held-out client ids)."""
+
+    def train(self, theta: Params, cids: list[int], server_round: int) -> Replies: ...
+
+    def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies: ...
+
+
+class RunError(RuntimeError):
+    """A run cannot continue; the message is one line."""
+
+
+def _rng(cfg: Config, stream: int, server_round: int, attempt: int = 0) -> np.random.Generator:
+    return np.random.default_rng(client_seed(cfg.simulation.seed, stream, server_round, attempt))
+
+
+def sample_cohort(cfg: Config, population: list[int], server_round: int, attempt: int = 0) -> list[int]:
+    """Fixed-size uniform sampling, or Poisson sampling with rate clients_per_round / population."""
+    rng = _rng(cfg, SAMPLE_STREAM, server_round, attempt)
+    if cfg.simulation.sampling == "poisson":
+        q = min(1.0, cfg.simulation.clients_per_round / len(population))
+        return [c for c in population if rng.random() < q]
+    k = min(cfg.simulation.clients_per_round, len(population))
+    return sorted(rng.choice(population, size=k, replace=False).tolist())
+
+
+def _mean(results: list[dict[str, float]], key: str, weight: str = "num-examples") -> float:
+    pairs = [(r[key], r.get(weight, 1)) for r in results if key in r and r[key] is not None and math.isfinite(r[key])]
+    if not pairs:
+        return float("nan")
+    return sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+
+
+EVAL_KEYS = ("loss_before", "loss_after", "acc_before", "acc_after", "loss_at_1", "loss_at_5", "loss_at_10", "acc_at_1", "acc_at_5", "acc_at_10")
+
+
+def summarise_eval(replies: Replies, prefix: str = "") -> dict[str, float]:
+    metrics = [m for _, m in replies.results]
+    return {f"{prefix}{k}": _mean(metrics, k) for k in EVAL_KEYS if any(k in m for m in metrics)}
+
+
+class Server:
+    """Server state and the outer step: theta, the privacy mechanism and the accountant."""
+
+    def __init__(self, cfg: Config, theta: Params, num_train_clients: int) -> None:
+        self.cfg = cfg
+        self.theta = {k: v.detach().clone() for k, v in theta.items()}
+        self.num_train = num_train_clients
+        self.privacy = None
+        if cfg.privacy.enabled:
+            from fedmeta.privacy.server import PrivacyEngine
+
+            self.privacy = PrivacyEngine(cfg, num_train_clients)
+
+    def step(self, updates: list[ClientUpdate], server_round: int) -> dict[str, float]:
+        """Apply one outer step from the clients' phi; returns round info (beta, clip, ...)."""
+        cfg = self.cfg
+        beta = meta_step_size(cfg.meta.algorithm, server_round, cfg.simulation.rounds, cfg.meta.outer_lr, cfg.meta.outer_lr_final)
+        deltas = [delta(u.phi, self.theta) for u in updates]
+        info: dict[str, float] = {"beta": beta}
+        if self.privacy is None:
+            mean = weighted_mean(deltas, [u.num_examples for u in updates])
+        else:
+            generator = torch.Generator().manual_seed(
+                client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
+            )
+            mean, dp_info = self.privacy.aggregate(deltas, generator)
+            info.update(dp_info)
+        self.theta = apply_step(self.theta, mean, beta)
+        return info
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"theta": self.theta, "privacy": None if self.privacy is None else self.privacy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.theta = state["theta"]
+        if self.privacy is not None and state.get("privacy") is not None:
+            self.privacy.load_state_dict(state["privacy"])
+
+
+def run_federation(
+    cfg: Config,
+    backend: Backend,
+    theta0: Params,
+    writer: RunWriter,
+    resume: bool = False,
+    progress: Any | None = None,
+) -> dict[str, Any]:
+    """Drive ``cfg.simulation.rounds`` rounds on ``backend``; returns the summary (also written to disk)."""
+    train_pop, heldout_pop = backend.populations()
+    if not train_pop:
+        raise RunError("no training clients are available (every node is held out or failed to describe itself)")
+    server = Server(cfg, theta0, len(train_pop))
+    start_round, history = 1, []
+    started = time.time()
+    if resume:
+        ckpt = writer.load_checkpoint()
+        if ckpt is None:
+            raise RunError(f"--resume: no checkpoint.pt in {writer.dir}")
+        server.load_state_dict(ckpt["server"])
+        start_round = ckpt["round"] + 1
+        history = writer.truncate_metrics(ckpt["round"])
+        started -= ckpt.get("elapsed_s", 0.0)
+    else:
+        writer.write_config(cfg.to_dict())
+        if (writer.dir / "metrics.jsonl").exists():
+            (writer.dir / "metrics.jsonl").unlink()
+
+    last_eval: dict[str, float] = next((r for r in reversed(history) if "heldout_acc_after" in r or "heldout_loss_after" in r), {})
+    R = cfg.simulation.rounds
+    for rnd in range(start_round, R + 1):
+        t0 = time.time()
+        record: dict[str, Any] = {"round": rnd}
+        applied = False
+        failures = rejected = 0
+        attempts = 1 + (cfg.simulation.max_retries if cfg.simulation.on_too_few == "retry" else 0)
+        for attempt in range(attempts):
+            if server.privacy is not None:
+                stop = server.privacy.budget_exhausted()
+                if stop:
+                    record["stopped"] = stop
+                    break
+            cohort = sample_cohort(cfg, train_pop, rnd, attempt)
+            replies = backend.train(server.theta, cohort, rnd) if cohort else Replies()
+            failures += replies.failures
+            rejected += len(replies.rejected)
+            if server.privacy is not None:
+                server.privacy.account_round()  # every attempt releases (or could release) an output
+            record.update({"clients": len(cohort), "replies": len(replies.results)})
+            if len(replies.results) >= cfg.simulation.min_clients:
+                record.update(server.step(replies.results, rnd))
+                record["train_loss"] = _mean([u.metrics | {"num-examples": u.num_examples} for u in replies.results], "train_loss")
+                applied = True
+                break
+        if "stopped" in record:
+            writer.append_metrics(record)
+            history.append(record)
+            break
+        record.update({"failures": failures, "rejected": rejected, "skipped": not applied})
+        if server.privacy is not None:
+            record.update(server.privacy.report())
+
+        if rnd % cfg.simulation.eval_every == 0 or rnd == R:
+            if applied:
+                record.update(summarise_eval(backend.evaluate(server.theta, cohort, rnd)))
+            held = heldout_pop
+            if cfg.simulation.eval_clients and cfg.simulation.eval_clients < len(held):
+                held = sorted(_rng(cfg, HELDOUT_STREAM, rnd).choice(held, cfg.simulation.eval_clients, replace=False).tolist())
+            held_replies = backend.evaluate(server.theta, held, rnd)
+            record.update(summarise_eval(held_replies, "heldout_"))
+            record["failures"] += held_replies.failures
+            record["rejected"] += len(held_replies.rejected)
+            last_eval = record
+        record["time_s"] = time.time() - t0
+        writer.append_metrics(record)
+        history.append(record)
+        if progress is not None:
+            progress(record)
+        if rnd % cfg.output.checkpoint_every == 0 or rnd == R:
+            writer.save_checkpoint({"round": rnd, "server": server.state_dict(), "elapsed_s": time.time() - started, "config": cfg.to_dict()})
+
+    summary = build_summary(cfg, backend, server, history, last_eval, time.time() - started)
+    writer.save_model(server.theta)
+    writer.write_summary(summary)
+    return summary
+
+
+def build_summary(cfg: Config, backend: Backend, server: Server, history: list[dict], last_eval: dict, wall: float) -> dict[str, Any]:
+    final = {k: v for k, v in last_eval.items() if k.startswith(("heldout_", "loss_", "acc_"))}
+    summary: dict[str, Any] = {
+        "status": "completed",
+        "engine": backend.name,
+        "algorithm": cfg.meta.algorithm,
+        "dataset": cfg.data.dataset,
+        "rounds_completed": max((r["round"] for r in history if not r.get("stopped")), default=0),
+        "rounds_planned": cfg.simulation.rounds,
+        "num_parameters": int(sum(v.numel() for v in server.theta.values())),
+        "failures": int(sum(r.get("failures", 0) for r in history)),
+        "rejected": int(sum(r.get("rejected", 0) for r in history)),
+        "skipped_rounds": int(sum(1 for r in history if r.get("skipped"))),
+        "wall_time_s": wall,
+        **final,
+    }
+    acc = last_eval.get("heldout_acc_after")
+    if acc is None or not math.isfinite(acc):  # regression: report the adaptation curve as MSE
+        summary["heldout_mse_after_steps"] = {str(s): last_eval.get(f"heldout_loss_at_{s}") for s in (1, 5, 10)}
+    stopped = next((r["stopped"] for r in history if r.get("stopped")), None)
+    if stopped:
+        summary["stopped_early"] = stopped
+    if server.privacy is not None:
+        summary.update(server.privacy.report())
+    return summary

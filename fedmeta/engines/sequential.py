@@ -1,0 +1,38 @@
+"""The in-process engine: a plain Python loop over the cohort's clients.
+
+It is the reference the other engines are checked against, and the
+"sequential" column of ``fedmeta bench``.
+"""
+
+from __future__ import annotations
+
+from fedmeta.config import Config
+from fedmeta.engines.client import configure_torch, evaluate_client, model_for, train_client
+from fedmeta.engines.loop import ClientUpdate, Params, Replies
+
+
+class SequentialBackend:
+    name = "sequential"
+
+    def __init__(self, cfg: Config, dataset) -> None:
+        configure_torch(1)
+        self.cfg = cfg
+        self.dataset = dataset
+        self.spec = dataset.spec
+        self.model = model_for(cfg, self.spec)
+
+    def populations(self) -> tuple[list[int], list[int]]:
+        return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
+
+    def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
+        out = Replies()
+        for cid in cids:
+            phi, metrics = train_client(self.model, theta, self.dataset.client(cid), self.cfg, self.spec, server_round, cid)
+            out.results.append(ClientUpdate(cid, phi, int(metrics["num-examples"]), metrics))
+        return out
+
+    def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
+        out = Replies()
+        for cid in cids:
+            out.results.append((cid, evaluate_client(self.model, theta, self.dataset.client(cid), self.cfg, self.spec, server_round, cid)))
+        return out

@@ -1,0 +1,150 @@
+"""The client side of meta-learning, as pure functions on tensors.
+
+Parameters are ``dict[str, Tensor]``; the model is called with
+``torch.func.functional_call``. Nothing here branches on data or keeps state,
+so the same functions run one client at a time (Flower ClientApp, sequential
+engine) or a whole cohort at once under ``torch.func.vmap`` (vectorised engine).
+
+The order in which support examples are visited is fixed up front by
+:func:`batch_schedule` from a per-client seed, which is what makes the engines
+agree to float tolerance in deterministic mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """What the inner loop needs, independent of the full experiment config."""
+
+    steps: int
+    lr: float
+    optimizer: str = "sgd"  # "sgd" | "adam" (beta1 = 0, as in the Reptile paper)
+    batch_size: int = 10  # 0 = full support set
+    beta2: float = 0.999
+    eps: float = 1e-8
+    task: str = "classification"
+
+    @classmethod
+    def from_meta(cls, meta, task: str, steps: int | None = None) -> "InnerConfig":
+        return cls(
+            steps=meta.inner_steps if steps is None else steps,
+            lr=meta.inner_lr,
+            optimizer=meta.inner_optimizer,
+            batch_size=meta.inner_batch_size,
+            beta2=meta.adam_beta2,
+            task=task,
+        )
+
+
+def client_seed(*keys: int) -> int:
+    """A 63-bit seed derived from integer keys (e.g. run seed, round, client id)."""
+    return int(np.random.SeedSequence([int(k) % (2**63) for k in keys]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+
+
+def batch_schedule(n_support: int, steps: int, batch_size: int, seed: int) -> Tensor:
+    """``[steps, b]`` support-row indices: epochs of shuffled rows, cut into batches.
+
+    ``batch_size`` 0 (or >= n_support) means full batch, every row each step.
+    """
+    if steps <= 0:
+        return torch.zeros((0, max(1, min(batch_size, n_support) if batch_size > 0 else n_support)), dtype=torch.long)
+    if batch_size <= 0 or batch_size >= n_support:
+        return torch.arange(n_support).expand(steps, n_support).clone()
+    g = torch.Generator().manual_seed(seed)
+    need = steps * batch_size
+    epochs = -(-need // n_support)
+    order = torch.cat([torch.randperm(n_support, generator=g) for _ in range(epochs)])
+    return order[:need].view(steps, batch_size)
+
+
+def params_of(model: nn.Module) -> Params:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def loss_fn(model: nn.Module, params: Params, x: dict[str, Tensor], y: Tensor, present: Tensor, task: str) -> Tensor:
+    out = functional_call(model, params, (x, present))
+    if task == "classification":
+        return F.cross_entropy(out, y)
+    return F.mse_loss(out, y)
+
+
+def inner_loop(
+    model: nn.Module,
+    params: Params,
+    x: dict[str, Tensor],
+    y: Tensor,
+    present: Tensor,
+    schedule: Tensor,
+    cfg: InnerConfig,
+    record_at: tuple[int, ...] = (),
+) -> tuple[Params, Tensor, dict[int, Params]]:
+    """Run ``len(schedule)`` optimiser steps from ``params`` on the support rows.
+
+    Returns the adapted parameters phi, the mean training loss over the steps,
+    and the parameters after each step count in ``record_at``.
+    """
+    value_and_grad = torch.func.grad_and_value(lambda p, xb, yb, pb: loss_fn(model, p, xb, yb, pb, cfg.task))
+    v = {k: torch.zeros_like(p) for k, p in params.items()} if cfg.optimizer == "adam" else None
+    total = torch.zeros((), dtype=next(iter(params.values())).dtype, device=y.device)
+    recorded: dict[int, Params] = {0: params} if 0 in record_at else {}
+    for t in range(schedule.shape[0]):
+        idx = schedule[t]
+        grads, loss = value_and_grad(params, {k: xv[idx] for k, xv in x.items()}, y[idx], present[idx])
+        total = total + loss.detach()
+        if cfg.optimizer == "adam":
+            corr = 1.0 - cfg.beta2 ** (t + 1)
+            v = {k: cfg.beta2 * v[k] + (1 - cfg.beta2) * grads[k] ** 2 for k in params}
+            params = {k: p - cfg.lr * grads[k] / ((v[k] / corr).sqrt() + cfg.eps) for k, p in params.items()}
+        else:
+            params = {k: p - cfg.lr * grads[k] for k, p in params.items()}
+        if t + 1 in record_at:
+            recorded[t + 1] = params
+    return params, total / max(1, schedule.shape[0]), recorded
+
+
+def evaluate(model: nn.Module, params: Params, x: dict[str, Tensor], y: Tensor, present: Tensor, task: str) -> tuple[Tensor, Tensor]:
+    """(loss, accuracy) on a set of examples; accuracy is NaN for regression."""
+    with torch.no_grad():
+        out = functional_call(model, params, (x, present))
+        if task == "classification":
+            return F.cross_entropy(out, y), (out.argmax(-1) == y).float().mean()
+        return F.mse_loss(out, y), torch.full((), float("nan"))
+
+
+def adapt_and_evaluate(
+    model: nn.Module,
+    theta: Params,
+    support: tuple[dict[str, Tensor], Tensor, Tensor],
+    query: tuple[dict[str, Tensor], Tensor, Tensor],
+    schedule: Tensor,
+    cfg: InnerConfig,
+    at_steps: tuple[int, ...] = (),
+) -> dict[str, float]:
+    """Query loss/accuracy before and after ``len(schedule)`` adaptation steps.
+
+    ``at_steps`` adds ``loss_at_<s>`` and ``acc_at_<s>`` after ``s`` steps, for
+    adaptation curves (e.g. the sine task's 1, 5 and 10 steps).
+    """
+    sx, sy, sp = support
+    qx, qy, qp = query
+    loss0, acc0 = evaluate(model, theta, qx, qy, qp, cfg.task)
+    out = {"loss_before": float(loss0), "acc_before": float(acc0)}
+    marks = tuple(s for s in at_steps if 0 < s <= schedule.shape[0])
+    phi, _, recorded = inner_loop(model, theta, sx, sy, sp, schedule, cfg, record_at=marks)
+    for s in marks:
+        loss, acc = evaluate(model, recorded[s], qx, qy, qp, cfg.task)
+        out[f"loss_at_{s}"], out[f"acc_at_{s}"] = float(loss), float(acc)
+    loss1, acc1 = evaluate(model, phi, qx, qy, qp, cfg.task)
+    out["loss_after"], out["acc_after"] = float(loss1), float(acc1)
+    return out

@@ -1,0 +1,142 @@
+"""The Reptile strategy on Flower's Message API.
+
+It only translates: theta -> ``Message``s for the sampled nodes, and replies ->
+validated :class:`ClientUpdate`s. The maths (sampling, Reptile step, DP,
+accounting) lives in :mod:`fedmeta.engines.loop` and is shared with every engine.
+
+Message contents follow Flower's conventions (those of ``FedAvg``):
+request ``{"arrays": ArrayRecord(theta), "config": ConfigRecord}``, train
+reply ``{"arrays": ArrayRecord(phi), "metrics": MetricRecord(num-examples, ...)}``,
+so a stock Flower client that trains and returns its weights also works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from fedmeta.config import Config
+from fedmeta.engines.loop import ClientUpdate, Params, Replies
+
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+
+
+class ReplyError(ValueError):
+    """A malformed client reply; the message says why in one line."""
+
+
+def validate_phi(theta: Params, record: ArrayRecord, max_norm: float) -> Params:
+    """Check a reply's arrays against theta: names, shapes, dtypes, finiteness, update norm."""
+    names, expected = set(record.keys()), set(theta.keys())
+    if names != expected:
+        missing, extra = sorted(expected - names), sorted(names - expected)
+        raise ReplyError(f"array names differ from the model's (missing {missing[:3]}, unexpected {extra[:3]})")
+    phi: Params = {}
+    sq = 0.0
+    for name, ref in theta.items():
+        arr = record[name].numpy()
+        if tuple(arr.shape) != tuple(ref.shape):
+            raise ReplyError(f"array {name!r} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}")
+        if arr.dtype != np.float32:
+            raise ReplyError(f"array {name!r} has dtype {arr.dtype}, expected float32")
+        if not np.isfinite(arr).all():
+            raise ReplyError(f"array {name!r} contains NaN or Inf")
+        t = torch.from_numpy(np.array(arr, copy=True))
+        sq += float(((t - ref.cpu()) ** 2).sum())
+        phi[name] = t.to(ref.device)
+    norm = math.sqrt(sq)
+    if not norm <= max_norm:
+        raise ReplyError(f"update norm {norm:.3g} exceeds simulation.max_update_norm={max_norm:g}")
+    return phi
+
+
+def _num_examples(content: RecordDict) -> int:
+    for record in content.metric_records.values():
+        if "num-examples" in record:
+            n = record["num-examples"]
+            if not isinstance(n, (int, float)) or not n > 0 or not math.isfinite(n):
+                raise ReplyError(f"num-examples must be a positive number (got {n!r})")
+            return int(n)
+    raise ReplyError("reply has no 'num-examples' metric")
+
+
+class ReptileStrategy:
+    """Builds requests and parses replies; keeps no model state of its own."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.cfg_json = cfg.model_dump_json()
+
+    def _request(self, message_type: str, node_id: int, theta: ArrayRecord | None, server_round: int, cid: int) -> Message:
+        content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "cid": cid, "fedmeta-config": self.cfg_json})})
+        if theta is not None:
+            content[ARRAYS] = theta
+        return Message(content=content, dst_node_id=node_id, message_type=message_type)
+
+    def configure_query(self, node_ids: Iterable[int]) -> list[Message]:
+        return [self._request(MessageType.QUERY, n, None, 0, -1) for n in node_ids]
+
+    def configure_train(self, theta: Params, targets: list[tuple[int, int]], server_round: int) -> list[Message]:
+        arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in theta.items()})
+        return [self._request(MessageType.TRAIN, node, arrays, server_round, cid) for cid, node in targets]
+
+    def configure_evaluate(self, theta: Params, targets: list[tuple[int, int]], server_round: int) -> list[Message]:
+        arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in theta.items()})
+        return [self._request(MessageType.EVALUATE, node, arrays, server_round, cid) for cid, node in targets]
+
+    def parse_train(self, theta: Params, sent: dict[int, int], replies: Iterable[Message]) -> Replies:
+        """``sent`` maps node id -> client id. Missing and error replies are failures; malformed ones are rejected."""
+        out = Replies()
+        answered = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                out.failures += 1
+                continue
+            try:
+                content = msg.content
+                records = content.array_records
+                if not records:
+                    raise ReplyError("reply has no ArrayRecord")
+                record = records[ARRAYS] if ARRAYS in records else next(iter(records.values()))
+                phi = validate_phi(theta, record, self.cfg.simulation.max_update_norm)
+                n = _num_examples(content)
+                metrics = {k: float(v) for r in content.metric_records.values() for k, v in r.items() if isinstance(v, (int, float))}
+                out.results.append(ClientUpdate(sent.get(node, node), phi, n, metrics))
+            except ReplyError as err:
+                out.rejected.append(f"node {node}: {err}")
+        out.failures += sum(1 for n in sent if n not in answered)
+        return out
+
+    def parse_evaluate(self, sent: dict[int, int], replies: Iterable[Message]) -> Replies:
+        out = Replies()
+        answered = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                out.failures += 1
+                continue
+            metrics = {k: float(v) for r in msg.content.metric_records.values() for k, v in r.items() if isinstance(v, (int, float))}
+            bad = [k for k, v in metrics.items() if k.startswith(("loss", "acc")) and not math.isfinite(v)]
+            if bad and not (set(bad) <= {k for k in metrics if k.startswith("acc")}):
+                out.rejected.append(f"node {node}: non-finite evaluation metrics {bad[:3]}")
+                continue
+            out.results.append((sent.get(node, node), metrics))
+        out.failures += sum(1 for n in sent if n not in answered)
+        return out
+
+    @staticmethod
+    def parse_query(reply: Message) -> dict | None:
+        if reply.has_error() or CONFIG not in reply.content.config_records:
+            return None
+        info = dict(reply.content.config_records[CONFIG])
+        if "spec" in info:
+            info["spec"] = json.loads(str(info["spec"]))
+        return info
