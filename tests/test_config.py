@@ -1,0 +1,75 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedmeta.config import Config, ConfigError, build_config, config_from_run_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("meta.foo=1", "config error: meta.foo: unknown key"),
+        ("nosection.x=1", "config error: nosection: unknown key"),
+        ("meta.inner_steps='many'", "config error: meta.inner_steps: input should be a valid integer"),
+        ("meta.inner_steps=0", "config error: meta.inner_steps: must be >= 1 (got 0)"),
+        ("meta.inner_lr=0", "config error: meta.inner_lr: must be > 0"),
+        ("meta.outer_lr=-0.5", "config error: meta.outer_lr: must be > 0"),
+        ("data.heldout_fraction=0", "config error: data.heldout_fraction: must be > 0"),
+        ("data.heldout_fraction=1.0", "config error: data.heldout_fraction: must be < 1"),
+        ("data.support_fraction=1.5", "config error: data.support_fraction: must be < 1"),
+        ("simulation.clients_per_round=49", "config error: simulation.clients_per_round: must be <= the 48 training clients"),
+        ("meta.algorithm='maml2'", "config error: meta.algorithm: must be one of 'reptile' or 'fedavg'"),
+        ("privacy.delta=1", "config error: privacy.delta: must be < 1"),
+        ("privacy.noise_multiplier=-1", "config error: privacy.noise_multiplier: must be >= 0"),
+        ("privacy.clip_norm=0", "config error: privacy.clip_norm: must be > 0"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_field(override, expected):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_set_parses_toml_values_and_nests():
+    cfg = build_config(None, ["meta.inner_steps=7", "meta.inner_optimizer=adam", "privacy.enabled=true", "meta.inner_lr=0.05"])
+    assert cfg.meta.inner_steps == 7 and cfg.meta.inner_optimizer == "adam"
+    assert cfg.privacy.enabled is True and cfg.meta.inner_lr == 0.05
+
+
+def test_malformed_set_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        build_config(None, ["meta.inner_steps"])
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[meta\ninner_steps = 3")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+
+
+def test_toml_file_then_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[meta]\ninner_steps = 3\nouter_lr = 0.5\n[simulation]\nrounds = 7\n")
+    cfg = load_config(f, ["meta.inner_steps=4"])
+    assert (cfg.meta.inner_steps, cfg.meta.outer_lr, cfg.simulation.rounds) == (4, 0.5, 7)
+
+
+def test_flat_round_trip_through_flower_run_config():
+    cfg = build_config(None, ["meta.inner_steps=9", "model.fusion=attention"])
+    assert config_from_run_config({**cfg.to_flat(), "unrelated-key": 1}) == cfg
+
+
+def test_pyproject_run_config_matches_builtin_defaults():
+    """`flwr run .` must run the same defaults as `fedmeta simulate`, and every key must be overridable."""
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config == Config().to_flat()
+
+
+def test_shipped_experiment_configs_are_valid():
+    for path in sorted((ROOT / "experiments" / "configs").glob("*.toml")):
+        load_config(path)
