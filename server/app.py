@@ -49,7 +49,10 @@ class FlowerBackend:
         while len(nodes) < expected and time.time() < deadline:
             time.sleep(0.5)
             nodes = list(self.grid.get_node_ids())
-        replies = {m.metadata.src_node_id: m for m in self.grid.send_and_receive(self.strategy.configure_query(nodes), timeout=self.cfg.simulation.round_timeout)}
+        queries = self.strategy.configure_query(nodes)
+        answers = list(self.grid.send_and_receive(queries, timeout=self.cfg.simulation.round_timeout))
+        origin = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
+        replies = {origin.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m for m in answers}
         for node in sorted(nodes):
             info = self.strategy.parse_query(replies[node]) if node in replies else None
             if info is None:
@@ -79,7 +82,7 @@ class FlowerBackend:
         targets = self._targets(cids)
         msgs = self.strategy.configure_train(theta, targets, server_round)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.simulation.round_timeout))
-        out = self.strategy.parse_train(theta, {n: c for c, n in targets}, replies)
+        out = self.strategy.parse_train(theta, {n: c for c, n in targets}, replies, msgs)
         for reason in out.rejected:
             log.warning("round %s: rejected reply: %s", server_round, reason)
         return out
@@ -88,7 +91,7 @@ class FlowerBackend:
         targets = self._targets(cids)
         msgs = self.strategy.configure_evaluate(theta, targets, server_round)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.simulation.round_timeout))
-        return self.strategy.parse_evaluate({n: c for c, n in targets}, replies)
+        return self.strategy.parse_evaluate({n: c for c, n in targets}, replies, msgs)
 
 
 def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bool | None = None, progress: bool | None = None) -> dict[str, Any]:

@@ -65,6 +65,12 @@ def _num_examples(content: RecordDict) -> int:
     raise ReplyError("reply has no 'num-examples' metric")
 
 
+def _origin(requests: Iterable[Message]) -> dict[str, int]:
+    """message id -> destination node. Error replies for a node that went away come from the
+    SuperLink (``src_node_id`` 1), so replies are matched by ``reply_to_message_id``."""
+    return {m.metadata.message_id: m.metadata.dst_node_id for m in requests if m.metadata.message_id}
+
+
 class ReptileStrategy:
     """Builds requests and parses replies; keeps no model state of its own."""
 
@@ -89,12 +95,13 @@ class ReptileStrategy:
         arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in theta.items()})
         return [self._request(MessageType.EVALUATE, node, arrays, server_round, cid) for cid, node in targets]
 
-    def parse_train(self, theta: Params, sent: dict[int, int], replies: Iterable[Message]) -> Replies:
+    def parse_train(self, theta: Params, sent: dict[int, int], replies: Iterable[Message], requests: Iterable[Message] = ()) -> Replies:
         """``sent`` maps node id -> client id. Missing and error replies are failures; malformed ones are rejected."""
         out = Replies()
         answered = set()
+        origin = _origin(requests)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = origin.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
             if msg.has_error():
                 out.failures += 1
@@ -114,11 +121,12 @@ class ReptileStrategy:
         out.failures += sum(1 for n in sent if n not in answered)
         return out
 
-    def parse_evaluate(self, sent: dict[int, int], replies: Iterable[Message]) -> Replies:
+    def parse_evaluate(self, sent: dict[int, int], replies: Iterable[Message], requests: Iterable[Message] = ()) -> Replies:
         out = Replies()
         answered = set()
+        origin = _origin(requests)
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = origin.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
             if msg.has_error():
                 out.failures += 1

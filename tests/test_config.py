@@ -73,3 +73,7 @@ def test_pyproject_run_config_matches_builtin_defaults():
 def test_shipped_experiment_configs_are_valid():
     for path in sorted((ROOT / "experiments" / "configs").glob("*.toml")):
         load_config(path)
+
+
+def test_default_experiment_file_is_the_builtin_default():
+    assert load_config(ROOT / "experiments" / "configs" / "default.toml") == Config()
