@@ -82,16 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
     sim.set_defaults(func=cmd_simulate)
 
-    for register in _extra_commands():
-        register(sub)
+    from fedmeta.commands import register_all
+
+    register_all(sub)
     return parser
-
-
-def _extra_commands():
-    """Sub-commands that live next to what they drive."""
-    from fedmeta import commands
-
-    return commands.REGISTRY
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,30 @@
-"""Registry of extra CLI sub-commands (privacy, partition, sweep, bench).
+"""Extra CLI sub-commands, each defined next to what it drives.
 
-Each entry is a function ``register(subparsers)``; the modules register
-themselves here so ``fedmeta.cli`` stays small.
+Every module listed here has ``register(subparsers)``; importing is deferred
+until the parser is built. Modules may also append to ``REGISTRY`` themselves.
 """
 
 from __future__ import annotations
 
+import importlib
+
+MODULES = ("fedmeta.privacy.cli", "fedmeta.data.cli", "fedmeta.engines.bench", "experiments.sweep")
 REGISTRY: list = []
+
+
+def register_all(subparsers) -> None:
+    done = []
+    for name in MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real missing dependency, not an absent optional command
+                raise
+            continue
+        if module.register not in done:
+            module.register(subparsers)
+            done.append(module.register)
+    for register in REGISTRY:
+        if register not in done:
+            register(subparsers)
+            done.append(register)

@@ -52,7 +52,9 @@ class ModelConfig(_Section):
 
 
 class MetaConfig(_Section):
-    algorithm: Literal["reptile", "fedavg"] = "reptile"
+    # reptile | fedavg | fedavg_ft (FedAvg training, evaluated after fine-tuning) | fomaml | maml
+    # (second order, through the inner loop) | local (no federation: every client adapts from theta_0)
+    algorithm: Literal["reptile", "fedavg", "fedavg_ft", "fomaml", "maml", "local"] = "reptile"
     inner_steps: int = Field(5, ge=1, le=10_000)
     inner_lr: float = Field(0.3, gt=0)
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
@@ -61,6 +63,9 @@ class MetaConfig(_Section):
     outer_lr: float = Field(1.0, gt=0)  # beta_0
     outer_lr_final: float = Field(0.0, ge=0)  # beta at the last round (linear anneal)
     eval_steps: int = Field(10, ge=0)  # adaptation steps at evaluation
+    # maml/fomaml: 0 = the client's query set is the meta-query (standard MAML on training tasks);
+    # > 0 = this fraction of the support rows is held back as the meta-query (query set untouched)
+    maml_query_fraction: float = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _final_below_start(self) -> "MetaConfig":
@@ -133,8 +138,13 @@ class Config(_Section):
                 f"simulation.min_clients: must be <= simulation.clients_per_round "
                 f"({self.simulation.clients_per_round}) (got {self.simulation.min_clients})"
             )
-        if self.data.dataset == "disk" and not self.data.path:
-            raise ValueError("data.path: required when data.dataset = 'disk'")
+        if self.privacy.enabled and self.simulation.sampling != "poisson":
+            raise ValueError(
+                "simulation.sampling: must be 'poisson' when privacy.enabled "
+                f"(the accountant assumes Poisson sampling; got {self.simulation.sampling!r})"
+            )
+        if self.privacy.enabled and self.privacy.adaptive_clipping and self.privacy.mode == "client":
+            raise ValueError("privacy.adaptive_clipping: supported with privacy.mode = 'server' only")
         return self
 
     # -- conversions ---------------------------------------------------------

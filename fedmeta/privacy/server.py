@@ -1,0 +1,103 @@
+"""Client-level DP for the server step: DP-FedAvg's clip + noise + fixed denominator, then Reptile.
+
+Each round (McMahan et al. 2018, "Learning Differentially Private Recurrent
+Language Models"):
+
+    Δᵢ = φᵢ − θ,   mean = (Σᵢ clip(Δᵢ, C) + N(0, (zC)²·I)) / (q·N),   θ ← θ + β·mean
+
+with clients Poisson-sampled at rate q = clients_per_round / N, which is what
+the accountant assumes. Every attempted round is accounted, whether or not
+enough clients replied (conservative: a skipped round still reveals that it
+was skipped). ``mode = "client"`` means clients clip before sending (the
+server re-checks the norms); ``adaptive_clipping`` follows Andrew et al. 2021,
+with the update's noise multiplier raised so the combined mechanism keeps z.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedmeta.config import Config
+from fedmeta.privacy.accountant import Accountant
+from fedmeta.privacy.mechanism import (
+    AdaptiveClipper,
+    adjusted_noise_multiplier,
+    default_clipped_count_stddev,
+    global_norm,
+    noisy_mean_of_clipped,
+    private_mean,
+)
+from fedmeta.privacy.sampling import check_sampling_for_dp
+
+
+class PrivacyEngine:
+    def __init__(self, cfg: Config, num_train_clients: int) -> None:
+        p = cfg.privacy
+        check_sampling_for_dp(cfg.simulation.sampling, True)
+        self.cfg = cfg
+        self.sample_rate = min(1.0, cfg.simulation.clients_per_round / num_train_clients)
+        self.denominator = self.sample_rate * num_train_clients  # expected cohort size, fixed
+        self.noise_multiplier = p.noise_multiplier
+        self.clip_norm = p.clip_norm
+        self.accountant = Accountant(p.accountant)
+        self.clipper: AdaptiveClipper | None = None
+        self.update_noise_multiplier = p.noise_multiplier
+        if p.adaptive_clipping:
+            sigma_b = p.clipped_count_stddev or default_clipped_count_stddev(self.denominator)
+            self.clipper = AdaptiveClipper(p.clip_norm, p.target_quantile, p.clip_lr, sigma_b)
+            self.update_noise_multiplier = adjusted_noise_multiplier(p.noise_multiplier, sigma_b)
+        self._epsilon_cache: tuple[int, float] | None = None
+
+    def budget_exhausted(self) -> str | None:
+        """A reason to stop if one more round would exceed ``privacy.target_epsilon``."""
+        target = self.cfg.privacy.target_epsilon
+        if target > 0 and self.accountant.would_exceed(target, self.cfg.privacy.delta, self.noise_multiplier, self.sample_rate):
+            return f"privacy budget: another round would exceed target_epsilon={target:g} (epsilon now {self.epsilon():.4f})"
+        return None
+
+    def account_round(self) -> None:
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
+
+    def aggregate(self, deltas: list[dict[str, Tensor]], generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, float]]:
+        clip = self.clip_norm
+        if self.cfg.privacy.mode == "client":
+            mean = noisy_mean_of_clipped(deltas, clip, self.update_noise_multiplier, self.denominator, generator)
+        else:
+            mean = private_mean(deltas, clip, self.update_noise_multiplier, self.denominator, generator)
+        info = {"clip_norm": clip}
+        if self.clipper is not None:
+            norms = [float(global_norm(d)) for d in deltas]
+            self.clip_norm = self.clipper.update(norms, self.denominator, generator)
+        return mean, info
+
+    def epsilon(self) -> float:
+        rounds = self.accountant.rounds
+        if self._epsilon_cache is None or self._epsilon_cache[0] != rounds:
+            self._epsilon_cache = (rounds, self.accountant.epsilon(self.cfg.privacy.delta))
+        return self._epsilon_cache[1]
+
+    def report(self) -> dict[str, float]:
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.cfg.privacy.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "accountant": self.cfg.privacy.accountant,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant.state_dict(),
+            "clip_norm": self.clip_norm,
+            "clipper": None if self.clipper is None else vars(self.clipper).copy(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.clip_norm = state["clip_norm"]
+        if self.clipper is not None and state.get("clipper"):
+            vars(self.clipper).update(state["clipper"])
+        self._epsilon_cache = None
