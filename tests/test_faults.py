@@ -1,0 +1,100 @@
+"""Faults: crashing and malformed clients on Flower's Simulation Engine; too few replies."""
+
+import json
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+from fedmeta.config import build_config
+from fedmeta.data import build_dataset, split_clients
+from fedmeta.engines.client import model_for
+from fedmeta.engines.loop import Replies, run_federation
+from fedmeta.engines.sequential import SequentialBackend
+from fedmeta.meta import params_of
+from fedmeta.results import RunWriter
+
+KINDS = ["raise", "names", "shape", "dtype", "nan", "inf", "norm"]
+
+
+@pytest.mark.slow
+def test_malformed_and_crashing_clients_are_counted_never_aggregated(tmp_path):
+    from flwr.simulation import run_simulation
+
+    import faulty_client
+    from server.app import make_server_app
+
+    n = faulty_client.NUM_CLIENTS
+    train = split_clients(n, 0.2, 0).train  # 10 training clients, 7 of them faulty
+    assert faulty_client.KINDS == KINDS
+    cfg = build_config(None, [
+        f"data.num_clients={n}", "data.examples_per_client=20", f"simulation.clients_per_round={len(train)}",
+        "simulation.rounds=2", "simulation.eval_every=2", "simulation.min_clients=2", "simulation.round_timeout=120",
+        "output.progress=false",
+    ])
+    result: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(cfg, tmp_path, result=result, progress=False),
+            client_app=faulty_client.app,
+            num_supernodes=n,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False}},
+        )
+    assert result["status"] == "completed"
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["replies"] == len(train) - len(KINDS)  # only the 3 good clients aggregated
+        assert r["rejected"] == len(KINDS) - 1  # names, shape, dtype, nan, inf, norm
+        assert r["failures"] >= 1  # the crashing client (error reply)
+        assert not r["skipped"]
+    model = torch.load(tmp_path / "model.pt")
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in model.values())
+    assert math.isfinite(result["heldout_acc_after"])
+
+
+class FlakyBackend(SequentialBackend):
+    """Only ``good`` clients per round reply; the rest fail."""
+
+    def __init__(self, cfg, ds, good):
+        super().__init__(cfg, ds)
+        self.good = good
+        self.calls = 0
+
+    def train(self, theta, cids, server_round):
+        self.calls += 1
+        out = super().train(theta, cids[: self.good], server_round)
+        out.failures = len(cids) - self.good
+        return out
+
+
+def _run(cfg, tmp_path, good):
+    ds = build_dataset(cfg.data)
+    backend = FlakyBackend(cfg, ds, good)
+    theta0 = params_of(model_for(cfg, ds.spec))
+    run_federation(cfg, backend, theta0, RunWriter(tmp_path))
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return backend, theta0, records, torch.load(tmp_path / "model.pt")
+
+
+def test_too_few_replies_skips_the_round_and_never_averages_nothing(small_cfg, tmp_path):
+    cfg = small_cfg("simulation.min_clients=2", "simulation.on_too_few=skip")
+    backend, theta0, records, model = _run(cfg, tmp_path, good=1)
+    assert all(r["skipped"] and r["failures"] == 2 and r["replies"] == 1 for r in records)
+    assert all(torch.equal(model[k], theta0[k]) for k in theta0)  # theta never moved
+
+
+def test_too_few_replies_retries_with_a_fresh_cohort(small_cfg, tmp_path):
+    cfg = small_cfg("simulation.min_clients=2", "simulation.on_too_few=retry", "simulation.max_retries=2", "simulation.rounds=2")
+    backend, _, records, _ = _run(cfg, tmp_path, good=1)
+    assert backend.calls == 2 * 3  # 1 try + 2 retries per round
+    assert all(r["skipped"] and r["failures"] == 3 * 2 for r in records)
+
+
+def test_enough_replies_proceed_and_failures_are_counted(small_cfg, tmp_path):
+    cfg = small_cfg("simulation.min_clients=2")
+    _, theta0, records, model = _run(cfg, tmp_path, good=2)
+    assert all(not r["skipped"] and r["failures"] == 1 and r["replies"] == 2 for r in records)
+    assert any(not torch.equal(model[k], theta0[k]) for k in theta0)
