@@ -82,10 +82,7 @@ class FlowerBackend:
         targets = self._targets(cids)
         msgs = self.strategy.configure_train(theta, targets, server_round)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.simulation.round_timeout))
-        out = self.strategy.parse_train(theta, {n: c for c, n in targets}, replies, msgs)
-        for reason in out.rejected:
-            log.warning("round %s: rejected reply: %s", server_round, reason)
-        return out
+        return self.strategy.parse_train(theta, {n: c for c, n in targets}, replies, msgs)
 
     def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
         targets = self._targets(cids)

@@ -98,3 +98,15 @@ def test_enough_replies_proceed_and_failures_are_counted(small_cfg, tmp_path):
     _, theta0, records, model = _run(cfg, tmp_path, good=2)
     assert all(not r["skipped"] and r["failures"] == 1 and r["replies"] == 2 for r in records)
     assert any(not torch.equal(model[k], theta0[k]) for k in theta0)
+
+
+def test_diverged_inner_loops_are_rejected_on_every_engine(small_cfg, tmp_path):
+    """A learning rate that blows up gives NaN/huge updates: they are rejected, theta stays finite."""
+    cfg = small_cfg("meta.inner_lr=1e6", "simulation.engine=sequential")
+    ds = build_dataset(cfg.data)
+    theta0 = params_of(model_for(cfg, ds.spec))
+    run_federation(cfg, SequentialBackend(cfg, ds), theta0, RunWriter(tmp_path))
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rejected"] >= 1 for r in records)
+    model = torch.load(tmp_path / "model.pt")
+    assert all(torch.isfinite(v).all() for v in model.values())

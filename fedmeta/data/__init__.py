@@ -27,4 +27,36 @@ def build_dataset(cfg: "DataConfig") -> FederatedDataset:
             missing_modality=cfg.missing_modality,
             seed=cfg.seed,
         )
-    raise DataError(f"data.dataset: {cfg.dataset!r} is not available in this build")
+    if cfg.dataset == "avdigits":
+        from fedmeta.data.avdigits import AVDigits
+
+        return AVDigits(
+            num_clients=cfg.num_clients,
+            heldout_fraction=cfg.heldout_fraction,
+            support_fraction=cfg.support_fraction,
+            examples_per_client=cfg.examples_per_client,
+            num_classes=cfg.num_classes,
+            missing_modality_fraction=cfg.missing_modality_fraction,
+            missing_modality=cfg.missing_modality or None,
+            dirichlet_alpha=cfg.dirichlet_alpha,
+            seed=cfg.seed,
+            audio_domain=cfg.audio_domain,
+            path=cfg.path or None,
+        )
+    if cfg.dataset == "sine":
+        from fedmeta.data.sine import SineDataset
+
+        return SineDataset(
+            num_clients=cfg.num_clients,
+            heldout_fraction=cfg.heldout_fraction,
+            k_shot=cfg.k_shot,
+            examples_per_client=cfg.examples_per_client,
+            seed=cfg.seed,
+        )
+    if cfg.dataset == "disk":
+        if not cfg.path:
+            raise DataError("data.path: required when data.dataset = 'disk' (a directory written by `fedmeta partition`)")
+        from fedmeta.data.disk import DiskDataset
+
+        return DiskDataset(cfg.path)
+    raise DataError(f"data.dataset: unknown dataset {cfg.dataset!r}")

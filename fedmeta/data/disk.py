@@ -352,6 +352,11 @@ def load_client_dir(path: str | Path, verify: bool = True) -> tuple[ClientData, 
     return data, spec, heldout
 
 
+def load_client_with_id(path: str | Path, verify: bool = True) -> tuple[ClientData, DatasetSpec, bool, int]:
+    """Like :func:`load_client_dir`, plus the client id from ``meta.json``."""
+    return _load_client(Path(path), verify)
+
+
 class DiskDataset:
     """A ``FederatedDataset`` over a directory written by ``write_partitions``; clients load lazily."""
 

@@ -38,7 +38,7 @@ def model_for(cfg: Config, spec: DatasetSpec) -> nn.Module:
 def inner_config(cfg: Config, spec: DatasetSpec, evaluation: bool = False) -> InnerConfig:
     steps = cfg.meta.eval_steps if evaluation else cfg.meta.inner_steps
     if evaluation and cfg.meta.algorithm == "fedavg":
-        steps = 0  # FedAvg has no adaptation: "after" equals "before"
+        steps = 0  # FedAvg has no adaptation: "after" equals "before" (fedavg_ft, local: adapt like Reptile)
     return InnerConfig.from_meta(cfg.meta, spec.task, steps=steps)
 
 
@@ -53,11 +53,47 @@ def eval_schedule(cfg: Config, data: ClientData, server_round: int, cid: int, st
 
 
 def train_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> tuple[Params, dict[str, float]]:
-    """phi = inner_loop(theta, support); metrics carry ``num-examples`` (support size) and ``train_loss``."""
+    """phi = inner_loop(theta, support); metrics carry ``num-examples`` (support size) and ``train_loss``.
+
+    ``maml``/``fomaml`` return phi' = theta - g (meta-gradient, :mod:`fedmeta.meta.maml`) and add
+    ``query_loss``; ``local`` trains nothing (the server's beta is 0) and returns theta.
+    """
+    algorithm = cfg.meta.algorithm
+    if algorithm == "local":
+        return {k: v.detach().clone() for k, v in theta.items()}, {"num-examples": data.n_support, "train_loss": float("nan")}
+    if algorithm in ("maml", "fomaml"):
+        return _train_maml(model, theta, data, cfg, spec, server_round, cid)
     s = data.support()
     phi, loss, _ = inner_loop(model, theta, s.x, s.y, s.present, train_schedule(cfg, data, server_round, cid), inner_config(cfg, spec))
     phi = client_side_clip(cfg, theta, {k: v.detach() for k, v in phi.items()})
     return phi, {"num-examples": data.n_support, "train_loss": float(loss)}
+
+
+def _train_maml(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> tuple[Params, dict[str, float]]:
+    """MAML / first-order MAML: inner loop on the support rows, meta-loss on the meta-query.
+
+    The meta-query is the client's query set (``meta.maml_query_fraction = 0``) or the last
+    ``maml_query_fraction`` of its support rows (then the inner loop sees only the rest).
+    """
+    from fedmeta.meta.maml import maml_client_update, split_support
+
+    s = data.support()
+    support, query = (s.x, s.y, s.present), None
+    n_inner = data.n_support
+    if cfg.meta.maml_query_fraction > 0:
+        if data.n_support < 2:
+            raise ValueError(f"meta.maml_query_fraction: client {cid} has {data.n_support} support row(s), needs >= 2")
+        n_inner = split_support(data.n_support, cfg.meta.maml_query_fraction)
+        inner_rows, query_rows = data.rows(0, n_inner), data.rows(n_inner, data.n_support)
+        support, query = (inner_rows.x, inner_rows.y, inner_rows.present), (query_rows.x, query_rows.y, query_rows.present)
+    else:
+        q = data.query()
+        query = (q.x, q.y, q.present)
+    seed = client_seed(cfg.simulation.seed, TRAIN_STREAM, server_round, cid)
+    schedule = batch_schedule(n_inner, cfg.meta.inner_steps, cfg.meta.inner_batch_size, seed)
+    phi, inner, qloss = maml_client_update(model, theta, support, query, schedule, inner_config(cfg, spec), second_order=cfg.meta.algorithm == "maml")
+    phi = client_side_clip(cfg, theta, phi)
+    return phi, {"num-examples": data.n_support, "train_loss": float(inner), "query_loss": float(qloss)}
 
 
 def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> dict[str, float]:
@@ -120,9 +156,9 @@ def resolve_client(cfg: Config, node_config: dict) -> tuple[int, ClientData, Dat
 
 @lru_cache(maxsize=2)
 def _load_dir(path: str):
-    from fedmeta.data.disk import load_client_dir
+    from fedmeta.data.disk import load_client_with_id
 
-    data, spec, heldout, cid = load_client_dir(path)
+    data, spec, heldout, cid = load_client_with_id(path)
     return cid, data, spec, heldout
 
 

@@ -11,6 +11,7 @@ so a resumed run draws exactly what an uninterrupted one would have drawn.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -26,6 +27,7 @@ from fedmeta.meta.inner import client_seed
 from fedmeta.meta.outer import apply_step, delta, meta_step_size, weighted_mean
 from fedmeta.results import RunWriter
 
+log = logging.getLogger("fedmeta")
 Params = dict[str, Tensor]
 SAMPLE_STREAM, NOISE_STREAM, HELDOUT_STREAM = 11, 12, 13
 
@@ -89,6 +91,20 @@ EVAL_KEYS = ("loss_before", "loss_after", "acc_before", "acc_after", "loss_at_1"
 def summarise_eval(replies: Replies, prefix: str = "") -> dict[str, float]:
     metrics = [m for _, m in replies.results]
     return {f"{prefix}{k}": _mean(metrics, k) for k in EVAL_KEYS if any(k in m for m in metrics)}
+
+
+def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float) -> tuple[list[ClientUpdate], list[str]]:
+    """Drop updates that are non-finite or whose ||phi - theta|| exceeds ``max_norm`` (every engine)."""
+    good, rejected = [], []
+    for u in updates:
+        sq = sum(float(((u.phi[k] - theta[k]) ** 2).sum()) for k in theta)
+        if not math.isfinite(sq):
+            rejected.append(f"client {u.cid}: update contains NaN or Inf")
+        elif math.sqrt(sq) > max_norm:
+            rejected.append(f"client {u.cid}: update norm {math.sqrt(sq):.3g} exceeds simulation.max_update_norm={max_norm:g}")
+        else:
+            good.append(u)
+    return good, rejected
 
 
 class Server:
@@ -174,6 +190,10 @@ def run_federation(
                     break
             cohort = sample_cohort(cfg, train_pop, rnd, attempt)
             replies = backend.train(server.theta, cohort, rnd) if cohort else Replies()
+            replies.results, screened = screen_updates(replies.results, server.theta, cfg.simulation.max_update_norm)
+            replies.rejected += screened
+            for reason in replies.rejected:
+                log.warning("round %s: rejected update: %s", rnd, reason)
             failures += replies.failures
             rejected += len(replies.rejected)
             if server.privacy is not None:

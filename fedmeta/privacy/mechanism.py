@@ -25,8 +25,10 @@ replaced ``flwr/common/differential_privacy.py``):
   is a constructor constant that must equal the realised number of replies
   (a mismatch is only a warning, or aborts aggregation when Flower's accountant
   is on), i.e. it is the realised-count estimator, not the fixed-denominator
-  estimator that Poisson-sampling amplification assumes.  Flower's own
-  accountant for fixed clipping accepts only ``sampling_method="no-amplification"``.
+  estimator that Poisson-sampling amplification assumes.  Flower's RDP
+  accountant (``flwr/supercore/privacy_accounting``) can express Poisson
+  events, but the fixed-clipping wrappers refuse any accountant whose
+  ``sampling_method`` is not ``"no-amplification"``.
 * Noise on the aggregated parameters is noise on theta_new, not on the Reptile
   update: with an outer step size beta (theta += beta * mean) the noise must
   be added to the mean update before scaling.
