@@ -1,0 +1,289 @@
+"""``fedmeta bench``: the engines side by side on one workload.
+
+    fedmeta bench --clients 100 --rounds 5 [--population P] [--json FILE] [--engines flower,vectorized,sequential]
+
+Workload (the same for every engine): the default model, ``meta.inner_steps=5``,
+``meta.inner_batch_size=16``, a synthetic population of P clients, N clients
+per round (fixed-size sampling), R timed rounds.
+
+Each engine runs in its own subprocess (so peak memory does not mix) through
+the real round loop (:func:`fedmeta.engines.loop.run_federation`, or the Flower
+ServerApp for ``flower``). It runs R + 2 rounds: round 1 is warm-up and counts
+as start-up (Ray workers starting, first-call overheads), rounds 2..R+1 are
+timed, the last round (which evaluates) is not. A thread notes when each
+round's line appears in ``metrics.jsonl``.
+
+* ``updates_per_s``: N * R / (time of the timed rounds);
+* ``startup_s``: worker start (before importing torch/flwr) to the end of round 1,
+  including building the population (in-process engines build every client up front,
+  so their rounds measure compute; Flower's clients build their data on first use);
+* ``peak_rss_mb``: the peak of the summed RSS of the worker and all its descendants
+  (Ray's GCS, raylet and workers for ``flower``), sampled every 0.25 s, and at least the
+  worker's own ``ru_maxrss``. Shared pages count once per process, so for ``flower`` it
+  over-states; ``peak_pss_mb`` (proportional set size) is the fairer sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ENGINES = ("flower", "vectorized", "sequential")
+WORKLOAD = ["meta.inner_steps=5", "meta.inner_batch_size=16"]
+
+
+def default_population(clients: int, heldout_fraction: float = 0.2) -> int:
+    """The smallest population whose training split holds ``clients`` clients."""
+    p = max(clients + 1, math.ceil(clients / (1 - heldout_fraction)))
+    while p - max(1, round(heldout_fraction * p)) < clients:
+        p += 1
+    return p
+
+
+def bench_overrides(clients: int, rounds: int, population: int, chunk_size: int | None = None) -> list[str]:
+    out = WORKLOAD + [
+        f"data.num_clients={population}",
+        f"simulation.clients_per_round={clients}",
+        f"simulation.rounds={rounds + 2}",
+        f"simulation.eval_every={rounds + 3}",  # only the last (untimed) round evaluates
+        "simulation.eval_clients=1",
+        f"output.checkpoint_every={rounds + 3}",
+        "output.progress=false",
+    ]
+    if chunk_size:
+        out.append(f"simulation.chunk_size={chunk_size}")
+    return out
+
+
+# -- memory of a process tree ---------------------------------------------------------
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def tree_memory_mb(root: int) -> tuple[float, float]:
+    """(summed RSS, summed PSS) in MiB of ``root`` and its descendants (Linux /proc)."""
+    kids, todo, rss, pss = _children(), [root], 0, 0
+    while todo:
+        pid = todo.pop()
+        todo.extend(kids.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            continue
+    return rss / 1024, pss / 1024
+
+
+class Watcher(threading.Thread):
+    """Samples the tree's memory and notes when each round's metrics line appears."""
+
+    def __init__(self, metrics: Path, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.metrics, self.interval = metrics, interval
+        self.round_done: dict[int, float] = {}
+        self.peak_rss = self.peak_pss = 0.0
+        self.stop = threading.Event()
+
+    def poll(self) -> None:
+        if self.metrics.exists():
+            for line in self.metrics.read_text().splitlines():
+                try:
+                    rnd = int(json.loads(line)["round"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                self.round_done.setdefault(rnd, time.perf_counter())
+        rss, pss = tree_memory_mb(os.getpid())
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.poll()
+
+
+# -- one engine, in this process (the subprocess side) ----------------------------------
+
+
+class _Prebuilt:
+    """The dataset with every client built up front (the sequential loop then measures compute)."""
+
+    def __init__(self, dataset) -> None:
+        self.spec, self.num_clients = dataset.spec, dataset.num_clients
+        self.train_clients, self.heldout_clients = dataset.train_clients, dataset.heldout_clients
+        self._clients = [dataset.client(c) for c in range(dataset.num_clients)]
+
+    def client(self, cid: int):
+        return self._clients[cid]
+
+
+def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | None = None) -> dict:
+    """Run one engine on the workload; returns its measurements."""
+    t0 = time.perf_counter()
+    import resource
+
+    from fedmeta.config import build_config
+
+    cfg = build_config({}, overrides + [f"simulation.engine={engine}"])
+    watcher = Watcher(out_dir / "metrics.jsonl")
+    watcher.start()
+    if engine == "flower":
+        from fedmeta.engines.flower import simulate_flower
+
+        simulate_flower(cfg, out_dir, progress=False)
+    else:
+        from fedmeta.data import build_dataset
+        from fedmeta.engines.client import configure_torch, model_for
+        from fedmeta.engines.loop import run_federation
+        from fedmeta.meta import params_of
+        from fedmeta.results import RunWriter
+
+        dataset = build_dataset(cfg.data)
+        if engine == "vectorized":
+            from fedmeta.engines import vectorized
+
+            if threads:
+                vectorized.THREADS = threads
+            backend = vectorized.VectorizedBackend(cfg, dataset)
+            backend.prefetch()
+        else:
+            from fedmeta.engines.sequential import SequentialBackend
+
+            backend = SequentialBackend(cfg, _Prebuilt(dataset))
+            if threads:
+                configure_torch(threads)
+        theta0 = params_of(model_for(cfg, dataset.spec))
+        run_federation(cfg, backend, theta0, RunWriter(out_dir))
+    watcher.stop.set()
+    watcher.join()
+    watcher.poll()
+    done = watcher.round_done
+    rounds = cfg.simulation.rounds - 2
+    timed = done[rounds + 1] - done[1]
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import torch
+
+    return {
+        "updates_per_s": cfg.simulation.clients_per_round * rounds / timed,
+        "startup_s": done[1] - t0,
+        "round_s": timed / rounds,
+        "peak_rss_mb": max(watcher.peak_rss, own),
+        "peak_pss_mb": max(watcher.peak_pss, 0.0),
+        "torch_threads": torch.get_num_threads(),
+        "clients_per_round": cfg.simulation.clients_per_round,
+        "timed_rounds": rounds,
+        "population": cfg.data.num_clients,
+    }
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_size: int | None = None, threads: int | None = None, timeout: float = 3600) -> dict:
+    """Run each engine in a fresh subprocess; returns the JSON document."""
+    overrides = bench_overrides(clients, rounds, population, chunk_size)
+    result: dict = {
+        "workload": {"clients_per_round": clients, "rounds": rounds, "population": population, "overrides": overrides,
+                     "model": "default", "inner_steps": 5, "inner_batch_size": 16},
+        "load_avg_before": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+        "engines": {},
+    }
+    for engine in engines:
+        with tempfile.TemporaryDirectory(prefix=f"fedmeta-bench-{engine}-") as tmp:
+            spec = {"engine": engine, "overrides": overrides, "out_dir": str(Path(tmp) / "run"), "threads": threads}
+            report = Path(tmp) / "report.json"
+            cmd = [sys.executable, "-m", "fedmeta.engines.bench", "--worker", json.dumps(spec), str(report)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode != 0 or not report.exists():
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+                result["engines"][engine] = {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+                continue
+            result["engines"][engine] = json.loads(report.read_text())
+    result["load_avg_after"] = list(os.getloadavg())
+    ups = {e: r["updates_per_s"] for e, r in result["engines"].items() if "updates_per_s" in r}
+    if "vectorized" in ups:
+        result["ratios"] = {f"vectorized/{e}": ups["vectorized"] / v for e, v in ups.items() if e != "vectorized"}
+    return result
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    w = result["workload"]
+    table = Table(title=f"{w['clients_per_round']} clients/round, {w['rounds']} timed rounds, population {w['population']}, k=5, batch 16")
+    for col in ("engine", "updates/s", "start-up s", "s/round", "peak RSS MB", "peak PSS MB", "vec. ×"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    vec = result["engines"].get("vectorized", {}).get("updates_per_s")
+    for engine, r in result["engines"].items():
+        if "error" in r:
+            table.add_row(engine, f"[red]failed: {r['error']}[/red]", "", "", "", "", "")
+            continue
+        ratio = "" if vec is None or engine == "vectorized" else f"{vec / r['updates_per_s']:.1f}"
+        table.add_row(engine, f"{r['updates_per_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['round_s']:.3f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_pss_mb']:.0f}", ratio)
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    console.print(f"load average before {result['load_avg_before'][0]:.2f}, after {result['load_avg_after'][0]:.2f} ({result['cpus']} CPUs)")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        print(f"fedmeta: --engines: must be a comma-separated subset of {','.join(ENGINES)} (got {args.engines!r})", file=sys.stderr)
+        return 2
+    for name in ("clients", "rounds"):
+        if getattr(args, name) < 1:
+            print(f"fedmeta: --{name}: must be >= 1 (got {getattr(args, name)})", file=sys.stderr)
+            return 2
+    population = args.population or default_population(args.clients)
+    if population < default_population(args.clients):
+        print(f"fedmeta: --population: must be >= {default_population(args.clients)} for {args.clients} training clients per round (got {population})", file=sys.stderr)
+        return 2
+    result = bench(engines, args.clients, args.rounds, population, args.chunk_size, args.threads)
+    print_table(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written to {args.json}")
+    return 1 if any("error" in r for r in result["engines"].values()) else 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="compare the engines' throughput, start-up and peak memory on one workload")
+    p.add_argument("--clients", type=int, default=100, help="clients per round (N)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (R); one warm-up and one final round are added")
+    p.add_argument("--population", type=int, default=0, help="population size P (default: just enough training clients)")
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of flower,vectorized,sequential")
+    p.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
+    p.add_argument("--chunk-size", type=int, default=None, help="vectorized: clients per vmap chunk (default: simulation.chunk_size)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the in-process engines (default: the engine's)")
+    p.set_defaults(func=cmd_bench)
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    _spec = json.loads(sys.argv[2])
+    _out = run_engine(_spec["engine"], _spec["overrides"], Path(_spec["out_dir"]), _spec.get("threads"))
+    Path(sys.argv[3]).write_text(json.dumps(_out))

@@ -1,0 +1,291 @@
+"""The vectorised engine: a cohort's inner loops batched with ``torch.func.vmap``.
+
+It is *not* a second implementation of the algorithm. Per client it uses the
+same functions the Flower ClientApp and the sequential engine use
+(:func:`train_schedule`, :func:`eval_schedule`, :func:`inner_config`,
+:func:`client_side_clip`), and it runs the same pure functions
+(:func:`fedmeta.meta.inner_loop`, :func:`fedmeta.meta.evaluate`,
+:func:`fedmeta.meta.maml.maml_client_update`) under
+``vmap(inner_loop, in_dims=(None, None, 0, 0, 0, 0, None, None))`` (model,
+theta, x, y, present, schedule, cfg, record_at): the model and theta are
+broadcast, each client brings its own data and batch schedule, in chunks of
+``simulation.chunk_size`` clients. Algorithms without a batched form here
+(``local``) call :func:`train_client` per client. The server side (Reptile
+step, DP clipping and noise, accountant, evaluation summary) is the shared
+round loop in :mod:`fedmeta.engines.loop`.
+
+Runs on ``simulation.device`` (``cpu``, ``cuda[:i]``, or ``auto``: CUDA when available);
+the population stays in host memory and each chunk is copied to the device.
+
+Data layout
+-----------
+The population lives in a :class:`ClientStore`: one stacked tensor per
+modality, ``[num_clients, rows, *shape]``, plus ``y``, ``present`` and the
+per-client sizes. Slots are allocated with ``torch.empty`` (pages become
+resident only when a client is written) and filled lazily from
+``dataset.client(cid)`` the first time a client is sampled, so a large
+population is a few tensors, never one Python object per client.
+
+Unequal client sizes (e.g. a Dirichlet partition)
+-------------------------------------------------
+Clients are grouped by the shape of their batch schedule (and, for
+evaluation, by their query size); within a group they are stacked with
+padding up to the largest support set. The schedule indexes only a client's
+own support rows, so padding is never sampled, and query rows are gathered
+per client, so evaluation sees exactly the rows ``evaluate_client`` sees.
+Clients of equal size (the synthetic dataset) form one group.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from fedmeta.config import Config
+from fedmeta.data.base import ClientData
+from fedmeta.engines.client import (
+    CURVE_STEPS,
+    client_side_clip,
+    configure_torch,
+    eval_schedule,
+    inner_config,
+    model_for,
+    resolve_device,
+    train_client,
+    train_schedule,
+)
+from fedmeta.engines.loop import ClientUpdate, Params, Replies
+from fedmeta.meta import evaluate, inner_loop
+from fedmeta.meta.maml import maml_client_update, split_support
+
+# Algorithms whose client update is vmapped here; any other (``local``) runs ``train_client`` per client.
+INNER_LOOP_ALGORITHMS = ("reptile", "fedavg", "fedavg_ft")
+MAML_ALGORITHMS = ("maml", "fomaml")
+
+# One intra-op thread: measured fastest for the default model on a 2-core machine
+# (see docs/benchmarks_vectorized.md); a second thread only adds contention.
+THREADS = 1
+
+# vmapped forms of the shared client functions. Broadcast: model, theta (or phi), cfg/task.
+_inner_loop = vmap(inner_loop, in_dims=(None, None, 0, 0, 0, 0, None, None))
+_maml_update = vmap(maml_client_update, in_dims=(None, None, 0, 0, 0, None, None))  # (support, query) per client
+_evaluate_theta = vmap(evaluate, in_dims=(None, None, 0, 0, 0, None))  # theta shared by the chunk
+_evaluate_phi = vmap(evaluate, in_dims=(None, 0, 0, 0, 0, None))  # one phi per client
+
+
+class ClientStore:
+    """A population held as stacked tensors, filled from ``dataset.client(cid)`` on first use.
+
+    ``x[name]``: ``[P, rows, *shape]``; ``y``: ``[P, rows, ...]``; ``present``: ``[P, rows, M]``;
+    ``n``/``n_support``: ``[P]``. Rows past a client's ``n`` are zero. ``rows`` grows if a
+    client larger than every earlier one arrives.
+    """
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.size = int(dataset.num_clients)
+        self.built = torch.zeros(self.size, dtype=torch.bool)
+        self.n = torch.zeros(self.size, dtype=torch.long)
+        self.n_support = torch.zeros(self.size, dtype=torch.long)
+        self.x: dict[str, Tensor] = {}
+        self.y: Tensor | None = None
+        self.present: Tensor | None = None
+        self.rows = 0
+
+    # -- filling -----------------------------------------------------------------
+    def ensure(self, cids: Sequence[int]) -> None:
+        """Build (once) every client in ``cids`` that is not stored yet."""
+        for cid in cids:
+            if not self.built[cid]:
+                self._put(int(cid), self.dataset.client(int(cid)))
+
+    def _allocate(self, rows: int, like: ClientData) -> None:
+        """(Re)allocate ``rows`` rows per slot; ``torch.empty``: untouched slots cost no resident memory."""
+
+        def slots(t: Tensor) -> Tensor:  # t: one client's [n, *shape]
+            return torch.empty((self.size, rows, *t.shape[1:]), dtype=t.dtype)
+
+        def grow(old: Tensor | None, t: Tensor) -> Tensor:  # keep the clients stored so far
+            new = slots(t)
+            if old is not None:
+                built = self.built.nonzero().flatten()
+                new[built, : self.rows] = old[built]
+                new[built, self.rows :] = 0
+            return new
+
+        self.x = {k: grow(self.x.get(k), v) for k, v in like.x.items()}
+        self.y, self.present = grow(self.y, like.y), grow(self.present, like.present)
+        self.rows = rows
+
+    def _put(self, cid: int, data: ClientData) -> None:
+        if data.n > self.rows:
+            rows = data.n if self.rows == 0 else max(data.n, 2 * self.rows)
+            rows = max(rows, int(getattr(self.dataset, "examples_per_client", 0) or 0))
+            self._allocate(rows, data)
+        n = data.n
+        for k, v in data.x.items():
+            self.x[k][cid, :n] = v
+            self.x[k][cid, n:] = 0
+        self.y[cid, :n] = data.y
+        self.y[cid, n:] = 0
+        self.present[cid, :n] = data.present
+        self.present[cid, n:] = False
+        self.n[cid], self.n_support[cid] = n, data.n_support
+        self.built[cid] = True
+
+    # -- reading -----------------------------------------------------------------
+    def client(self, cid: int) -> ClientData:
+        """One stored client as a :class:`ClientData` of views (no copy)."""
+        n = int(self.n[cid])
+        return ClientData(
+            x={k: v[cid, :n] for k, v in self.x.items()}, y=self.y[cid, :n], present=self.present[cid, :n], n_support=int(self.n_support[cid])
+        )
+
+    def support(self, cids: Tensor, device: torch.device, rows: int | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """The first ``rows`` rows of ``cids`` (default: up to the largest support set among them), stacked.
+
+        Rows past a client's own support set are padding for the batch: its schedule never indexes them.
+        """
+        rows = int(self.n_support[cids].max()) if rows is None else rows
+        return (
+            {k: v[cids, :rows].to(device) for k, v in self.x.items()},
+            self.y[cids, :rows].to(device),
+            self.present[cids, :rows].to(device),
+        )
+
+    def gather(self, cids: Tensor, start: Tensor, length: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Rows ``start[i] .. start[i] + length`` of each client ``cids[i]``, stacked (no padding)."""
+        rows = start.unsqueeze(1) + torch.arange(length)  # [C, length]: each client's own rows
+        c = cids.unsqueeze(1)
+        return {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
+
+    def query(self, cids: Tensor, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Stacked query rows of ``cids``; they must all have the same query size."""
+        return self.gather(cids, self.n_support[cids], int(self.n[cids[0]] - self.n_support[cids[0]]), device)
+
+    def nbytes(self) -> int:
+        tensors = [*self.x.values(), self.y, self.present, self.n, self.n_support, self.built]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _groups(keys: list[tuple], chunk_size: int) -> Iterator[list[int]]:
+    """Positions with equal keys, in chunks of at most ``chunk_size``, in order of first appearance."""
+    by_key: dict[tuple, list[int]] = defaultdict(list)
+    for pos, key in enumerate(keys):
+        by_key[key].append(pos)
+    for positions in by_key.values():
+        for start in range(0, len(positions), chunk_size):
+            yield positions[start : start + chunk_size]
+
+
+class VectorizedBackend:
+    """The Backend of ``simulation.engine = "vectorized"`` (see the module docstring)."""
+
+    name = "vectorized"
+
+    def __init__(self, cfg: Config, dataset) -> None:
+        configure_torch(THREADS)
+        self.cfg = cfg
+        self.dataset = dataset
+        self.spec = dataset.spec
+        self.device = resolve_device(cfg.simulation.device)
+        self.model = model_for(cfg, self.spec).to(self.device)
+        self.chunk_size = cfg.simulation.chunk_size
+        self.store = ClientStore(dataset)
+
+    def populations(self) -> tuple[list[int], list[int]]:
+        return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
+
+    def prefetch(self, cids: Sequence[int] | None = None) -> None:
+        """Build clients ahead of the rounds (default: the whole population)."""
+        self.store.ensure(range(self.store.size) if cids is None else cids)
+
+    def _on_device(self, params: Params) -> Params:
+        return {k: v.to(self.device) for k, v in params.items()}
+
+    # -- training ----------------------------------------------------------------
+    def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
+        """``train_client`` for the whole cohort, in vmapped chunks of clients with equal-shaped schedules."""
+        cfg, store = self.cfg, self.store
+        store.ensure(cids)
+        algorithm = cfg.meta.algorithm
+        if algorithm not in INNER_LOOP_ALGORITHMS + MAML_ALGORITHMS:
+            return self._train_each(theta, cids, server_round)
+        icfg = inner_config(cfg, self.spec)
+        plans = [self._train_plan(cid, server_round) for cid in cids]
+        theta_d = self._on_device(theta)
+        updates: list[ClientUpdate | None] = [None] * len(cids)
+        for chunk in _groups([(*p[0].shape, p[2]) for p in plans], self.chunk_size):
+            idx = torch.tensor([cids[p] for p in chunk])
+            support = store.support(idx, self.device, rows=max(plans[p][1] for p in chunk))
+            schedule = torch.stack([plans[p][0] for p in chunk]).to(self.device)
+            metrics: dict[str, Tensor] = {}
+            if algorithm in MAML_ALGORITHMS:
+                start = torch.tensor([plans[p][1] for p in chunk])  # the meta-query follows the inner rows
+                query = store.gather(idx, start, plans[chunk[0]][2], self.device)
+                phi, metrics["train_loss"], metrics["query_loss"] = _maml_update(
+                    self.model, theta_d, support, query, schedule, icfg, algorithm == "maml"
+                )
+            else:
+                phi, metrics["train_loss"], _ = _inner_loop(self.model, theta_d, *support, schedule, icfg, ())
+            phi = {k: v.detach().cpu() for k, v in phi.items()}
+            values = {k: v.detach().cpu().tolist() for k, v in metrics.items()}
+            for j, p in enumerate(chunk):
+                cid = cids[p]
+                phi_j = client_side_clip(cfg, theta, {k: v[j] for k, v in phi.items()})
+                n_support = int(store.n_support[cid])
+                updates[p] = ClientUpdate(cid, phi_j, n_support, {"num-examples": n_support} | {k: float(v[j]) for k, v in values.items()})
+        return Replies(results=updates)
+
+    def _train_plan(self, cid: int, server_round: int) -> tuple[Tensor, int, int]:
+        """(batch schedule, rows the inner loop may index, meta-query size or 0), as ``train_client`` has them."""
+        cfg, data = self.cfg, self.store.client(cid)
+        if cfg.meta.algorithm not in MAML_ALGORITHMS:
+            return train_schedule(cfg, data, server_round, cid), data.n_support, 0
+        if cfg.meta.maml_query_fraction == 0:  # the meta-query is the client's query set
+            return train_schedule(cfg, data, server_round, cid), data.n_support, data.n_query
+        if data.n_support < 2:
+            raise ValueError(f"meta.maml_query_fraction: client {cid} has {data.n_support} support row(s), needs >= 2")
+        n_inner = split_support(data.n_support, cfg.meta.maml_query_fraction)  # the meta-query: support rows n_inner..
+        return train_schedule(cfg, replace(data, n_support=n_inner), server_round, cid), n_inner, data.n_support - n_inner
+
+    def _train_each(self, theta: Params, cids: list[int], server_round: int) -> Replies:
+        out = Replies()
+        theta_d = self._on_device(theta)
+        for cid in cids:
+            phi, metrics = train_client(self.model, theta_d, self.store.client(cid).to(self.device), self.cfg, self.spec, server_round, cid)
+            out.results.append(ClientUpdate(cid, {k: v.cpu() for k, v in phi.items()}, int(metrics["num-examples"]), metrics))
+        return out
+
+    # -- evaluation --------------------------------------------------------------
+    def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
+        """``evaluate_client`` for the whole cohort: query loss/accuracy before, during and after adaptation."""
+        cfg, store, task = self.cfg, self.store, self.spec.task
+        store.ensure(cids)
+        icfg = inner_config(cfg, self.spec, evaluation=True)
+        marks = tuple(s for s in CURVE_STEPS if 0 < s <= icfg.steps)
+        schedules = [eval_schedule(cfg, store.client(cid), server_round, cid, icfg.steps) for cid in cids]
+        n_query = (store.n - store.n_support)[cids].tolist()
+        theta_d = self._on_device(theta)
+        metrics: list[dict[str, float]] = [{} for _ in cids]
+        keys = [(*s.shape, q) for s, q in zip(schedules, n_query)]
+        for chunk in _groups(keys, self.chunk_size):
+            idx = torch.tensor([cids[p] for p in chunk])
+            sx, sy, sp = store.support(idx, self.device)
+            qx, qy, qp = store.query(idx, self.device)
+            schedule = torch.stack([schedules[p] for p in chunk]).to(self.device)
+            columns: dict[str, Tensor] = {}
+            columns["loss_before"], columns["acc_before"] = _evaluate_theta(self.model, theta_d, qx, qy, qp, task)
+            phi, _, recorded = _inner_loop(self.model, theta_d, sx, sy, sp, schedule, icfg, marks)
+            for s in marks:
+                columns[f"loss_at_{s}"], columns[f"acc_at_{s}"] = _evaluate_phi(self.model, recorded[s], qx, qy, qp, task)
+            columns["loss_after"], columns["acc_after"] = _evaluate_phi(self.model, phi, qx, qy, qp, task)
+            values = {k: v.detach().cpu().tolist() for k, v in columns.items()}
+            for j, p in enumerate(chunk):
+                metrics[p] = {k: float(v[j]) for k, v in values.items()} | {"num-examples": n_query[p]}
+        return Replies(results=list(zip(cids, metrics)))

@@ -1,0 +1,293 @@
+"""The vectorised engine gives what the sequential (reference) engine gives.
+
+Deterministic mode, same seeds and batch order: after several rounds both
+engines hold the same meta-parameters to float tolerance, with missing
+modalities, SGD and Adam inner optimisers, unequal client sizes, a regression
+task, and with DP (server- and client-side clipping, same noise seed).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedmeta.config import build_config
+from fedmeta.data import build_dataset
+from fedmeta.data.base import ClientData, DatasetSpec, ModalitySpec, split_clients
+from fedmeta.engines.client import configure_torch, model_for
+from fedmeta.engines.loop import run_federation
+from fedmeta.engines.sequential import SequentialBackend
+from fedmeta.engines.vectorized import ClientStore, VectorizedBackend
+from fedmeta.meta import params_of
+from fedmeta.results import RunWriter
+
+ATOL = 1e-5
+
+SMALL = [
+    "data.num_clients=16",
+    "data.examples_per_client=20",
+    "data.missing_modality_fraction=0.5",
+    "model.embed_dim=8",
+    "model.hidden_dim=8",
+    "meta.inner_steps=4",
+    "meta.eval_steps=5",
+    "meta.inner_batch_size=4",
+    "simulation.rounds=3",
+    "simulation.clients_per_round=6",
+    "simulation.eval_every=2",
+    "simulation.chunk_size=4",  # > 1 chunk per cohort
+    "output.progress=false",
+]
+
+
+def _run(cfg, dataset, backend_cls, out):
+    configure_torch(1)
+    backend = backend_cls(cfg, dataset)
+    theta0 = params_of(model_for(cfg, dataset.spec))
+    writer = RunWriter(out)
+    summary = run_federation(cfg, backend, theta0, writer)
+    return writer.load_checkpoint()["server"]["theta"], summary
+
+
+def _assert_same(cfg, dataset, tmp_path):
+    theta_seq, sum_seq = _run(cfg, dataset, SequentialBackend, tmp_path / "seq")
+    theta_vec, sum_vec = _run(cfg, dataset, VectorizedBackend, tmp_path / "vec")
+    assert theta_seq.keys() == theta_vec.keys()
+    worst = max(float((theta_seq[k] - theta_vec[k]).abs().max()) for k in theta_seq)
+    assert worst < ATOL, f"meta-parameters differ by {worst}"
+    moved = max(float((theta_seq[k] - params_of(model_for(cfg, dataset.spec))[k]).abs().max()) for k in theta_seq)
+    assert moved > 1e-3  # the run actually trained
+    for key, value in sum_seq.items():  # evaluation metrics agree too
+        if key.startswith("heldout_") and isinstance(value, float) and math.isfinite(value):
+            assert sum_vec[key] == pytest.approx(value, abs=1e-4), key
+    assert sum_vec["engine"] == "vectorized"
+    return sum_seq, sum_vec
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_same_meta_parameters_with_missing_modalities(tmp_path, optimizer):
+    cfg = build_config({}, SMALL + [f"meta.inner_optimizer={optimizer}", "meta.inner_lr=" + ("0.3" if optimizer == "sgd" else "0.01")])
+    dataset = build_dataset(cfg.data)
+    assert any(not bool(dataset.client(c).present.all()) for c in range(cfg.data.num_clients))  # some modality is missing
+    _assert_same(cfg, dataset, tmp_path)
+
+
+def test_same_meta_parameters_full_batch_and_fedavg(tmp_path):
+    cfg = build_config({}, SMALL + ["meta.inner_batch_size=0", "meta.algorithm=fedavg", "model.fusion=attention"])
+    _assert_same(cfg, build_dataset(cfg.data), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "algorithm,extra",
+    [("maml", []), ("fomaml", []), ("fomaml", ["meta.maml_query_fraction=0.3"]), ("fedavg_ft", []), ("local", [])],
+)
+def test_same_meta_parameters_other_algorithms(tmp_path, algorithm, extra):
+    cfg = build_config({}, SMALL + [f"meta.algorithm={algorithm}", "meta.inner_lr=0.1", "simulation.rounds=2"] + extra)
+    dataset = Ragged(build_dataset(cfg.data))  # unequal sizes: meta-query rows are gathered per client
+    if algorithm == "local":
+        theta_seq, _ = _run(cfg, dataset, SequentialBackend, tmp_path / "seq")
+        theta_vec, _ = _run(cfg, dataset, VectorizedBackend, tmp_path / "vec")
+        assert all(torch.equal(theta_seq[k], theta_vec[k]) for k in theta_seq)
+        return
+    _assert_same(cfg, dataset, tmp_path)
+
+
+# -- unequal client sizes and a regression task ------------------------------------
+
+
+class Ragged:
+    """Synthetic clients cut to different sizes (like a Dirichlet partition): n and n_support vary."""
+
+    def __init__(self, base) -> None:
+        self.base, self.spec, self.num_clients = base, base.spec, base.num_clients
+        self.train_clients, self.heldout_clients = base.train_clients, base.heldout_clients
+
+    def client(self, cid: int) -> ClientData:
+        full = self.base.client(cid)
+        n_support = full.n_support - cid % 3  # 3 support sizes
+        n_query = (full.n - full.n_support) - (cid % 2) * 2  # 2 query sizes
+        keep = torch.cat([torch.arange(n_support), full.n_support + torch.arange(n_query)])
+        return ClientData({k: v[keep] for k, v in full.x.items()}, full.y[keep], full.present[keep], n_support)
+
+
+@pytest.mark.parametrize("batch_size", [4, 0])
+def test_same_meta_parameters_unequal_client_sizes(tmp_path, batch_size):
+    cfg = build_config({}, SMALL + [f"meta.inner_batch_size={batch_size}"])
+    dataset = Ragged(build_dataset(cfg.data))
+    assert len({(dataset.client(c).n, dataset.client(c).n_support) for c in range(cfg.data.num_clients)}) == 6
+    _assert_same(cfg, dataset, tmp_path)
+
+
+class Sine:
+    """A small regression population (vector modality), sizes varying per client."""
+
+    def __init__(self, num_clients: int = 16, seed: int = 0) -> None:
+        self.spec = DatasetSpec((ModalitySpec("x", "vector", (1,)),), task="regression", num_classes=0, output_dim=1)
+        self.num_clients = num_clients
+        split = split_clients(num_clients, 0.2, seed)
+        self.train_clients, self.heldout_clients = split.train, split.heldout
+        self.seed = seed
+
+    def client(self, cid: int) -> ClientData:
+        g = np.random.default_rng([self.seed, cid])
+        n = 16 + 2 * (cid % 3)
+        amp, phase = g.uniform(0.1, 5.0), g.uniform(0, np.pi)
+        x = g.uniform(-5, 5, size=(n, 1)).astype(np.float32)
+        y = (amp * np.sin(x + phase)).astype(np.float32)
+        return ClientData({"x": torch.from_numpy(x)}, torch.from_numpy(y), torch.ones(n, 1, dtype=torch.bool), n // 2)
+
+
+def test_same_meta_parameters_regression(tmp_path):
+    cfg = build_config({}, SMALL + ["meta.inner_lr=0.01", "meta.eval_steps=10", "model.hidden_dim=40"])
+    sum_seq, sum_vec = _assert_same(cfg, Sine(), tmp_path)
+    assert sum_vec["heldout_mse_after_steps"]["10"] == pytest.approx(sum_seq["heldout_mse_after_steps"]["10"], abs=1e-4)
+
+
+# -- every built-in dataset ----------------------------------------------------------
+
+
+def _builtin(name: str, cfg):
+    """The built-in dataset ``name`` (through ``build_dataset`` once it is wired there)."""
+    from fedmeta.data.base import DataError
+
+    try:
+        return build_dataset(cfg.data.model_copy(update={"dataset": name}))
+    except DataError:
+        pass
+    if name == "sine":
+        from fedmeta.data.sine import SineDataset
+
+        return SineDataset(num_clients=cfg.data.num_clients, k_shot=5, examples_per_client=15, seed=cfg.data.seed)
+    if name == "avdigits":
+        from fedmeta.data.avdigits import AVDigits
+
+        # Dirichlet partitions of ~1,800 images: unequal sizes; one modality missing on some clients
+        return AVDigits(num_clients=cfg.data.num_clients, examples_per_client=48, missing_modality_fraction=0.3, seed=cfg.data.seed)
+    raise AssertionError(name)
+
+
+class Cached:
+    """A dataset whose clients are built once (avdigits clients take ~50 ms each to build)."""
+
+    def __init__(self, base) -> None:
+        self.spec, self.num_clients = base.spec, base.num_clients
+        self.train_clients, self.heldout_clients = base.train_clients, base.heldout_clients
+        self.client = functools.lru_cache(maxsize=None)(base.client)
+
+
+@pytest.mark.parametrize("name", ["sine", "avdigits"])
+def test_same_meta_parameters_builtin_datasets(tmp_path, name):
+    pytest.importorskip(f"fedmeta.data.{name}")
+    extra = ["data.num_clients=40", "simulation.clients_per_round=8"] + (["meta.inner_lr=0.01"] if name == "sine" else [])
+    cfg = build_config({}, SMALL + extra)
+    dataset = Cached(_builtin(name, cfg))
+    if name == "avdigits":
+        sizes = {(dataset.client(c).n, dataset.client(c).n_support) for c in range(cfg.data.num_clients)}
+        assert len(sizes) > 1  # Dirichlet partition: unequal clients, grouped and padded
+    _assert_same(cfg, dataset, tmp_path)
+
+
+# -- differential privacy (same noise seed) -----------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_same_meta_parameters_with_dp(tmp_path, mode):
+    cfg = build_config(
+        {},
+        SMALL
+        + ["privacy.enabled=true", "simulation.sampling=poisson", f"privacy.mode={mode}", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5", "simulation.deterministic=true"],
+    )
+    sum_seq, sum_vec = _assert_same(cfg, build_dataset(cfg.data), tmp_path)
+    if "epsilon" in sum_seq:
+        assert sum_vec["epsilon"] == pytest.approx(sum_seq["epsilon"])
+
+
+# -- the store and the engine's other promises -------------------------------------
+
+
+def test_store_is_lazy_and_stacked():
+    cfg = build_config({}, ["data.num_clients=10000", "data.missing_modality_fraction=0.3"])
+    dataset = build_dataset(cfg.data)
+    store = ClientStore(dataset)
+    store.ensure([3, 9999, 3])
+    assert int(store.built.sum()) == 2
+    assert store.x["image"].shape == (10000, 40, 8, 8)  # one tensor per modality, not one object per client
+    ref = dataset.client(9999)
+    got = store.client(9999)
+    assert got.n_support == ref.n_support
+    for k in ref.x:
+        assert torch.equal(got.x[k], ref.x[k])
+    assert torch.equal(got.y, ref.y) and torch.equal(got.present, ref.present)
+
+
+def test_store_grows_for_a_larger_client():
+    cfg = build_config({}, ["data.num_clients=12"])
+    dataset = Ragged(build_dataset(cfg.data))
+    dataset.examples_per_client = 0
+    store = ClientStore(dataset)
+    store.ensure([1])  # 38 rows
+    store.ensure([0])  # 40 rows: the slots grow
+    for cid in (0, 1):
+        ref = dataset.client(cid)
+        assert torch.equal(store.client(cid).x["audio"], ref.x["audio"]) and torch.equal(store.client(cid).y, ref.y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(tmp_path):
+    cfg = build_config({}, SMALL)
+    dataset = build_dataset(cfg.data)
+    theta_cpu, _ = _run(cfg, dataset, VectorizedBackend, tmp_path / "cpu")
+    cfg_gpu = build_config({}, SMALL + ["simulation.device=cuda"])
+    theta_gpu, _ = _run(cfg_gpu, dataset, VectorizedBackend, tmp_path / "gpu")
+    assert max(float((theta_cpu[k] - theta_gpu[k].cpu()).abs().max()) for k in theta_cpu) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("flwr") is None, reason="needs flwr")
+def test_flower_and_vectorized_agree(tmp_path):
+    """The real Flower Simulation Engine (Ray) against the vectorised engine (~60 s: Ray start-up)."""
+    from fedmeta.cli import run_simulation
+
+    overrides = SMALL + ["simulation.rounds=2", "simulation.eval_every=100", "simulation.eval_clients=1"]
+    thetas = {}
+    for engine in ("flower", "vectorized"):
+        cfg = build_config({}, overrides + [f"simulation.engine={engine}"])
+        run_simulation(cfg, tmp_path / engine, progress=False)
+        thetas[engine] = torch.load(tmp_path / engine / "model.pt")
+    a, b = thetas["flower"], thetas["vectorized"]
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < ATOL
+
+
+def test_bench_command_writes_json(tmp_path):
+    """``fedmeta bench`` on a tiny workload (the vectorised engine only; Flower is the slow test below)."""
+    from fedmeta.engines import bench
+
+    out = tmp_path / "bench.json"
+    args = bench.argparse.Namespace(engines="vectorized", clients=4, rounds=1, population=0, json=str(out), chunk_size=None, threads=None)
+    assert bench.cmd_bench(args) == 0
+    result = json.loads(out.read_text())
+    for engine in ("vectorized",):
+        entry = result["engines"][engine]
+        assert entry["updates_per_s"] > 0 and entry["startup_s"] > 0 and entry["peak_rss_mb"] > 50
+
+
+def test_bench_is_a_cli_command():
+    from fedmeta.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--clients", "10", "--rounds", "2", "--engines", "vectorized"])
+    assert args.clients == 10 and args.engines == "vectorized"
+
+
+@pytest.mark.slow
+def test_bench_flower_engine(tmp_path):
+    from fedmeta.engines import bench
+
+    result = bench.bench(["flower"], clients=4, rounds=1, population=bench.default_population(4))
+    entry = result["engines"]["flower"]
+    assert entry["updates_per_s"] > 0 and entry["startup_s"] > 0 and entry["peak_rss_mb"] > 100
