@@ -91,49 +91,49 @@ class ReptileStrategy:
         arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in theta.items()})
         return [self._request(MessageType.EVALUATE, node, arrays, server_round, cid) for cid, node in targets]
 
-    def parse_train(self, theta: Params, sent: dict[int, int], replies: Iterable[Message], requests: Iterable[Message] = ()) -> Replies:
-        """``sent`` maps node id -> client id. Missing and error replies are failures; malformed ones are rejected."""
-        out = Replies()
-        answered = set()
+    @staticmethod
+    def _answered(sent: dict[int, int], replies: Iterable[Message], requests: Iterable[Message], out: Replies):
+        """Yield ``(node, reply)`` for good replies; count error replies and missing ones as failures."""
         origin = _origin(requests)
+        answered = set()
         for msg in replies:
             node = origin.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             answered.add(node)
             if msg.has_error():
                 out.failures += 1
-                continue
+            else:
+                yield node, msg
+        out.failures += sum(1 for n in sent if n not in answered)
+
+    @staticmethod
+    def _metrics(content: RecordDict) -> dict[str, float]:
+        return {k: float(v) for r in content.metric_records.values() for k, v in r.items() if isinstance(v, (int, float))}
+
+    def parse_train(self, theta: Params, sent: dict[int, int], replies: Iterable[Message], requests: Iterable[Message] = ()) -> Replies:
+        """``sent`` maps node id -> client id. Missing and error replies are failures; malformed ones are rejected."""
+        out = Replies()
+        for node, msg in self._answered(sent, replies, requests, out):
             try:
-                content = msg.content
-                records = content.array_records
+                records = msg.content.array_records
                 if not records:
                     raise ReplyError("reply has no ArrayRecord")
                 record = records[ARRAYS] if ARRAYS in records else next(iter(records.values()))
                 phi = validate_phi(theta, record)
-                n = _num_examples(content)
-                metrics = {k: float(v) for r in content.metric_records.values() for k, v in r.items() if isinstance(v, (int, float))}
-                out.results.append(ClientUpdate(sent.get(node, node), phi, n, metrics))
+                n = _num_examples(msg.content)
+                out.results.append(ClientUpdate(sent.get(node, node), phi, n, self._metrics(msg.content)))
             except ReplyError as err:
                 out.rejected.append(f"node {node}: {err}")
-        out.failures += sum(1 for n in sent if n not in answered)
         return out
 
     def parse_evaluate(self, sent: dict[int, int], replies: Iterable[Message], requests: Iterable[Message] = ()) -> Replies:
         out = Replies()
-        answered = set()
-        origin = _origin(requests)
-        for msg in replies:
-            node = origin.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            answered.add(node)
-            if msg.has_error():
-                out.failures += 1
-                continue
-            metrics = {k: float(v) for r in msg.content.metric_records.values() for k, v in r.items() if isinstance(v, (int, float))}
-            bad = [k for k, v in metrics.items() if k.startswith(("loss", "acc")) and not math.isfinite(v)]
-            if bad and not (set(bad) <= {k for k in metrics if k.startswith("acc")}):
+        for node, msg in self._answered(sent, replies, requests, out):
+            metrics = self._metrics(msg.content)
+            bad = [k for k, v in metrics.items() if k.startswith("loss") and not math.isfinite(v)]
+            if bad:
                 out.rejected.append(f"node {node}: non-finite evaluation metrics {bad[:3]}")
                 continue
             out.results.append((sent.get(node, node), metrics))
-        out.failures += sum(1 for n in sent if n not in answered)
         return out
 
     @staticmethod
