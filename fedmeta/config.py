@@ -88,7 +88,7 @@ class SimulationConfig(_Section):
     max_update_norm: float = Field(1e4, gt=0)  # replies with a larger ||phi - theta|| are rejected
     seed: int = 0
     deterministic: bool = True
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda[:i]
     num_cpus_per_client: float = Field(1.0, gt=0)
     chunk_size: int = Field(256, ge=1)  # vectorized engine: clients per vmap chunk
 

@@ -60,7 +60,8 @@ from fedmeta.engines.client import (
     train_schedule,
 )
 from fedmeta.engines.loop import ClientUpdate, Params, Replies
-from fedmeta.meta import evaluate, inner_loop
+from fedmeta.meta import inner_loop
+from fedmeta.meta.inner import adaptation_metrics
 from fedmeta.meta.maml import maml_client_update, split_support
 
 # Algorithms whose client update is vmapped here; any other (``local``) runs ``train_client`` per client.
@@ -74,8 +75,6 @@ THREADS = 1
 # vmapped forms of the shared client functions. Broadcast: model, theta (or phi), cfg/task.
 _inner_loop = vmap(inner_loop, in_dims=(None, None, 0, 0, 0, 0, None, None))
 _maml_update = vmap(maml_client_update, in_dims=(None, None, 0, 0, 0, None, None))  # (support, query) per client
-_evaluate_theta = vmap(evaluate, in_dims=(None, None, 0, 0, 0, None))  # theta shared by the chunk
-_evaluate_phi = vmap(evaluate, in_dims=(None, 0, 0, 0, 0, None))  # one phi per client
 
 
 class ClientStore:
@@ -279,12 +278,11 @@ class VectorizedBackend:
             sx, sy, sp = store.support(idx, self.device)
             qx, qy, qp = store.query(idx, self.device)
             schedule = torch.stack([schedules[p] for p in chunk]).to(self.device)
-            columns: dict[str, Tensor] = {}
-            columns["loss_before"], columns["acc_before"] = _evaluate_theta(self.model, theta_d, qx, qy, qp, task)
-            phi, _, recorded = _inner_loop(self.model, theta_d, sx, sy, sp, schedule, icfg, marks)
-            for s in marks:
-                columns[f"loss_at_{s}"], columns[f"acc_at_{s}"] = _evaluate_phi(self.model, recorded[s], qx, qy, qp, task)
-            columns["loss_after"], columns["acc_after"] = _evaluate_phi(self.model, phi, qx, qy, qp, task)
+            columns = vmap(
+                lambda th, sup, qry, sch: adaptation_metrics(self.model, th, sup, qry, sch, icfg, marks),
+                in_dims=(None, 0, 0, 0),
+                randomness="error",
+            )(theta_d, (sx, sy, sp), (qx, qy, qp), schedule)
             values = {k: v.detach().cpu().tolist() for k, v in columns.items()}
             for j, p in enumerate(chunk):
                 metrics[p] = {k: float(v[j]) for k, v in values.items()} | {"num-examples": n_query[p]}

@@ -122,6 +122,33 @@ def evaluate(model: nn.Module, params: Params, x: dict[str, Tensor], y: Tensor, 
         return F.mse_loss(out, y), torch.full((), float("nan"))
 
 
+def adaptation_metrics(
+    model: nn.Module,
+    theta: Params,
+    support: tuple[dict[str, Tensor], Tensor, Tensor],
+    query: tuple[dict[str, Tensor], Tensor, Tensor],
+    schedule: Tensor,
+    cfg: InnerConfig,
+    at_steps: tuple[int, ...] = (),
+) -> dict[str, Tensor]:
+    """Query loss/accuracy before and after ``len(schedule)`` adaptation steps, as tensors.
+
+    ``at_steps`` adds ``loss_at_<s>`` and ``acc_at_<s>`` after ``s`` steps, for
+    adaptation curves (e.g. the sine task's 1, 5 and 10 steps). Pure, so it can
+    be vmapped over clients.
+    """
+    sx, sy, sp = support
+    qx, qy, qp = query
+    out: dict[str, Tensor] = {}
+    out["loss_before"], out["acc_before"] = evaluate(model, theta, qx, qy, qp, cfg.task)
+    marks = tuple(s for s in at_steps if 0 < s <= schedule.shape[0])
+    phi, _, recorded = inner_loop(model, theta, sx, sy, sp, schedule, cfg, record_at=marks)
+    for s in marks:
+        out[f"loss_at_{s}"], out[f"acc_at_{s}"] = evaluate(model, recorded[s], qx, qy, qp, cfg.task)
+    out["loss_after"], out["acc_after"] = evaluate(model, phi, qx, qy, qp, cfg.task)
+    return out
+
+
 def adapt_and_evaluate(
     model: nn.Module,
     theta: Params,
@@ -131,20 +158,5 @@ def adapt_and_evaluate(
     cfg: InnerConfig,
     at_steps: tuple[int, ...] = (),
 ) -> dict[str, float]:
-    """Query loss/accuracy before and after ``len(schedule)`` adaptation steps.
-
-    ``at_steps`` adds ``loss_at_<s>`` and ``acc_at_<s>`` after ``s`` steps, for
-    adaptation curves (e.g. the sine task's 1, 5 and 10 steps).
-    """
-    sx, sy, sp = support
-    qx, qy, qp = query
-    loss0, acc0 = evaluate(model, theta, qx, qy, qp, cfg.task)
-    out = {"loss_before": float(loss0), "acc_before": float(acc0)}
-    marks = tuple(s for s in at_steps if 0 < s <= schedule.shape[0])
-    phi, _, recorded = inner_loop(model, theta, sx, sy, sp, schedule, cfg, record_at=marks)
-    for s in marks:
-        loss, acc = evaluate(model, recorded[s], qx, qy, qp, cfg.task)
-        out[f"loss_at_{s}"], out[f"acc_at_{s}"] = float(loss), float(acc)
-    loss1, acc1 = evaluate(model, phi, qx, qy, qp, cfg.task)
-    out["loss_after"], out["acc_after"] = float(loss1), float(acc1)
-    return out
+    """:func:`adaptation_metrics` for one client, as floats."""
+    return {k: float(v) for k, v in adaptation_metrics(model, theta, support, query, schedule, cfg, at_steps).items()}
