@@ -69,7 +69,7 @@ INNER_LOOP_ALGORITHMS = ("reptile", "fedavg", "fedavg_ft")
 MAML_ALGORITHMS = ("maml", "fomaml")
 
 # One intra-op thread: measured fastest for the default model on a 2-core machine
-# (see docs/benchmarks_vectorized.md); a second thread only adds contention.
+# (see docs/benchmarks.md, section 2); a second thread only adds contention.
 THREADS = 1
 
 # vmapped forms of the shared client functions. Broadcast: model, theta (or phi), cfg/task.

@@ -26,7 +26,14 @@ def linear_anneal(server_round: int, total_rounds: int, start: float, final: flo
 
 
 def meta_step_size(algorithm: str, server_round: int, total_rounds: int, start: float, final: float) -> float:
-    return 1.0 if algorithm == "fedavg" else linear_anneal(server_round, total_rounds, start, final)
+    """beta for a round: 1 for FedAvg (and FedAvg + fine-tuning), 0 for local-only training (theta never
+    leaves its initialisation), else the linear anneal (Reptile; MAML/FOMAML, whose clients return
+    theta - g so that beta is the meta learning rate)."""
+    if algorithm in ("fedavg", "fedavg_ft"):
+        return 1.0
+    if algorithm == "local":
+        return 0.0
+    return linear_anneal(server_round, total_rounds, start, final)
 
 
 def delta(phi: Params, theta: Params) -> Params:
