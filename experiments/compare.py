@@ -1,0 +1,231 @@
+"""Baselines in one harness: same data, splits and budget for every method, over several seeds.
+
+    python -m experiments.compare --config experiments/configs/avdigits.toml \\
+        --methods local fedavg fedavg_ft reptile fomaml maml --seeds 0 1 2 --out runs/compare-av \\
+        [--set KEY=VALUE ...] [--method-set maml:meta.outer_lr=0.05 ...] \\
+        [--variant fused] [--variant image model.modalities=image] [--variant missing30 data.missing_modality_fraction=0.3]
+
+Every run is :func:`fedmeta.cli.run_simulation` on the sequential engine (no Ray; the same maths as
+the Flower engine) with ``data.seed`` and ``simulation.seed`` set to the seed, written to
+``OUT/<variant>/<method>-seed<s>``; a run that already finished (``summary.json``) is reused, so an
+interrupted comparison continues where it stopped. ``--method-set METHOD:KEY=VALUE`` overrides a
+key for one method only (e.g. MAML's meta learning rate); ``--variant NAME KEY=VALUE...`` repeats
+the whole comparison with extra overrides (modality ablations, missing audio, ...).
+
+Writes ``OUT/results.json`` (every run's final held-out metrics), ``OUT/table.md`` (mean ± std over
+seeds: held-out accuracy, or MSE for regression, before and after adaptation and after 1/5/10 steps)
+and ``OUT/curves.png`` (held-out metric after adaptation vs round, mean ± std band per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from fedmeta.config import Config, load_config
+
+METHODS = ("local", "fedavg", "fedavg_ft", "reptile", "fomaml", "maml")
+FINAL_KEYS = ("acc_before", "acc_after", "acc_at_1", "acc_at_5", "acc_at_10",
+              "loss_before", "loss_after", "loss_at_1", "loss_at_5", "loss_at_10")
+# Finn et al. 2017, Fig. 2 / section 5.1: sinusoid, 5-shot, MSE after 1 / 5 / 10 gradient steps
+SINE_PAPER = {"MAML (paper)": (0.67, 0.38, 0.35), "pretrained (paper)": (2.41, 2.23, 2.19)}
+
+
+# -- datasets -----------------------------------------------------------------------------------
+
+
+def _install_dataset_hook(cfg: Config) -> None:
+    """Make ``run_simulation`` build ``cfg``'s dataset with ``model.modalities`` applied.
+
+    ``fedmeta.data.build_dataset`` takes only ``cfg.data``; the modality subset lives in
+    ``cfg.model`` and is applied here with :func:`fedmeta.data.subset.select_modalities`. If this
+    build's ``build_dataset`` does not wire sine/avdigits yet, they are constructed directly.
+    """
+    import fedmeta.data as data_mod
+    from fedmeta.data.subset import select_modalities
+
+    official = getattr(data_mod.build_dataset, "__wrapped__", data_mod.build_dataset)
+
+    def build(dcfg):
+        try:
+            ds = official(dcfg)
+        except data_mod.DataError as err:
+            if "not available" not in str(err):
+                raise
+            ds = _direct(dcfg)
+        return select_modalities(ds, cfg.model.modalities)
+
+    build.__wrapped__ = official  # type: ignore[attr-defined]
+    data_mod.build_dataset = build
+
+
+def _direct(d):
+    if d.dataset == "sine":
+        from fedmeta.data.sine import SineDataset
+
+        return SineDataset(num_clients=d.num_clients, heldout_fraction=d.heldout_fraction, k_shot=d.k_shot,
+                           examples_per_client=d.examples_per_client, seed=d.seed)
+    if d.dataset == "avdigits":
+        from fedmeta.data.avdigits import AVDigits
+
+        return AVDigits(num_clients=d.num_clients, heldout_fraction=d.heldout_fraction, support_fraction=d.support_fraction,
+                        examples_per_client=d.examples_per_client, num_classes=d.num_classes,
+                        missing_modality_fraction=d.missing_modality_fraction, missing_modality=d.missing_modality or None,
+                        dirichlet_alpha=d.dirichlet_alpha, seed=d.seed, audio_domain=d.audio_domain)
+    raise ValueError(f"data.dataset: {d.dataset!r} is not available")
+
+
+# -- running --------------------------------------------------------------------------------------
+
+
+def _run_one(job: tuple[str, list[str], str]) -> dict:
+    config, overrides, out = job
+    import torch
+
+    torch.set_num_threads(1)
+    from fedmeta.cli import run_simulation
+    from fedmeta.results import CONFIG, SUMMARY
+
+    cfg = load_config(config, overrides)
+    path = Path(out)
+    if (path / SUMMARY).exists():  # reuse a finished run, but only of exactly this config
+        done = json.loads((path / CONFIG).read_text())
+        if done != json.loads(json.dumps(cfg.to_dict())):
+            raise SystemExit(f"{path}: holds a finished run of a different config; use another --out or delete it")
+        summary = json.loads((path / SUMMARY).read_text())
+    else:
+        _install_dataset_hook(cfg)
+        summary = run_simulation(cfg, path, progress=False)
+    row = {k: summary.get(f"heldout_{k}") for k in FINAL_KEYS} | {"wall_time_s": summary.get("wall_time_s")}
+    row = {k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in row.items()}  # NaN -> None
+    return row
+
+
+def _fmt(values: list, digits: int = 3) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "–"
+    if len(vals) < 2:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def _table(variant: str, rows: dict[str, list[dict]], regression: bool, dataset: str) -> list[str]:
+    metric = "loss" if regression else "acc"
+    name = "MSE" if regression else "accuracy"
+    lines = [f"### {variant}: held-out clients, {name} (mean ± std over seeds)", "",
+             f"| method | seeds | before | after (eval_steps) | 1 step | 5 steps | 10 steps | wall s / run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, rs in rows.items():
+        cells = [_fmt([r[f"{metric}_{k}"] for r in rs]) for k in ("before", "after", "at_1", "at_5", "at_10")]
+        lines.append(f"| {method} | {len(rs)} | " + " | ".join(cells) + f" | {_fmt([r['wall_time_s'] for r in rs], 0)} |")
+    if regression and dataset == "sine":
+        for ref, (a1, a5, a10) in SINE_PAPER.items():
+            lines.append(f"| {ref} | – | – | – | {a1:.2f} | {a5:.2f} | {a10:.2f} | – |")
+    return lines + [""]
+
+
+def _curves(out: Path, variants: list[str], methods: list[str], seeds: list[int], regression: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    key = "heldout_loss_after" if regression else "heldout_acc_after"
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 4), squeeze=False)
+    for ax, variant in zip(axes[0], variants):
+        for method in methods:
+            series = []
+            for seed in seeds:
+                f = out / variant / f"{method}-seed{seed}" / "metrics.jsonl"
+                if not f.exists():
+                    continue
+                recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                series.append({r["round"]: r[key] for r in recs if r.get(key) is not None})
+            if not series:
+                continue
+            rounds = sorted(set.intersection(*(set(s) for s in series)))
+            if not rounds:
+                continue
+            vals = np.array([[s[r] for r in rounds] for s in series])
+            mean, std = vals.mean(0), vals.std(0, ddof=1) if len(series) > 1 else np.zeros(len(rounds))
+            ax.plot(rounds, mean, marker=".", label=method)
+            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+        ax.set_title(variant)
+        ax.set_xlabel("round")
+        ax.set_ylabel("held-out MSE after adaptation" if regression else "held-out accuracy after adaptation")
+        if regression:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    p.add_argument("--method-set", action="append", default=[], metavar="METHOD:KEY=VALUE", help="override for one method")
+    p.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME [KEY=VALUE ...]",
+                   help="repeat the comparison with extra overrides (default: one variant 'main')")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    args = p.parse_args(argv)
+
+    per_method: dict[str, list[str]] = {m: [] for m in args.methods}
+    for item in args.method_set:
+        method, _, kv = item.partition(":")
+        if method not in METHODS or not kv:
+            p.error(f"--method-set {item!r}: expected METHOD:KEY=VALUE with METHOD in {list(METHODS)}")
+        per_method.setdefault(method, []).append(kv)  # methods not being run: ignored
+    variants = {v[0]: v[1:] for v in args.variant} or {"main": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    jobs, keys = [], []
+    for variant, vsets in variants.items():
+        for method in args.methods:
+            for seed in args.seeds:
+                overrides = args.set + vsets + per_method[method] + [
+                    f"meta.algorithm={method}", f"data.seed={seed}", f"simulation.seed={seed}",
+                    "simulation.engine='sequential'", "output.progress=false"]
+                load_config(args.config, overrides)  # validate everything before running anything
+                jobs.append((args.config, overrides, str(out / variant / f"{method}-seed{seed}")))
+                keys.append((variant, method, seed))
+
+    start = time.time()
+    results: dict[str, dict[str, list[dict]]] = {v: {m: [] for m in args.methods} for v in variants}
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for (variant, method, seed), row in zip(keys, pool.map(_run_one, jobs)):
+            results[variant][method].append({"seed": seed, **row})
+            print(variant, method, seed, {k: v for k, v in row.items() if v is not None}, flush=True)
+
+    cfg = load_config(args.config, args.set)
+    regression = all(r["acc_after"] is None for v in results.values() for rs in v.values() for r in rs)
+    lines = [f"# Comparison: {cfg.data.dataset}, seeds {args.seeds}", "",
+             "Command: `python -m experiments.compare " + " ".join(_quote(a) for a in (argv if argv is not None else __import__("sys").argv[1:])) + "`", ""]
+    for variant, rows in results.items():
+        lines += _table(variant + (f" ({' '.join(variants[variant])})" if variants[variant] else ""), rows, regression, cfg.data.dataset)
+    lines.append(f"Total wall time: {time.time() - start:.0f} s (runs reused from earlier invocations count as 0).")
+    (out / "results.json").write_text(json.dumps({"command": argv, "results": results}, indent=2))
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _curves(out, list(variants), args.methods, args.seeds, regression)
+    print("\n".join(lines))
+
+
+def _quote(a: str) -> str:
+    return a if all(c.isalnum() or c in "-_./=:," for c in a) else f"'{a}'"
+
+
+if __name__ == "__main__":
+    main()
