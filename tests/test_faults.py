@@ -110,3 +110,32 @@ def test_diverged_inner_loops_are_rejected_on_every_engine(small_cfg, tmp_path):
     assert all(r["rejected"] >= 1 for r in records)
     model = torch.load(tmp_path / "model.pt")
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+@pytest.mark.slow
+def test_a_stock_flower_client_works_with_the_reptile_server(tmp_path):
+    """Nodes without fedmeta's `query` handler train under their node id and are aggregated."""
+    from flwr.simulation import run_simulation
+
+    import stock_client
+    from server.app import make_server_app
+
+    cfg = build_config(None, [
+        "data.num_clients=8", "simulation.clients_per_round=3", "simulation.rounds=2",
+        "simulation.eval_every=2", "simulation.round_timeout=120", "output.progress=false",
+    ])
+    result: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(cfg, tmp_path, result=result, progress=False),
+            client_app=stock_client.app,
+            num_supernodes=8,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False}},
+        )
+    assert result["status"] == "completed"
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["replies"] == 3 and r["rejected"] == 0 and not r["skipped"] for r in records)
+    theta0 = params_of(model_for(cfg, build_dataset(cfg.data).spec))
+    model = torch.load(tmp_path / "model.pt")
+    assert any(not torch.equal(model[k], theta0[k]) for k in theta0)  # the stock updates moved theta

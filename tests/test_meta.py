@@ -96,3 +96,12 @@ def test_batch_schedule_is_seeded_and_covers_support():
     assert sorted(a[:2].flatten().tolist()) == list(range(20))  # one epoch visits every row once
     assert batch_schedule(20, 3, 0, seed=1).shape == (3, 20)
     assert batch_schedule(20, 0, 10, seed=1).shape[0] == 0
+
+
+def test_cohort_sampling_keeps_64_bit_node_ids(small_cfg):
+    from fedmeta.engines.loop import sample_cohort
+
+    population = [2**63 + 12345, 2**64 - 1, 17, 2**62 + 3, 5]
+    cohort = sample_cohort(small_cfg(), population, server_round=1)
+    assert len(cohort) == 3 and set(cohort) <= set(population)
+    assert all(type(c) is int for c in cohort)

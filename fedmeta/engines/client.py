@@ -165,7 +165,13 @@ def _load_dir(path: str):
 
 
 def client_side_clip(cfg: Config, theta: Params, phi: Params) -> Params:
-    """With ``privacy.mode = "client"`` the client clips its update before it leaves the device."""
+    """With ``privacy.mode = "client"`` the client clips its update before it leaves the device.
+
+    Not Flower's ``fixedclipping_mod``: that mod expects the clipping norm from
+    Flower's DP wrapper strategy in the message config and clips NumPy arrays in
+    place, while this one function must also run inside the sequential and
+    vectorised engines on tensors. The formula is the same (``clip_update``).
+    """
     if not (cfg.privacy.enabled and cfg.privacy.mode == "client"):
         return phi
     from fedmeta.privacy import clip_update

@@ -75,7 +75,8 @@ def sample_cohort(cfg: Config, population: list[int], server_round: int, attempt
         q = min(1.0, cfg.simulation.clients_per_round / len(population))
         return [c for c in population if rng.random() < q]
     k = min(cfg.simulation.clients_per_round, len(population))
-    return sorted(rng.choice(population, size=k, replace=False).tolist())
+    # sample positions, not ids: Flower node ids are 64-bit and would not survive a numpy array
+    return sorted(population[i] for i in rng.choice(len(population), size=k, replace=False))
 
 
 def _mean(results: list[dict[str, float]], key: str, weight: str = "num-examples") -> float:
@@ -217,7 +218,8 @@ def run_federation(
                 record.update(summarise_eval(backend.evaluate(server.theta, cohort, rnd)))
             held = heldout_pop
             if cfg.simulation.eval_clients and cfg.simulation.eval_clients < len(held):
-                held = sorted(_rng(cfg, HELDOUT_STREAM, rnd).choice(held, cfg.simulation.eval_clients, replace=False).tolist())
+                picks = _rng(cfg, HELDOUT_STREAM, rnd).choice(len(held), cfg.simulation.eval_clients, replace=False)
+                held = sorted(held[i] for i in picks)
             held_replies = backend.evaluate(server.theta, held, rnd)
             record.update(summarise_eval(held_replies, "heldout_"))
             record["failures"] += held_replies.failures
