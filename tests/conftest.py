@@ -6,6 +6,7 @@ import torch
 # Small models run fastest single-threaded on the 2-core CI machine.
 torch.set_num_threads(1)
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network beyond the package registries
 
 
 @pytest.fixture
