@@ -333,6 +333,7 @@ class FlowerDeployment:
         self.env = dict(os.environ)
         # Offline machines: never let Flower `uv sync` app dependencies.
         self.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        self.env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
         self.env.setdefault("PYTHONUNBUFFERED", "1")
         if superexec_poll_interval is not None:
             # SuperExec polls for new ClientApp/ServerApp tasks (default 1 s).
