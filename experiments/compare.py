@@ -36,50 +36,6 @@ FINAL_KEYS = ("acc_before", "acc_after", "acc_at_1", "acc_at_5", "acc_at_10",
 SINE_PAPER = {"MAML (paper)": (0.67, 0.38, 0.35), "pretrained (paper)": (2.41, 2.23, 2.19)}
 
 
-# -- datasets -----------------------------------------------------------------------------------
-
-
-def _install_dataset_hook(cfg: Config) -> None:
-    """Make ``run_simulation`` build ``cfg``'s dataset with ``model.modalities`` applied.
-
-    ``fedmeta.data.build_dataset`` takes only ``cfg.data``; the modality subset lives in
-    ``cfg.model`` and is applied here with :func:`fedmeta.data.subset.select_modalities`. If this
-    build's ``build_dataset`` does not wire sine/avdigits yet, they are constructed directly.
-    """
-    import fedmeta.data as data_mod
-    from fedmeta.data.subset import select_modalities
-
-    official = getattr(data_mod.build_dataset, "__wrapped__", data_mod.build_dataset)
-
-    def build(dcfg):
-        try:
-            ds = official(dcfg)
-        except data_mod.DataError as err:
-            if "not available" not in str(err):
-                raise
-            ds = _direct(dcfg)
-        return select_modalities(ds, cfg.model.modalities)
-
-    build.__wrapped__ = official  # type: ignore[attr-defined]
-    data_mod.build_dataset = build
-
-
-def _direct(d):
-    if d.dataset == "sine":
-        from fedmeta.data.sine import SineDataset
-
-        return SineDataset(num_clients=d.num_clients, heldout_fraction=d.heldout_fraction, k_shot=d.k_shot,
-                           examples_per_client=d.examples_per_client, seed=d.seed)
-    if d.dataset == "avdigits":
-        from fedmeta.data.avdigits import AVDigits
-
-        return AVDigits(num_clients=d.num_clients, heldout_fraction=d.heldout_fraction, support_fraction=d.support_fraction,
-                        examples_per_client=d.examples_per_client, num_classes=d.num_classes,
-                        missing_modality_fraction=d.missing_modality_fraction, missing_modality=d.missing_modality or None,
-                        dirichlet_alpha=d.dirichlet_alpha, seed=d.seed, audio_domain=d.audio_domain)
-    raise ValueError(f"data.dataset: {d.dataset!r} is not available")
-
-
 # -- running --------------------------------------------------------------------------------------
 
 
@@ -99,8 +55,7 @@ def _run_one(job: tuple[str, list[str], str]) -> dict:
             raise SystemExit(f"{path}: holds a finished run of a different config; use another --out or delete it")
         summary = json.loads((path / SUMMARY).read_text())
     else:
-        _install_dataset_hook(cfg)
-        summary = run_simulation(cfg, path, progress=False)
+            summary = run_simulation(cfg, path, progress=False)
     row = {k: summary.get(f"heldout_{k}") for k in FINAL_KEYS} | {"wall_time_s": summary.get("wall_time_s")}
     row = {k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in row.items()}  # NaN -> None
     return row

@@ -38,7 +38,7 @@ def run_simulation(cfg: Config, out_dir: Path, resume: bool = False, progress: b
     from fedmeta.engines.loop import run_federation
     from fedmeta.progress import round_printer
 
-    dataset = build_dataset(cfg.data)
+    dataset = build_dataset(cfg.data, cfg.model.modalities)
     if cfg.simulation.engine == "vectorized":
         from fedmeta.engines.vectorized import VectorizedBackend
 

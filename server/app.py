@@ -99,7 +99,7 @@ def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bo
     backend.discover(expected=cfg.data.num_clients, wait_s=min(cfg.simulation.round_timeout, 120.0))
     if not backend.train_pop:
         raise RunError("no training clients answered; check the SuperNodes' logs")
-    spec = backend.spec or build_dataset(cfg.data).spec
+    spec = backend.spec or build_dataset(cfg.data, cfg.model.modalities).spec
     theta0 = params_of(model_for(cfg, spec))
     show = round_printer(cfg.simulation.rounds) if (cfg.output.progress if progress is None else progress) else None
     return run_federation(cfg, backend, theta0, RunWriter(out), resume=cfg.output.resume if resume is None else resume, progress=show)

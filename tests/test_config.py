@@ -36,7 +36,7 @@ def test_bad_values_give_one_line_naming_the_field(override, expected):
 
 
 def test_set_parses_toml_values_and_nests():
-    cfg = build_config(None, ["meta.inner_steps=7", "meta.inner_optimizer=adam", "privacy.enabled=true", "meta.inner_lr=0.05"])
+    cfg = build_config(None, ["meta.inner_steps=7", "meta.inner_optimizer=adam", "privacy.enabled=true", "simulation.sampling=poisson", "meta.inner_lr=0.05"])
     assert cfg.meta.inner_steps == 7 and cfg.meta.inner_optimizer == "adam"
     assert cfg.privacy.enabled is True and cfg.meta.inner_lr == 0.05
 

@@ -69,3 +69,16 @@ def test_model_masks_out_a_missing_modality(fusion):
 def test_bad_missing_modality_name():
     with pytest.raises(DataError, match="data.missing_modality"):
         SyntheticMultimodal(missing_modality="smell")
+
+
+def test_model_modalities_restricts_the_dataset_everywhere(tmp_path):
+    from fedmeta.config import build_config
+    from fedmeta.data import build_dataset
+
+    cfg = build_config(None, ["model.modalities=image,text"])
+    ds = build_dataset(cfg.data, cfg.model.modalities)
+    assert ds.spec.modality_names == ("image", "text")
+    c = ds.client(0)
+    assert set(c.x) == {"image", "text"} and c.present.shape[1] == 2
+    with pytest.raises(DataError, match="model.modalities"):
+        build_dataset(cfg.data, "image,smell")

@@ -12,8 +12,20 @@ if TYPE_CHECKING:
 __all__ = ["Batch", "ClientData", "DataError", "DatasetSpec", "FederatedDataset", "ModalitySpec", "build_dataset", "split_clients"]
 
 
-def build_dataset(cfg: "DataConfig") -> FederatedDataset:
-    """The dataset a config names. Construction is cheap: clients are built on demand."""
+def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
+    """The dataset a config names, restricted to ``modalities`` (comma-separated; "" = all).
+
+    Pass ``cfg.model.modalities`` as ``modalities``. Construction is cheap: clients are built on demand.
+    """
+    dataset = _build(cfg)
+    if modalities:
+        from fedmeta.data.subset import parse_modalities, select_modalities
+
+        return select_modalities(dataset, modalities)
+    return dataset
+
+
+def _build(cfg: "DataConfig") -> FederatedDataset:
     if cfg.dataset == "synthetic":
         from fedmeta.data.synthetic import SyntheticMultimodal
 

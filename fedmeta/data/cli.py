@@ -16,7 +16,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from fedmeta.data.disk import write_partitions
 
     cfg = load_config(args.config, args.set)
-    dataset = build_dataset(cfg.data)
+    dataset = build_dataset(cfg.data, cfg.model.modalities)
     clients = sorted(dataset.train_clients + dataset.heldout_clients)
     root = write_partitions(dataset, Path(args.out), clients=clients)
     print(f"wrote {len(clients)} client directories ({len(dataset.heldout_clients)} held out) to {root}")

@@ -159,7 +159,7 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
         from fedmeta.meta import params_of
         from fedmeta.results import RunWriter
 
-        dataset = build_dataset(cfg.data)
+        dataset = build_dataset(cfg.data, cfg.model.modalities)
         if engine == "vectorized":
             from fedmeta.engines import vectorized
 

@@ -113,7 +113,8 @@ def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Conf
 def _dataset(cfg_json: str):
     from fedmeta.config import config_from_json
 
-    return build_dataset(config_from_json(cfg_json).data)
+    cfg = config_from_json(cfg_json)
+    return build_dataset(cfg.data, cfg.model.modalities)
 
 
 def dataset_for(cfg: Config):
