@@ -81,7 +81,7 @@ def write_outputs(rows: list[dict], out: Path, total_s: float) -> str:
         lines.append(
             f"| {name} | {z} | {c} | {eps_txt} | {before_m:.3f} ± {before_s:.3f} | {after_m:.3f} ± {after_s:.3f} | {100 * (after_m - base):+.1f} |"
         )
-        if eps is not None:
+        if eps is not None and math.isfinite(eps):
             points.append((eps, after_m, after_s, name))
     r0 = rows[0]
     lines.append("")
@@ -95,11 +95,11 @@ def write_outputs(rows: list[dict], out: Path, total_s: float) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    if points:
-        points.sort()
-        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt="o-", capsize=4, label="DP Reptile")
-        for eps, acc, _, name in points:
-            ax.annotate(name, (eps, acc), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    by_clip: dict[float, list] = {}
+    for eps, acc, std, name in sorted(points):
+        by_clip.setdefault(groups[name][0]["clip_norm"], []).append((eps, acc, std))
+    for clip, series in sorted(by_clip.items()):
+        ax.errorbar([p[0] for p in series], [p[1] for p in series], yerr=[p[2] for p in series], fmt="o-", capsize=4, label=f"DP Reptile, C = {clip:g}")
     if math.isfinite(base):
         ax.axhline(base, color="gray", linestyle="--", label="non-private")
     ax.set_xlabel("ε (δ = %g)" % (rows[-1]["delta"] or 1e-5))
