@@ -63,6 +63,10 @@ class MetaConfig(_Section):
     outer_lr: float = Field(1.0, gt=0)  # beta_0
     outer_lr_final: float = Field(0.0, ge=0)  # beta at the last round (linear anneal)
     eval_steps: int = Field(10, ge=0)  # adaptation steps at evaluation
+    server_optimizer: Literal["sgd", "adam"] = "sgd"  # sgd: theta += beta * mean; adam: FedAdam-style on -mean
+    server_beta1: float = Field(0.9, ge=0, lt=1)
+    server_beta2: float = Field(0.999, gt=0, lt=1)
+    server_eps: float = Field(1e-8, gt=0)
     # maml/fomaml: 0 = the client's query set is the meta-query (standard MAML on training tasks);
     # > 0 = this fraction of the support rows is held back as the meta-query (query set untouched)
     maml_query_fraction: float = Field(0.0, ge=0, lt=1)

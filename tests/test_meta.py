@@ -105,3 +105,17 @@ def test_cohort_sampling_keeps_64_bit_node_ids(small_cfg):
     cohort = sample_cohort(small_cfg(), population, server_round=1)
     assert len(cohort) == 3 and set(cohort) <= set(population)
     assert all(type(c) is int for c in cohort)
+
+
+def test_server_adam_matches_torch_adam_on_the_pseudo_gradient(small_cfg):
+    cfg = small_cfg("meta.server_optimizer=adam", "meta.outer_lr=0.05", "meta.outer_lr_final=0.05", "meta.server_beta1=0.8")
+    theta = {"w": torch.tensor([1.0, -2.0, 0.5])}
+    server = Server(cfg, theta, 8)
+    ref = torch.nn.Parameter(theta["w"].clone())
+    opt = torch.optim.Adam([ref], lr=0.05, betas=(0.8, 0.999), eps=1e-8)
+    for rnd, target in enumerate([torch.tensor([0.0, 0.0, 0.0]), torch.tensor([3.0, 1.0, -1.0]), torch.tensor([0.5, 0.5, 0.5])], 1):
+        server.step([ClientUpdate(0, {"w": target}, 1)], rnd)
+        opt.zero_grad()
+        ref.grad = -(target - ref.detach())  # pseudo-gradient: -(phi - theta)
+        opt.step()
+        torch.testing.assert_close(server.theta["w"], ref.detach(), atol=1e-6, rtol=0)

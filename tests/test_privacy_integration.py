@@ -90,7 +90,7 @@ class CrashingBackend(SequentialBackend):
 
 @pytest.mark.parametrize("dp", [False, True])
 def test_crash_and_resume_equals_uninterrupted(small_cfg, tmp_path, dp):
-    cfg = small_cfg(*(DP + ["privacy.adaptive_clipping=true", "privacy.clipped_count_stddev=1.0"] if dp else []), "simulation.rounds=5", "simulation.eval_every=2")
+    cfg = small_cfg(*(DP + ["privacy.adaptive_clipping=true", "privacy.clipped_count_stddev=1.0"] if dp else ["meta.server_optimizer=adam"]), "simulation.rounds=5", "simulation.eval_every=2")
     straight = run(cfg, tmp_path / "straight")
     ds = build_dataset(cfg.data)
     with pytest.raises(Crash):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fedmeta.config import Config
 from fedmeta.meta.inner import client_seed
-from fedmeta.meta.outer import apply_step, delta, meta_step_size, weighted_mean
+from fedmeta.meta.outer import ServerAdam, apply_step, delta, meta_step_size, weighted_mean
 from fedmeta.results import RunWriter
 
 log = logging.getLogger("fedmeta")
@@ -115,6 +115,9 @@ class Server:
         self.cfg = cfg
         self.theta = {k: v.detach().clone() for k, v in theta.items()}
         self.num_train = num_train_clients
+        self.optimizer = None
+        if cfg.meta.server_optimizer == "adam":
+            self.optimizer = ServerAdam(cfg.meta.server_beta1, cfg.meta.server_beta2, cfg.meta.server_eps)
         self.privacy = None
         if cfg.privacy.enabled:
             from fedmeta.privacy.server import PrivacyEngine
@@ -135,14 +138,23 @@ class Server:
             )
             mean, dp_info = self.privacy.aggregate(deltas, generator)
             info.update(dp_info)
-        self.theta = apply_step(self.theta, mean, beta)
+        if self.optimizer is None:
+            self.theta = apply_step(self.theta, mean, beta)
+        else:
+            self.theta = apply_step(self.theta, self.optimizer.update(mean, beta), 1.0)
         return info
 
     def state_dict(self) -> dict[str, Any]:
-        return {"theta": self.theta, "privacy": None if self.privacy is None else self.privacy.state_dict()}
+        return {
+            "theta": self.theta,
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "privacy": None if self.privacy is None else self.privacy.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.theta = state["theta"]
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.privacy is not None and state.get("privacy") is not None:
             self.privacy.load_state_dict(state["privacy"])
 

@@ -61,3 +61,33 @@ def reptile_update(theta: Params, phis: Sequence[Params], weights: Sequence[floa
 
 def stack_params(params: Sequence[Params]) -> Params:
     return {k: torch.stack([p[k] for p in params]) for k in params[0]}
+
+
+class ServerAdam:
+    """Adam on the pseudo-gradient -step (FedAdam, Reddi et al. 2021), with bias correction.
+
+    ``update(step, lr)`` returns the increment to add to theta: the Reptile step
+    ``mean(phi - theta)`` (or the MAML client's ``-g``) is treated as a descent
+    direction and rescaled per coordinate. ``lr`` is the annealed beta.
+    """
+
+    def __init__(self, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8) -> None:
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.m: Params = {}
+        self.v: Params = {}
+        self.t = 0
+
+    def update(self, step: Params, lr: float) -> Params:
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        for k, d in step.items():
+            self.m[k] = b1 * self.m.get(k, torch.zeros_like(d)) + (1 - b1) * d
+            self.v[k] = b2 * self.v.get(k, torch.zeros_like(d)) + (1 - b2) * d * d
+        c1, c2 = 1 - b1**self.t, 1 - b2**self.t
+        return {k: lr * (self.m[k] / c1) / ((self.v[k] / c2).sqrt() + self.eps) for k in step}
+
+    def state_dict(self) -> dict:
+        return {"m": self.m, "v": self.v, "t": self.t}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.m, self.v, self.t = state["m"], state["v"], state["t"]
