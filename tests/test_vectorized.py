@@ -182,7 +182,6 @@ class Cached:
 
 @pytest.mark.parametrize("name", ["sine", "avdigits"])
 def test_same_meta_parameters_builtin_datasets(tmp_path, name):
-    pytest.importorskip(f"fedmeta.data.{name}")
     extra = ["data.num_clients=40", "simulation.clients_per_round=8"] + (["meta.inner_lr=0.01"] if name == "sine" else [])
     cfg = build_config({}, SMALL + extra)
     dataset = Cached(_builtin(name, cfg))
