@@ -22,28 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from fedmeta.data import split_clients
 from fedmeta.engines.netns import NetnsDeployment, VirtualNetwork, netns_support_problem
 from procs import pids_with_cmdline
 
-ROOT = Path(__file__).resolve().parents[1]
-N = 3
+from test_deploy_fedmeta import DATA, N, ROOT, TRAIN, run_config  # the same federation as on loopback
+
 SUBNET = "10.231.0.0/24"
-DATA = {"data.num_clients": N, "data.heldout_fraction": 0.34, "data.examples_per_client": 20, "simulation.clients_per_round": 2}
-TRAIN = split_clients(N, 0.34, 0).train  # 2 training clients, 1 held out
-
-
-def run_config(out: Path, rounds: int) -> dict:
-    return {
-        **DATA,
-        "data.dataset": "disk",
-        "simulation.rounds": rounds,
-        "simulation.eval_every": rounds,
-        "simulation.min_clients": 1,
-        "simulation.round_timeout": 40.0,
-        "output.dir": str(out),
-        "output.progress": False,
-    }
 
 
 @pytest.fixture
