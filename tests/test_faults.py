@@ -19,12 +19,27 @@ from fedmeta.results import RunWriter
 KINDS = ["raise", "names", "shape", "dtype", "nan", "inf", "norm"]
 
 
-@pytest.mark.slow
-def test_malformed_and_crashing_clients_are_counted_never_aggregated(tmp_path):
+def simulate_with(client_app, cfg, out) -> dict:
+    """fedmeta's ServerApp against ``client_app`` on Flower's Simulation Engine; returns the summary."""
     from flwr.simulation import run_simulation
 
-    import faulty_client
     from server.app import make_server_app
+
+    result: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(cfg, out, result=result, progress=False),
+            client_app=client_app,
+            num_supernodes=cfg.data.num_clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False}},
+        )
+    return result
+
+
+@pytest.mark.slow
+def test_malformed_and_crashing_clients_are_counted_never_aggregated(tmp_path):
+    import faulty_client
 
     n = faulty_client.NUM_CLIENTS
     train = split_clients(n, 0.2, 0).train  # 10 training clients, 7 of them faulty
@@ -34,15 +49,7 @@ def test_malformed_and_crashing_clients_are_counted_never_aggregated(tmp_path):
         "simulation.rounds=2", "simulation.eval_every=2", "simulation.min_clients=2", "simulation.round_timeout=120",
         "output.progress=false",
     ])
-    result: dict = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=make_server_app(cfg, tmp_path, result=result, progress=False),
-            client_app=faulty_client.app,
-            num_supernodes=n,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False}},
-        )
+    result = simulate_with(faulty_client.app, cfg, tmp_path)
     assert result["status"] == "completed"
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for r in records:
@@ -115,24 +122,13 @@ def test_diverged_inner_loops_are_rejected_on_every_engine(small_cfg, tmp_path):
 @pytest.mark.slow
 def test_a_stock_flower_client_works_with_the_reptile_server(tmp_path):
     """Nodes without fedmeta's `query` handler train under their node id and are aggregated."""
-    from flwr.simulation import run_simulation
-
     import stock_client
-    from server.app import make_server_app
 
     cfg = build_config(None, [
         "data.num_clients=8", "simulation.clients_per_round=3", "simulation.rounds=2",
         "simulation.eval_every=2", "simulation.round_timeout=120", "output.progress=false",
     ])
-    result: dict = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_simulation(
-            server_app=make_server_app(cfg, tmp_path, result=result, progress=False),
-            client_app=stock_client.app,
-            num_supernodes=8,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": os.cpu_count(), "include_dashboard": False}},
-        )
+    result = simulate_with(stock_client.app, cfg, tmp_path)
     assert result["status"] == "completed"
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["replies"] == 3 and r["rejected"] == 0 and not r["skipped"] for r in records)
