@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from fedmeta.config import Config, load_config
+from fedmeta.config import load_config
 
 METHODS = ("local", "fedavg", "fedavg_ft", "reptile", "fomaml", "maml")
 FINAL_KEYS = ("acc_before", "acc_after", "acc_at_1", "acc_at_5", "acc_at_10",

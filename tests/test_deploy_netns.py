@@ -18,7 +18,6 @@ that nothing is left.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

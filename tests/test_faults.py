@@ -11,7 +11,7 @@ import torch
 from fedmeta.config import build_config
 from fedmeta.data import build_dataset, split_clients
 from fedmeta.engines.client import model_for
-from fedmeta.engines.loop import Replies, run_federation
+from fedmeta.engines.loop import run_federation
 from fedmeta.engines.sequential import SequentialBackend
 from fedmeta.meta import params_of
 from fedmeta.results import RunWriter

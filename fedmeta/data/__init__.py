@@ -19,7 +19,7 @@ def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
     """
     dataset = _build(cfg)
     if modalities:
-        from fedmeta.data.subset import parse_modalities, select_modalities
+        from fedmeta.data.subset import select_modalities
 
         return select_modalities(dataset, modalities)
     return dataset

@@ -264,7 +264,7 @@ class VectorizedBackend:
     # -- evaluation --------------------------------------------------------------
     def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
         """``evaluate_client`` for the whole cohort: query loss/accuracy before, during and after adaptation."""
-        cfg, store, task = self.cfg, self.store, self.spec.task
+        cfg, store = self.cfg, self.store
         store.ensure(cids)
         icfg = inner_config(cfg, self.spec, evaluation=True)
         marks = tuple(s for s in CURVE_STEPS if 0 < s <= icfg.steps)
