@@ -118,12 +118,16 @@ def validate_delta(value: Any, name: str = "privacy.delta") -> float:
     return v
 
 
-def validate_clip_norm(value: Any, name: str = "privacy.clip_norm") -> float:
-    """C > 0 and finite."""
+def _positive_finite(value: Any, name: str) -> float:
     v = _num(name, value)
     if not (v > 0 and math.isfinite(v)):
         raise PrivacyError(f"{name}: must be > 0 and finite, got {_fmt(value)}")
     return v
+
+
+def validate_clip_norm(value: Any, name: str = "privacy.clip_norm") -> float:
+    """C > 0 and finite."""
+    return _positive_finite(value, name)
 
 
 def validate_rounds(value: Any, name: str = "privacy.rounds") -> int:
@@ -140,10 +144,7 @@ def validate_rounds(value: Any, name: str = "privacy.rounds") -> int:
 
 def validate_target_epsilon(value: Any, name: str = "privacy.target_epsilon") -> float:
     """epsilon > 0 and finite."""
-    v = _num(name, value)
-    if not (v > 0 and math.isfinite(v)):
-        raise PrivacyError(f"{name}: must be > 0 and finite, got {_fmt(value)}")
-    return v
+    return _positive_finite(value, name)
 
 
 def validate_accountant_kind(value: Any, name: str = "privacy.accountant") -> str:
