@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         res["simulation_total_s"] = time.perf_counter() - t
         res["simulation_round_s"] = round_times(tmp / "sim")
 
-        from fedmeta.engines.processes import FlowerDeployment
+        from tests.harness.processes import FlowerDeployment
 
         sets = [a for k, v in DATA.items() for a in ("--set", f"{k}={v}")]
         subprocess.run([sys.executable, "-m", "fedmeta.cli", "partition", *sets, "--out", str(tmp / "parts")], check=True)

@@ -22,7 +22,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 def run_simulation(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> dict:
     """Run ``cfg`` on its configured engine, writing into ``out_dir``."""
-    from fedmeta.engines.client import configure_torch, model_for
+    from fedmeta.client import configure_torch, model_for
     from fedmeta.meta import params_of
 
     if cfg.privacy.enabled:
@@ -35,7 +35,7 @@ def run_simulation(cfg: Config, out_dir: Path, resume: bool = False, progress: b
         return simulate_flower(cfg, out_dir, resume=resume, progress=progress)
 
     from fedmeta.data import build_dataset
-    from fedmeta.engines.loop import run_federation
+    from fedmeta.federation import run_federation
     from fedmeta.progress import round_printer
 
     dataset = build_dataset(cfg.data, cfg.model.modalities)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted; the last checkpoint is kept (resume with --resume DIR)", 130)
     except Exception as err:  # noqa: BLE001 - a one-line message for known error kinds, traceback otherwise
         from fedmeta.data.base import DataError
-        from fedmeta.engines.loop import RunError
+        from fedmeta.federation import RunError
 
         known: tuple[type[BaseException], ...] = (DataError, RunError)
         try:

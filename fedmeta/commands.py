@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("fedmeta.privacy.cli", "fedmeta.data.cli", "fedmeta.engines.bench", "experiments.sweep")
+MODULES = ("fedmeta.privacy.cli", "fedmeta.data.cli", "fedmeta.bench", "fedmeta.sweep")
 REGISTRY: list = []
 
 

@@ -1,122 +1,17 @@
-"""The Flower ServerApp: runs fedmeta's round loop over a Flower ``Grid``.
+"""The Flower ServerApp: ``flwr run .`` runs :func:`fedmeta.engines.flower.serve` over the Grid.
 
-``flwr run .`` uses the module-level ``app`` (config from the run config);
-``fedmeta simulate`` builds one with :func:`make_server_app`. Both call
-:func:`serve`, so both run the same code.
+The config comes from Flower's run config; the round loop, the message
+strategy and the reply validation live in :mod:`fedmeta.engines.flower`, so
+``fedmeta simulate`` and ``flwr run`` run the same code.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
-from typing import Any
-
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmeta.config import Config, config_from_run_config
-from fedmeta.data import build_dataset
-from fedmeta.data.base import spec_from_dict
-from fedmeta.engines.client import configure_torch, model_for
-from fedmeta.engines.loop import Params, Replies, RunError, run_federation
-from fedmeta.meta import params_of
-from fedmeta.progress import round_printer
-from fedmeta.results import RunWriter, default_out_dir
-from server.strategy import ReptileStrategy
-
-log = logging.getLogger("fedmeta.server")
-
-
-class FlowerBackend:
-    """Runs clients by sending Flower messages through a ``Grid``."""
-
-    name = "flower"
-
-    def __init__(self, grid: Grid, cfg: Config) -> None:
-        self.grid = grid
-        self.cfg = cfg
-        self.strategy = ReptileStrategy(cfg)
-        self.node_of: dict[int, int] = {}
-        self.train_pop: list[int] = []
-        self.heldout_pop: list[int] = []
-        self.spec = None
-
-    def discover(self, expected: int, wait_s: float) -> None:
-        """Ask every node which client it holds (a stock Flower client that can't answer trains under its node id)."""
-        deadline = time.time() + wait_s
-        nodes = list(self.grid.get_node_ids())
-        while len(nodes) < expected and time.time() < deadline:
-            time.sleep(0.5)
-            nodes = list(self.grid.get_node_ids())
-        queries = self.strategy.configure_query(nodes)
-        answers = list(self.grid.send_and_receive(queries, timeout=self.cfg.simulation.round_timeout))
-        origin = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
-        replies = {origin.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m for m in answers}
-        for node in sorted(nodes):
-            info = self.strategy.parse_query(replies[node]) if node in replies else None
-            if info is None:
-                if node in replies:  # answered with an error: no query handler (stock client) or no data
-                    log.warning("node %s did not describe itself; treating it as a training client", node)
-                    self.node_of[node] = node
-                    self.train_pop.append(node)
-                continue
-            cid = int(info["partition-id"])
-            if cid in self.node_of:
-                log.warning("nodes %s and %s both hold client %s; using the first", self.node_of[cid], node, cid)
-                continue
-            self.node_of[cid] = node
-            (self.heldout_pop if info.get("heldout") else self.train_pop).append(cid)
-            if self.spec is None and "spec" in info:
-                self.spec = spec_from_dict(info["spec"])
-        self.train_pop.sort()
-        self.heldout_pop.sort()
-
-    def populations(self) -> tuple[list[int], list[int]]:
-        return self.train_pop, self.heldout_pop
-
-    def _targets(self, cids: list[int]) -> list[tuple[int, int]]:
-        return [(c, self.node_of[c]) for c in cids if c in self.node_of]
-
-    def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
-        targets = self._targets(cids)
-        msgs = self.strategy.configure_train(theta, targets, server_round)
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.simulation.round_timeout))
-        return self.strategy.parse_train(theta, {n: c for c, n in targets}, replies, msgs)
-
-    def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
-        targets = self._targets(cids)
-        msgs = self.strategy.configure_evaluate(theta, targets, server_round)
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.simulation.round_timeout))
-        return self.strategy.parse_evaluate({n: c for c, n in targets}, replies, msgs)
-
-
-def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bool | None = None, progress: bool | None = None) -> dict[str, Any]:
-    """Discover the nodes, then run the federation; returns the run summary."""
-    configure_torch(1)
-    out = Path(out_dir or cfg.output.dir or default_out_dir())
-    backend = FlowerBackend(grid, cfg)
-    backend.discover(expected=cfg.data.num_clients, wait_s=min(cfg.simulation.round_timeout, 120.0))
-    if not backend.train_pop:
-        raise RunError("no training clients answered; check the SuperNodes' logs")
-    spec = backend.spec or build_dataset(cfg.data, cfg.model.modalities).spec
-    theta0 = params_of(model_for(cfg, spec))
-    show = round_printer(cfg.simulation.rounds) if (cfg.output.progress if progress is None else progress) else None
-    return run_federation(cfg, backend, theta0, RunWriter(out), resume=cfg.output.resume if resume is None else resume, progress=show)
-
-
-def make_server_app(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, result: dict | None = None) -> ServerApp:
-    """A ServerApp bound to a config (what ``fedmeta simulate`` runs)."""
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        summary = serve(grid, cfg, out_dir, resume, progress)
-        if result is not None:
-            result.update(summary)
-
-    return server_app
-
+from fedmeta.config import config_from_run_config
+from fedmeta.engines.flower import serve
 
 app = ServerApp()
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedmeta.data import split_clients
-from fedmeta.engines.processes import FlowerDeployment
+from tests.harness.processes import FlowerDeployment
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 3

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmeta.engines.processes import FlowerDeployment, pid_alive
+from tests.harness.processes import FlowerDeployment, pid_alive
 
 pytestmark = [pytest.mark.slow]
 

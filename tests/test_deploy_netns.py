@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from fedmeta.engines.netns import NetnsDeployment, VirtualNetwork, netns_support_problem
+from tests.harness.netns import NetnsDeployment, VirtualNetwork, netns_support_problem
 from procs import pids_with_cmdline
 
 from test_deploy_fedmeta import DATA, N, ROOT, TRAIN, run_config  # the same federation as on loopback

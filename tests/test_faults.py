@@ -10,8 +10,8 @@ import torch
 
 from fedmeta.config import build_config
 from fedmeta.data import build_dataset, split_clients
-from fedmeta.engines.client import model_for
-from fedmeta.engines.loop import run_federation
+from fedmeta.client import model_for
+from fedmeta.federation import run_federation
 from fedmeta.engines.sequential import SequentialBackend
 from fedmeta.meta import params_of
 from fedmeta.results import RunWriter
@@ -23,7 +23,7 @@ def simulate_with(client_app, cfg, out) -> dict:
     """fedmeta's ServerApp against ``client_app`` on Flower's Simulation Engine; returns the summary."""
     from flwr.simulation import run_simulation
 
-    from server.app import make_server_app
+    from fedmeta.engines.flower import make_server_app
 
     result: dict = {}
     with warnings.catch_warnings():

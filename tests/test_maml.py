@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fedmeta.data import build_dataset
-from fedmeta.engines.client import evaluate_client, model_for, train_client
-from fedmeta.engines.loop import ClientUpdate, Server
+from fedmeta.client import evaluate_client, model_for, train_client
+from fedmeta.federation import ClientUpdate, Server
 from fedmeta.meta import InnerConfig, batch_schedule, inner_loop, loss_fn, params_of
 from fedmeta.meta.maml import maml_client_update, meta_gradient
 
@@ -113,7 +113,7 @@ def test_train_client_maml_server_step_is_meta_gradient_descent(small_cfg, algor
     phi, metrics = train_client(model, theta, data, cfg, ds.spec, 1, cid)
     assert {"train_loss", "query_loss", "num-examples"} <= set(metrics)
     s, q = data.support(), data.query()
-    from fedmeta.engines.client import inner_config, train_schedule
+    from fedmeta.client import inner_config, train_schedule
 
     g, _, _ = meta_gradient(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), train_schedule(cfg, data, 1, cid), inner_config(cfg, ds.spec), algorithm == "maml")
     server = Server(cfg, theta, len(ds.train_clients))

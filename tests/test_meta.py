@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from fedmeta.data import build_dataset
-from fedmeta.engines.client import model_for
-from fedmeta.engines.loop import ClientUpdate, Server
+from fedmeta.client import model_for
+from fedmeta.federation import ClientUpdate, Server
 from fedmeta.engines.sequential import SequentialBackend
 from fedmeta.meta import InnerConfig, batch_schedule, inner_loop, linear_anneal, params_of, reptile_update, weighted_mean
 
@@ -99,7 +99,7 @@ def test_batch_schedule_is_seeded_and_covers_support():
 
 
 def test_cohort_sampling_keeps_64_bit_node_ids(small_cfg):
-    from fedmeta.engines.loop import sample_cohort
+    from fedmeta.federation import sample_cohort
 
     population = [2**63 + 12345, 2**64 - 1, 17, 2**62 + 3, 5]
     cohort = sample_cohort(small_cfg(), population, server_round=1)

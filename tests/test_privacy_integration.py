@@ -8,8 +8,8 @@ import torch
 
 from fedmeta.config import ConfigError
 from fedmeta.data import build_dataset
-from fedmeta.engines.client import model_for
-from fedmeta.engines.loop import ClientUpdate, Server, run_federation
+from fedmeta.client import model_for
+from fedmeta.federation import ClientUpdate, Server, run_federation
 from fedmeta.engines.sequential import SequentialBackend
 from fedmeta.meta import params_of
 from fedmeta.privacy import compute_epsilon

@@ -19,8 +19,8 @@ import torch
 from fedmeta.config import build_config
 from fedmeta.data import build_dataset
 from fedmeta.data.base import ClientData, DatasetSpec, ModalitySpec, split_clients
-from fedmeta.engines.client import configure_torch, model_for
-from fedmeta.engines.loop import run_federation
+from fedmeta.client import configure_torch, model_for
+from fedmeta.federation import run_federation
 from fedmeta.engines.sequential import SequentialBackend
 from fedmeta.engines.vectorized import ClientStore, VectorizedBackend
 from fedmeta.meta import params_of
@@ -239,8 +239,8 @@ def test_store_grows_for_a_larger_client():
 def test_device_is_validated_and_missing_cuda_is_a_clear_error():
     """GPU numbers come from the device machine (docs/benchmarks.md); here: CPU paths and errors."""
     from fedmeta.config import ConfigError
-    from fedmeta.engines.client import resolve_device
-    from fedmeta.engines.loop import RunError
+    from fedmeta.client import resolve_device
+    from fedmeta.federation import RunError
 
     with pytest.raises(ConfigError, match="simulation.device"):
         build_config({}, ["simulation.device=gpu0"])
@@ -268,7 +268,7 @@ def test_flower_and_vectorized_agree(tmp_path):
 
 def test_bench_command_writes_json(tmp_path):
     """``fedmeta bench`` on a tiny workload (the vectorised engine only; Flower is the slow test below)."""
-    from fedmeta.engines import bench
+    from fedmeta import bench
 
     out = tmp_path / "bench.json"
     args = bench.argparse.Namespace(engines="vectorized", clients=4, rounds=1, population=0, json=str(out), chunk_size=None, threads=None)
@@ -288,7 +288,7 @@ def test_bench_is_a_cli_command():
 
 @pytest.mark.slow
 def test_bench_flower_engine(tmp_path):
-    from fedmeta.engines import bench
+    from fedmeta import bench
 
     result = bench.bench(["flower"], clients=4, rounds=1, population=bench.default_population(4))
     entry = result["engines"]["flower"]

@@ -7,8 +7,8 @@ It is the reference the other engines are checked against, and the
 from __future__ import annotations
 
 from fedmeta.config import Config
-from fedmeta.engines.client import configure_torch, evaluate_client, model_for, train_client
-from fedmeta.engines.loop import ClientUpdate, Params, Replies
+from fedmeta.client import configure_torch, evaluate_client, model_for, train_client
+from fedmeta.federation import ClientUpdate, Params, Replies
 
 
 class SequentialBackend:

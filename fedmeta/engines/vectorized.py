@@ -12,7 +12,7 @@ broadcast, each client brings its own data and batch schedule, in chunks of
 ``simulation.chunk_size`` clients. Algorithms without a batched form here
 (``local``) call :func:`train_client` per client. The server side (Reptile
 step, DP clipping and noise, accountant, evaluation summary) is the shared
-round loop in :mod:`fedmeta.engines.loop`.
+round loop in :mod:`fedmeta.federation`.
 
 Runs on ``simulation.device`` (``cpu``, ``cuda[:i]``, or ``auto``: CUDA when available);
 the population stays in host memory and each chunk is copied to the device.
@@ -48,7 +48,7 @@ from torch.func import vmap
 
 from fedmeta.config import Config
 from fedmeta.data.base import ClientData
-from fedmeta.engines.client import (
+from fedmeta.client import (
     CURVE_STEPS,
     client_side_clip,
     configure_torch,
@@ -59,7 +59,7 @@ from fedmeta.engines.client import (
     train_client,
     train_schedule,
 )
-from fedmeta.engines.loop import ClientUpdate, Params, Replies
+from fedmeta.federation import ClientUpdate, Params, Replies
 from fedmeta.meta import inner_loop
 from fedmeta.meta.inner import adaptation_metrics
 from fedmeta.meta.maml import maml_client_update, split_support

@@ -22,7 +22,7 @@ Leaving the context manager (also on error) kills any process still inside
 one of its namespaces (by PID, from ``ip netns pids``), deletes the veths and
 the bridge by name, then deletes the namespaces by name.
 
-:class:`NetnsDeployment` is :class:`~fedmeta.engines.processes.FlowerDeployment`
+:class:`NetnsDeployment` is :class:`~tests.harness.processes.FlowerDeployment`
 with every command prefixed by ``ip netns exec <ns>`` (``ip`` execs the
 command in place, so the tracked PID is the Flower process itself):
 
@@ -65,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmeta.engines.processes import (
+from tests.harness.processes import (
     MAKE_CERTS_SH,
     DeploymentError,
     FlowerDeployment,

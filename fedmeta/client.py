@@ -136,7 +136,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from fedmeta.engines.loop import RunError
+        from fedmeta.federation import RunError
 
         raise RunError(f"device: {name!r} requested but CUDA is not available on this machine")
     return torch.device(name)

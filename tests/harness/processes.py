@@ -27,7 +27,7 @@ source):
 
 Usage::
 
-    from fedmeta.engines.processes import FlowerDeployment
+    from tests.harness.processes import FlowerDeployment
 
     with FlowerDeployment(workdir, n_nodes=3) as dep:    # makes certs
         dep.start_superlink()

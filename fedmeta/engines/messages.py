@@ -2,7 +2,7 @@
 
 It only translates: theta -> ``Message``s for the sampled nodes, and replies ->
 validated :class:`ClientUpdate`s. The maths (sampling, Reptile step, DP,
-accounting) lives in :mod:`fedmeta.engines.loop` and is shared with every engine.
+accounting) lives in :mod:`fedmeta.federation` and is shared with every engine.
 
 Message contents follow Flower's conventions (those of ``FedAvg``):
 request ``{"arrays": ArrayRecord(theta), "config": ConfigRecord}``, train
@@ -21,7 +21,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedmeta.config import Config
-from fedmeta.engines.loop import ClientUpdate, Params, Replies
+from fedmeta.federation import ClientUpdate, Params, Replies
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 
@@ -34,7 +34,7 @@ def validate_phi(theta: Params, record: ArrayRecord) -> Params:
     """Check a reply's arrays against theta: names, shapes and dtypes.
 
     Finiteness and the update norm are checked for every engine by
-    :func:`fedmeta.engines.loop.screen_updates`.
+    :func:`fedmeta.federation.screen_updates`.
     """
     names, expected = set(record.keys()), set(theta.keys())
     if names != expected:
@@ -67,7 +67,7 @@ def _origin(requests: Iterable[Message]) -> dict[str, int]:
     return {m.metadata.message_id: m.metadata.dst_node_id for m in requests if m.metadata.message_id}
 
 
-class ReptileStrategy:
+class MetaStrategy:
     """Builds requests and parses replies; keeps no model state of its own."""
 
     def __init__(self, cfg: Config) -> None:

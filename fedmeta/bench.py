@@ -7,7 +7,7 @@ Workload (the same for every engine): the default model, ``meta.inner_steps=5``,
 per round (fixed-size sampling), R timed rounds.
 
 Each engine runs in its own subprocess (so peak memory does not mix) through
-the real round loop (:func:`fedmeta.engines.loop.run_federation`, or the Flower
+the real round loop (:func:`fedmeta.federation.run_federation`, or the Flower
 ServerApp for ``flower``). It runs R + 2 rounds: round 1 is warm-up and counts
 as start-up (Ray workers starting, first-call overheads), rounds 2..R+1 are
 timed, the last round (which evaluates) is not. A thread notes when each
@@ -154,8 +154,8 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
         simulate_flower(cfg, out_dir, progress=False)
     else:
         from fedmeta.data import build_dataset
-        from fedmeta.engines.client import configure_torch, model_for
-        from fedmeta.engines.loop import run_federation
+        from fedmeta.client import configure_torch, model_for
+        from fedmeta.federation import run_federation
         from fedmeta.meta import params_of
         from fedmeta.results import RunWriter
 
@@ -214,7 +214,7 @@ def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_
         with tempfile.TemporaryDirectory(prefix=f"fedmeta-bench-{engine}-") as tmp:
             spec = {"engine": engine, "overrides": overrides, "out_dir": str(Path(tmp) / "run"), "threads": threads}
             report = Path(tmp) / "report.json"
-            cmd = [sys.executable, "-m", "fedmeta.engines.bench", "--worker", json.dumps(spec), str(report)]
+            cmd = [sys.executable, "-m", "fedmeta.bench", "--worker", json.dumps(spec), str(report)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             if proc.returncode != 0 or not report.exists():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
