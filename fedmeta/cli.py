@@ -21,36 +21,10 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def run_simulation(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Run ``cfg`` on its configured engine, writing into ``out_dir``."""
-    from fedmeta.client import configure_torch, model_for
-    from fedmeta.meta import params_of
+    """Run ``cfg`` on its configured engine, writing into ``out_dir`` (:func:`fedmeta.api.run`)."""
+    from fedmeta.api import run
 
-    if cfg.privacy.enabled:
-        from fedmeta.privacy import check_sampling_for_dp
-
-        check_sampling_for_dp(cfg.simulation.sampling, True)
-    if cfg.simulation.engine == "flower":
-        from fedmeta.engines.flower import simulate_flower
-
-        return simulate_flower(cfg, out_dir, resume=resume, progress=progress)
-
-    from fedmeta.data import build_dataset
-    from fedmeta.federation import run_federation
-    from fedmeta.progress import round_printer
-
-    dataset = build_dataset(cfg.data, cfg.model.modalities)
-    if cfg.simulation.engine == "vectorized":
-        from fedmeta.engines.vectorized import VectorizedBackend
-
-        backend = VectorizedBackend(cfg, dataset)
-    else:
-        from fedmeta.engines.sequential import SequentialBackend
-
-        backend = SequentialBackend(cfg, dataset)
-    configure_torch(1)
-    theta0 = params_of(model_for(cfg, dataset.spec))
-    show = round_printer(cfg.simulation.rounds) if progress else None
-    return run_federation(cfg, backend, theta0, RunWriter(out_dir), resume=resume, progress=show)
+    return run(cfg, out_dir, resume=resume, progress=progress)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -1,13 +1,14 @@
 """What one client does in a round, shared by every engine and the Flower ClientApp.
 
-``train_client`` runs the inner loop from theta on the support set and returns
-phi; ``evaluate_client`` scores theta on the query set before and after
-adaptation. The batch order comes from ``client_seed(run seed, round, client id)``
+``train_client`` runs the configured algorithm's client update from theta
+(:mod:`fedmeta.meta.algorithm`); ``evaluate_client`` scores theta on the query
+set before and after the algorithm's adaptation. The batch order comes from ``client_seed(run seed, round, client id)``
 so every engine visits the same examples.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -15,8 +16,10 @@ from torch import Tensor, nn
 
 from fedmeta.config import Config
 from fedmeta.data import ClientData, DatasetSpec, build_dataset
-from fedmeta.meta import InnerConfig, adapt_and_evaluate, batch_schedule, client_seed, inner_loop
-from fedmeta.models import build_model
+from fedmeta.meta import InnerConfig, adapt_and_evaluate, batch_schedule, client_seed
+from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for
+from fedmeta.meta.maml import split_support
+from fedmeta.models import build_model_for
 
 Params = dict[str, Tensor]
 
@@ -32,13 +35,14 @@ def configure_torch(threads: int = 1) -> None:
 
 
 def model_for(cfg: Config, spec: DatasetSpec) -> nn.Module:
-    return build_model(spec, cfg.model.embed_dim, cfg.model.hidden_dim, cfg.model.fusion, seed=cfg.simulation.seed)
+    """The config's model (``model.factory``), initialised from ``simulation.seed``."""
+    return build_model_for(cfg, spec)
 
 
 def inner_config(cfg: Config, spec: DatasetSpec, evaluation: bool = False) -> InnerConfig:
     steps = cfg.meta.eval_steps if evaluation else cfg.meta.inner_steps
-    if evaluation and cfg.meta.algorithm == "fedavg":
-        steps = 0  # FedAvg has no adaptation: "after" equals "before" (fedavg_ft, local: adapt like Reptile)
+    if evaluation and not algorithm_for(cfg).adapts_at_eval:
+        steps = 0  # e.g. FedAvg: "after" equals "before"
     return InnerConfig.from_meta(cfg.meta, spec.task, steps=steps)
 
 
@@ -52,59 +56,62 @@ def eval_schedule(cfg: Config, data: ClientData, server_round: int, cid: int, st
     return batch_schedule(data.n_support, steps, cfg.meta.inner_batch_size, seed)
 
 
+@dataclass(frozen=True)
+class TrainRows:
+    """Which of a client's rows a training update uses (written once, for every engine).
+
+    The inner loop indexes rows ``0 .. n_inner``; an algorithm that ``needs_query`` gets the
+    meta-query rows ``query_start .. query_start + n_query``: the client's query set
+    (``meta.maml_query_fraction = 0``) or the last fraction of its support rows (then the inner
+    loop sees only the rest, and the query set stays untouched).
+    """
+
+    n_inner: int
+    query_start: int
+    n_query: int
+
+
+def train_rows(cfg: Config, algorithm: MetaAlgorithm, data: ClientData, cid: int) -> TrainRows:
+    if not algorithm.needs_query:
+        return TrainRows(data.n_support, 0, 0)
+    if cfg.meta.maml_query_fraction == 0:
+        return TrainRows(data.n_support, data.n_support, data.n_query)
+    if data.n_support < 2:
+        raise ValueError(f"meta.maml_query_fraction: client {cid} has {data.n_support} support row(s), needs >= 2")
+    n_inner = split_support(data.n_support, cfg.meta.maml_query_fraction)
+    return TrainRows(n_inner, n_inner, data.n_support - n_inner)
+
+
+def train_plan(cfg: Config, algorithm: MetaAlgorithm, data: ClientData, server_round: int, cid: int) -> tuple[TrainRows, Tensor]:
+    """The rows and the batch schedule of one client's training update."""
+    rows = train_rows(cfg, algorithm, data, cid)
+    return rows, train_schedule(cfg, replace(data, n_support=rows.n_inner), server_round, cid)
+
+
 def train_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> tuple[Params, dict[str, float]]:
-    """phi = inner_loop(theta, support); metrics carry ``num-examples`` (support size) and ``train_loss``.
-
-    ``maml``/``fomaml`` return phi' = theta - g (meta-gradient, :mod:`fedmeta.meta.maml`) and add
-    ``query_loss``; ``local`` trains nothing (the server's beta is 0) and returns theta.
-    """
-    algorithm = cfg.meta.algorithm
-    if algorithm == "local":
-        return {k: v.detach().clone() for k, v in theta.items()}, {"num-examples": data.n_support, "train_loss": float("nan")}
-    if algorithm in ("maml", "fomaml"):
-        return _train_maml(model, theta, data, cfg, spec, server_round, cid)
-    s = data.support()
-    phi, loss, _ = inner_loop(model, theta, s.x, s.y, s.present, train_schedule(cfg, data, server_round, cid), inner_config(cfg, spec))
-    phi = client_side_clip(cfg, theta, {k: v.detach() for k, v in phi.items()})
-    return phi, {"num-examples": data.n_support, "train_loss": float(loss)}
-
-
-def _train_maml(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> tuple[Params, dict[str, float]]:
-    """MAML / first-order MAML: inner loop on the support rows, meta-loss on the meta-query.
-
-    The meta-query is the client's query set (``meta.maml_query_fraction = 0``) or the last
-    ``maml_query_fraction`` of its support rows (then the inner loop sees only the rest).
-    """
-    from fedmeta.meta.maml import maml_client_update, split_support
-
-    s = data.support()
-    support, query = (s.x, s.y, s.present), None
-    n_inner = data.n_support
-    if cfg.meta.maml_query_fraction > 0:
-        if data.n_support < 2:
-            raise ValueError(f"meta.maml_query_fraction: client {cid} has {data.n_support} support row(s), needs >= 2")
-        n_inner = split_support(data.n_support, cfg.meta.maml_query_fraction)
-        inner_rows, query_rows = data.rows(0, n_inner), data.rows(n_inner, data.n_support)
-        support, query = (inner_rows.x, inner_rows.y, inner_rows.present), (query_rows.x, query_rows.y, query_rows.present)
-    else:
-        q = data.query()
+    """The algorithm's client update from theta; metrics carry ``num-examples`` (support size) and its own metrics."""
+    algorithm = algorithm_for(cfg)
+    rows, schedule = train_plan(cfg, algorithm, data, server_round, cid)
+    inner = data.rows(0, rows.n_inner)
+    support = (inner.x, inner.y, inner.present)
+    query = None
+    if algorithm.needs_query:
+        q = data.rows(rows.query_start, rows.query_start + rows.n_query)
         query = (q.x, q.y, q.present)
-    seed = client_seed(cfg.simulation.seed, TRAIN_STREAM, server_round, cid)
-    schedule = batch_schedule(n_inner, cfg.meta.inner_steps, cfg.meta.inner_batch_size, seed)
-    phi, inner, qloss = maml_client_update(model, theta, support, query, schedule, inner_config(cfg, spec), second_order=cfg.meta.algorithm == "maml")
-    phi = client_side_clip(cfg, theta, phi)
-    return phi, {"num-examples": data.n_support, "train_loss": float(inner), "query_loss": float(qloss)}
+    phi, metrics = algorithm.client_update(model, theta, support, query, schedule, inner_config(cfg, spec))
+    phi = client_side_clip(cfg, theta, {k: v.detach() for k, v in phi.items()})
+    return phi, {"num-examples": data.n_support} | {k: float(v) for k, v in metrics.items()}
 
 
 def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> dict[str, float]:
-    """Query loss/accuracy before and after ``meta.eval_steps`` adaptation steps.
+    """Query loss/accuracy before and after ``meta.eval_steps`` adaptation steps (the algorithm's ``adapt``).
 
     Also ``loss_at_<s>``/``acc_at_<s>`` for s in 1, 5, 10 that are <= eval_steps (adaptation curves).
     """
     icfg = inner_config(cfg, spec, evaluation=True)
     s, q = data.support(), data.query()
     schedule = eval_schedule(cfg, data, server_round, cid, icfg.steps)
-    out = adapt_and_evaluate(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), schedule, icfg, at_steps=CURVE_STEPS)
+    out = adapt_and_evaluate(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), schedule, icfg, CURVE_STEPS, algorithm_for(cfg).adapt)
     out["num-examples"] = data.n_query
     return out
 

@@ -13,11 +13,26 @@ ServerApp and ClientApp.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_DATASETS = ("synthetic", "avdigits", "sine", "disk")
+BUILTIN_ALGORITHMS = ("reptile", "fedavg", "fedavg_ft", "fomaml", "maml", "local", "metasgd")
+BUILTIN_MODEL = "fedmeta.models:multimodal_net"
+
+
+def _builtin_or_reference(value: str, builtins: tuple[str, ...], what: str) -> str:
+    """A built-in name, or a ``"package.module:attr"`` reference (resolved when a run starts)."""
+    from fedmeta.components import is_reference
+
+    if value in builtins or is_reference(value):
+        return value
+    names = ", ".join(repr(b) for b in builtins)
+    raise ValueError(f"must be one of {names} or a '{what}' reference (got {value!r})")
 
 
 class ConfigError(ValueError):
@@ -29,7 +44,8 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["synthetic", "avdigits", "sine", "disk"] = "synthetic"
+    # a built-in name, or "package.module:callable" with callable(DataConfig) -> FederatedDataset
+    dataset: str = "synthetic"
     num_clients: int = Field(60, ge=2, le=1_000_000)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
     examples_per_client: int = Field(40, ge=2)
@@ -43,18 +59,31 @@ class DataConfig(_Section):
     path: str = ""  # root of on-disk partitions when dataset = "disk"
     seed: int = 0
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return _builtin_or_reference(v, BUILTIN_DATASETS, "package.module:callable")
+
 
 class ModelConfig(_Section):
+    # "package.module:callable" with callable(DatasetSpec, Config) -> nn.Module; the default is the built-in MultimodalNet
+    factory: str = BUILTIN_MODEL
     embed_dim: int = Field(32, ge=1)
     hidden_dim: int = Field(32, ge=1)
     fusion: Literal["concat", "gated", "attention"] = "concat"
     modalities: str = ""  # comma-separated subset of modalities to use; "" = all
 
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        return _builtin_or_reference(v, (), "package.module:callable")
+
 
 class MetaConfig(_Section):
     # reptile | fedavg | fedavg_ft (FedAvg training, evaluated after fine-tuning) | fomaml | maml
     # (second order, through the inner loop) | local (no federation: every client adapts from theta_0)
-    algorithm: Literal["reptile", "fedavg", "fedavg_ft", "fomaml", "maml", "local"] = "reptile"
+    # | metasgd (learned per-parameter inner learning rates) | "package.module:Name" (a MetaAlgorithm subclass)
+    algorithm: str = "reptile"
     inner_steps: int = Field(5, ge=1, le=10_000)
     inner_lr: float = Field(0.3, gt=0)
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
@@ -70,6 +99,11 @@ class MetaConfig(_Section):
     # maml/fomaml: 0 = the client's query set is the meta-query (standard MAML on training tasks);
     # > 0 = this fraction of the support rows is held back as the meta-query (query set untouched)
     maml_query_fraction: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm(cls, v: str) -> str:
+        return _builtin_or_reference(v, BUILTIN_ALGORITHMS, "package.module:Name")
 
     @model_validator(mode="after")
     def _final_below_start(self) -> "MetaConfig":
@@ -188,7 +222,9 @@ def _format_error(err: ValidationError) -> str:
         return f"config error: {loc}: unknown key"
     if kind == "value_error":  # our validators name the field (relative to their section)
         text = str(ctx.get("error", first["msg"]))
-        return f"config error: {loc + '.' if loc else ''}{text}"
+        if not loc or re.match(r"^[\w.]+: ", text):  # a model validator names the field within its section
+            return f"config error: {loc + '.' if loc else ''}{text}"
+        return f"config error: {loc}: {text}"  # a field validator: loc is the field
     if kind in _BOUNDS:
         name, sym = _BOUNDS[kind]
         return f"config error: {loc}: must be {sym} {ctx[name]} (got {got!r})"

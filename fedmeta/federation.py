@@ -24,7 +24,8 @@ from torch import Tensor
 
 from fedmeta.config import Config
 from fedmeta.meta.inner import client_seed
-from fedmeta.meta.outer import ServerAdam, apply_step, delta, meta_step_size, weighted_mean
+from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
+from fedmeta.meta.outer import ServerAdam, apply_step, difference, weighted_mean
 from fedmeta.results import RunWriter
 
 log = logging.getLogger("fedmeta")
@@ -115,6 +116,7 @@ class Server:
         self.cfg = cfg
         self.theta = {k: v.detach().clone() for k, v in theta.items()}
         self.num_train = num_train_clients
+        self.algorithm = algorithm_for(cfg)
         self.optimizer = None
         if cfg.meta.server_optimizer == "adam":
             self.optimizer = ServerAdam(cfg.meta.server_beta1, cfg.meta.server_beta2, cfg.meta.server_eps)
@@ -127,8 +129,8 @@ class Server:
     def step(self, updates: list[ClientUpdate], server_round: int) -> dict[str, float]:
         """Apply one outer step from the clients' phi; returns round info (beta, clip, ...)."""
         cfg = self.cfg
-        beta = meta_step_size(cfg.meta.algorithm, server_round, cfg.simulation.rounds, cfg.meta.outer_lr, cfg.meta.outer_lr_final)
-        deltas = [delta(u.phi, self.theta) for u in updates]
+        beta = self.algorithm.step_size(server_round)
+        deltas = [difference(u.phi, self.theta) for u in updates]
         info: dict[str, float] = {"beta": beta}
         if self.privacy is None:
             mean = weighted_mean(deltas, [u.num_examples for u in updates])
@@ -171,6 +173,9 @@ def run_federation(
     train_pop, heldout_pop = backend.populations()
     if not train_pop:
         raise RunError("no training clients are available (every node is held out or failed to describe itself)")
+    algorithm = algorithm_for(cfg)
+    extra = algorithm.extra_state(model_params(theta0))  # e.g. Meta-SGD's learning rates, if theta0 lacks them
+    theta0 = {k: v.detach().clone() for k, v in extra.items() if k not in theta0} | dict(theta0)
     server = Server(cfg, theta0, len(train_pop))
     start_round, history = 1, []
     started = time.time()
@@ -246,7 +251,7 @@ def run_federation(
             writer.save_checkpoint({"round": rnd, "server": server.state_dict(), "elapsed_s": time.time() - started, "config": cfg.to_dict()})
 
     summary = build_summary(cfg, backend, server, history, last_eval, time.time() - started)
-    writer.save_model(server.theta)
+    writer.save_model(model_params(server.theta), extra_params(server.theta))
     writer.write_summary(summary)
     return summary
 

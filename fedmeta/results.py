@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt"
+META_STATE = "meta_state.pt"
 
 
 def default_out_dir() -> Path:
@@ -87,7 +88,10 @@ class RunWriter:
             return None
         return torch.load(path, map_location="cpu", weights_only=False)
 
-    def save_model(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def save_model(self, state_dict: dict[str, torch.Tensor], meta_state: dict[str, torch.Tensor] | None = None) -> None:
+        """``model.pt``: the model's meta-learned parameters; ``meta_state.pt``: the algorithm's extra meta-state, if any."""
+        if meta_state:
+            atomic_torch_save({k: v.detach().cpu() for k, v in meta_state.items()}, self.dir / META_STATE)
         atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, self.dir / MODEL)
 
     def write_summary(self, summary: dict[str, Any]) -> None:

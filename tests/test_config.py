@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("data.heldout_fraction=1.0", "config error: data.heldout_fraction: must be < 1"),
         ("data.support_fraction=1.5", "config error: data.support_fraction: must be < 1"),
         ("simulation.clients_per_round=49", "config error: simulation.clients_per_round: must be <= the 48 training clients"),
-        ("meta.algorithm='maml2'", "config error: meta.algorithm: must be one of 'reptile', 'fedavg', 'fedavg_ft', 'fomaml', 'maml' or 'local'"),
+        ("meta.algorithm='maml2'", "config error: meta.algorithm: must be one of 'reptile', 'fedavg', 'fedavg_ft', 'fomaml', 'maml', 'local', 'metasgd' or a 'package.module:Name' reference (got 'maml2')"),
         ("privacy.delta=1", "config error: privacy.delta: must be < 1"),
         ("privacy.noise_multiplier=-1", "config error: privacy.noise_multiplier: must be >= 0"),
         ("privacy.clip_norm=0", "config error: privacy.clip_norm: must be > 0"),

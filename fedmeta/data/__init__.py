@@ -4,12 +4,51 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fedmeta.config import ConfigError
 from fedmeta.data.base import Batch, ClientData, DataError, DatasetSpec, FederatedDataset, ModalitySpec, split_clients
 
 if TYPE_CHECKING:
     from fedmeta.config import DataConfig
 
-__all__ = ["Batch", "ClientData", "DataError", "DatasetSpec", "FederatedDataset", "ModalitySpec", "build_dataset", "split_clients"]
+__all__ = [
+    "Batch", "ClientData", "DataError", "DatasetSpec", "FederatedDataset", "ModalitySpec", "build_dataset",
+    "resolve_dataset_factory", "split_clients",
+]
+
+BUILTIN = ("synthetic", "avdigits", "sine", "disk")
+
+
+def resolve_dataset_factory(name: str):
+    """A built-in dataset name -> None; ``"package.module:callable"`` -> the callable (one-line error otherwise)."""
+    if name in BUILTIN:
+        return None
+    from fedmeta.components import ComponentError, resolve
+
+    factory = resolve(name, "data.dataset")
+    if not callable(factory):
+        raise ComponentError(f"config error: data.dataset: {name!r} is not callable")
+    return factory
+
+
+def _check_dataset(dataset, name: str) -> FederatedDataset:
+    """The FederatedDataset protocol, checked up front so a user's dataset fails with one line, not mid-run."""
+    from fedmeta.components import ComponentError
+
+    missing = [a for a in ("spec", "num_clients", "train_clients", "heldout_clients", "client") if not hasattr(dataset, a)]
+    if missing:
+        raise ComponentError(f"config error: data.dataset: {name!r} returned {type(dataset).__name__} without {missing} (see fedmeta.data.FederatedDataset)")
+    if not isinstance(dataset.spec, DatasetSpec):
+        raise ComponentError(f"config error: data.dataset: {name!r}: .spec must be a fedmeta.data.DatasetSpec (got {type(dataset.spec).__name__})")
+    train, held = list(dataset.train_clients), list(dataset.heldout_clients)
+    if not train:
+        raise ComponentError(f"config error: data.dataset: {name!r} has no training clients")
+    bad = [c for c in train + held if not (isinstance(c, int) and 0 <= c < int(dataset.num_clients))]
+    if bad or set(train) & set(held):
+        raise ComponentError(
+            f"config error: data.dataset: {name!r}: client ids must be distinct ints in [0, num_clients={dataset.num_clients}) "
+            f"split between train_clients and heldout_clients (bad: {(bad or sorted(set(train) & set(held)))[:3]})"
+        )
+    return dataset
 
 
 def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
@@ -26,6 +65,18 @@ def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
 
 
 def _build(cfg: "DataConfig") -> FederatedDataset:
+    factory = resolve_dataset_factory(cfg.dataset)
+    if factory is not None:
+        try:
+            dataset = factory(cfg)
+        except (DataError, ConfigError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a user's factory may raise anything
+            from fedmeta.components import ComponentError
+
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise ComponentError(f"config error: data.dataset: {cfg.dataset!r} raised {type(err).__name__}: {first}") from None
+        return _check_dataset(dataset, cfg.dataset)
     if cfg.dataset == "synthetic":
         from fedmeta.data.synthetic import SyntheticMultimodal
 

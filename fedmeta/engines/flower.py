@@ -28,7 +28,7 @@ from fedmeta.data.base import spec_from_dict
 from fedmeta.client import configure_torch, model_for
 from fedmeta.federation import Params, Replies, RunError, run_federation
 from fedmeta.engines.messages import MetaStrategy
-from fedmeta.meta import params_of
+from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
 from fedmeta.progress import round_printer
 from fedmeta.results import RunWriter, default_out_dir
 
@@ -108,7 +108,7 @@ def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bo
     if not backend.train_pop:
         raise RunError("no training clients answered; check the SuperNodes' logs")
     spec = backend.spec or build_dataset(cfg.data, cfg.model.modalities).spec
-    theta0 = params_of(model_for(cfg, spec))
+    theta0 = initial_meta_parameters(model_for(cfg, spec), algorithm_for(cfg))
     show = round_printer(cfg.simulation.rounds) if (cfg.output.progress if progress is None else progress) else None
     return run_federation(cfg, backend, theta0, RunWriter(out), resume=cfg.output.resume if resume is None else resume, progress=show)
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -56,25 +56,35 @@ from fedmeta.client import (
     inner_config,
     model_for,
     resolve_device,
-    train_client,
-    train_schedule,
+    train_plan,
 )
-from fedmeta.federation import ClientUpdate, Params, Replies
-from fedmeta.meta import inner_loop
+from fedmeta.federation import ClientUpdate, Params, Replies, RunError
+from fedmeta.meta.algorithm import algorithm_for
 from fedmeta.meta.inner import adaptation_metrics
-from fedmeta.meta.maml import maml_client_update, split_support
-
-# Algorithms whose client update is vmapped here; any other (``local``) runs ``train_client`` per client.
-INNER_LOOP_ALGORITHMS = ("reptile", "fedavg", "fedavg_ft")
-MAML_ALGORITHMS = ("maml", "fomaml")
 
 # One intra-op thread: measured fastest for the default model on a 2-core machine
 # (see docs/benchmarks.md, section 2); a second thread only adds contention.
 THREADS = 1
 
-# vmapped forms of the shared client functions. Broadcast: model, theta (or phi), cfg/task.
-_inner_loop = vmap(inner_loop, in_dims=(None, None, 0, 0, 0, 0, None, None))
-_maml_update = vmap(maml_client_update, in_dims=(None, None, 0, 0, 0, None, None))  # (support, query) per client
+
+
+@contextmanager
+def vmap_errors(cfg: Config) -> Iterator[None]:
+    """A model or algorithm that ``torch.func.vmap`` cannot trace becomes one line naming the failing op."""
+    try:
+        yield
+    except RunError:
+        raise
+    except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+        text = str(err).strip().splitlines()
+        first = text[0] if text else type(err).__name__
+        if "vmap" not in str(err) and "Batching rule" not in str(err) and "batched" not in str(err) and ".item()" not in str(err):
+            raise
+        raise RunError(
+            f"simulation.engine = 'vectorized': torch.func.vmap cannot run this model/algorithm "
+            f"({cfg.model.factory} / {cfg.meta.algorithm}): {type(err).__name__}: {first[:300]}; "
+            "use simulation.engine = 'sequential' (or 'flower')"
+        ) from None
 
 
 class ClientStore:
@@ -194,6 +204,7 @@ class VectorizedBackend:
         self.spec = dataset.spec
         self.device = resolve_device(cfg.simulation.device)
         self.model = model_for(cfg, self.spec).to(self.device)
+        self.algorithm = algorithm_for(cfg)
         self.chunk_size = cfg.simulation.chunk_size
         self.store = ClientStore(dataset)
 
@@ -209,29 +220,26 @@ class VectorizedBackend:
 
     # -- training ----------------------------------------------------------------
     def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
-        """``train_client`` for the whole cohort, in vmapped chunks of clients with equal-shaped schedules."""
-        cfg, store = self.cfg, self.store
+        """``train_client`` for the whole cohort: the algorithm's ``client_update`` vmapped over chunks
+        of clients with equal-shaped batch schedules and meta-query sizes."""
+        cfg, store, algorithm = self.cfg, self.store, self.algorithm
         store.ensure(cids)
-        algorithm = cfg.meta.algorithm
-        if algorithm not in INNER_LOOP_ALGORITHMS + MAML_ALGORITHMS:
-            return self._train_each(theta, cids, server_round)
         icfg = inner_config(cfg, self.spec)
-        plans = [self._train_plan(cid, server_round) for cid in cids]
+        plans = [train_plan(cfg, algorithm, store.client(cid), server_round, cid) for cid in cids]
         theta_d = self._on_device(theta)
+        query_dim = 0 if algorithm.needs_query else None
+        update = vmap(algorithm.client_update, in_dims=(None, None, 0, query_dim, 0, None), randomness="error")
         updates: list[ClientUpdate | None] = [None] * len(cids)
-        for chunk in _groups([(*p[0].shape, p[2]) for p in plans], self.chunk_size):
+        for chunk in _groups([(*plans[p][1].shape, plans[p][0].n_query) for p in range(len(cids))], self.chunk_size):
             idx = torch.tensor([cids[p] for p in chunk])
-            support = store.support(idx, self.device, rows=max(plans[p][1] for p in chunk))
-            schedule = torch.stack([plans[p][0] for p in chunk]).to(self.device)
-            metrics: dict[str, Tensor] = {}
-            if algorithm in MAML_ALGORITHMS:
-                start = torch.tensor([plans[p][1] for p in chunk])  # the meta-query follows the inner rows
-                query = store.gather(idx, start, plans[chunk[0]][2], self.device)
-                phi, metrics["train_loss"], metrics["query_loss"] = _maml_update(
-                    self.model, theta_d, support, query, schedule, icfg, algorithm == "maml"
-                )
-            else:
-                phi, metrics["train_loss"], _ = _inner_loop(self.model, theta_d, *support, schedule, icfg, ())
+            support = store.support(idx, self.device, rows=max(plans[p][0].n_inner for p in chunk))
+            schedule = torch.stack([plans[p][1] for p in chunk]).to(self.device)
+            query = None
+            if algorithm.needs_query:
+                start = torch.tensor([plans[p][0].query_start for p in chunk])
+                query = store.gather(idx, start, plans[chunk[0]][0].n_query, self.device)
+            with vmap_errors(self.cfg):
+                phi, metrics = update(self.model, theta_d, support, query, schedule, icfg)
             phi = {k: v.detach().cpu() for k, v in phi.items()}
             values = {k: v.detach().cpu().tolist() for k, v in metrics.items()}
             for j, p in enumerate(chunk):
@@ -240,26 +248,6 @@ class VectorizedBackend:
                 n_support = int(store.n_support[cid])
                 updates[p] = ClientUpdate(cid, phi_j, n_support, {"num-examples": n_support} | {k: float(v[j]) for k, v in values.items()})
         return Replies(results=updates)
-
-    def _train_plan(self, cid: int, server_round: int) -> tuple[Tensor, int, int]:
-        """(batch schedule, rows the inner loop may index, meta-query size or 0), as ``train_client`` has them."""
-        cfg, data = self.cfg, self.store.client(cid)
-        if cfg.meta.algorithm not in MAML_ALGORITHMS:
-            return train_schedule(cfg, data, server_round, cid), data.n_support, 0
-        if cfg.meta.maml_query_fraction == 0:  # the meta-query is the client's query set
-            return train_schedule(cfg, data, server_round, cid), data.n_support, data.n_query
-        if data.n_support < 2:
-            raise ValueError(f"meta.maml_query_fraction: client {cid} has {data.n_support} support row(s), needs >= 2")
-        n_inner = split_support(data.n_support, cfg.meta.maml_query_fraction)  # the meta-query: support rows n_inner..
-        return train_schedule(cfg, replace(data, n_support=n_inner), server_round, cid), n_inner, data.n_support - n_inner
-
-    def _train_each(self, theta: Params, cids: list[int], server_round: int) -> Replies:
-        out = Replies()
-        theta_d = self._on_device(theta)
-        for cid in cids:
-            phi, metrics = train_client(self.model, theta_d, self.store.client(cid).to(self.device), self.cfg, self.spec, server_round, cid)
-            out.results.append(ClientUpdate(cid, {k: v.cpu() for k, v in phi.items()}, int(metrics["num-examples"]), metrics))
-        return out
 
     # -- evaluation --------------------------------------------------------------
     def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
@@ -278,11 +266,12 @@ class VectorizedBackend:
             sx, sy, sp = store.support(idx, self.device)
             qx, qy, qp = store.query(idx, self.device)
             schedule = torch.stack([schedules[p] for p in chunk]).to(self.device)
-            columns = vmap(
-                lambda th, sup, qry, sch: adaptation_metrics(self.model, th, sup, qry, sch, icfg, marks),
-                in_dims=(None, 0, 0, 0),
-                randomness="error",
-            )(theta_d, (sx, sy, sp), (qx, qy, qp), schedule)
+            with vmap_errors(self.cfg):
+                columns = vmap(
+                    lambda th, sup, qry, sch: adaptation_metrics(self.model, th, sup, qry, sch, icfg, marks, self.algorithm.adapt),
+                    in_dims=(None, 0, 0, 0),
+                    randomness="error",
+                )(theta_d, (sx, sy, sp), (qx, qy, qp), schedule)
             values = {k: v.detach().cpu().tolist() for k, v in columns.items()}
             for j, p in enumerate(chunk):
                 metrics[p] = {k: float(v[j]) for k, v in values.items()} | {"num-examples": n_query[p]}

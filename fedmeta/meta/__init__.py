@@ -10,9 +10,11 @@ from fedmeta.meta.inner import (
     loss_fn,
     params_of,
 )
-from fedmeta.meta.outer import apply_step, delta, linear_anneal, meta_step_size, reptile_update, weighted_mean
+from fedmeta.meta.algorithm import REGISTRY, MetaAlgorithm, algorithm_for, extra_params, model_params, register
+from fedmeta.meta.outer import apply_step, difference, linear_anneal, reptile_update, weighted_mean
 
 __all__ = [
-    "InnerConfig", "adapt_and_evaluate", "apply_step", "batch_schedule", "client_seed", "delta", "evaluate",
-    "inner_loop", "linear_anneal", "loss_fn", "meta_step_size", "params_of", "reptile_update", "weighted_mean",
+    "REGISTRY", "MetaAlgorithm", "algorithm_for", "extra_params", "model_params", "register",
+    "InnerConfig", "adapt_and_evaluate", "apply_step", "batch_schedule", "client_seed", "difference", "evaluate",
+    "inner_loop", "linear_anneal", "loss_fn", "params_of", "reptile_update", "weighted_mean",
 ]

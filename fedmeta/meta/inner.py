@@ -12,6 +12,7 @@ agree to float tolerance in deterministic mode.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,11 +73,25 @@ def params_of(model: nn.Module) -> Params:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
-def loss_fn(model: nn.Module, params: Params, x: dict[str, Tensor], y: Tensor, present: Tensor, task: str) -> Tensor:
-    out = functional_call(model, params, (x, present))
+def forward(model: nn.Module, params: Params, x: dict[str, Tensor], present: Tensor) -> Tensor:
+    """``model(x, present)`` with ``params``; floating inputs are cast to the parameters' dtype (any floating dtype works)."""
+    dtype = next(iter(params.values())).dtype
+    x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+    return functional_call(model, params, (x, present))
+
+
+def task_loss(model: nn.Module, out: Tensor, y: Tensor, task: str) -> Tensor:
+    """The model's own ``loss(outputs, y)`` if it defines one, else the task's default (cross-entropy or MSE)."""
+    custom = getattr(model, "loss", None)
+    if callable(custom):
+        return custom(out, y)
     if task == "classification":
         return F.cross_entropy(out, y)
-    return F.mse_loss(out, y)
+    return F.mse_loss(out, y.to(out.dtype))
+
+
+def loss_fn(model: nn.Module, params: Params, x: dict[str, Tensor], y: Tensor, present: Tensor, task: str) -> Tensor:
+    return task_loss(model, forward(model, params, x, present), y, task)
 
 
 def inner_loop(
@@ -116,10 +131,11 @@ def inner_loop(
 def evaluate(model: nn.Module, params: Params, x: dict[str, Tensor], y: Tensor, present: Tensor, task: str) -> tuple[Tensor, Tensor]:
     """(loss, accuracy) on a set of examples; accuracy is NaN for regression."""
     with torch.no_grad():
-        out = functional_call(model, params, (x, present))
+        out = forward(model, params, x, present)
+        loss = task_loss(model, out, y, task)
         if task == "classification":
-            return F.cross_entropy(out, y), (out.argmax(-1) == y).float().mean()
-        return F.mse_loss(out, y), torch.full((), float("nan"))
+            return loss, (out.argmax(-1) == y).to(loss.dtype).mean()
+        return loss, torch.full((), float("nan"), dtype=loss.dtype, device=loss.device)
 
 
 def adaptation_metrics(
@@ -130,19 +146,25 @@ def adaptation_metrics(
     schedule: Tensor,
     cfg: InnerConfig,
     at_steps: tuple[int, ...] = (),
+    adapt: Callable[..., tuple[Params, dict[int, Params]]] | None = None,
 ) -> dict[str, Tensor]:
     """Query loss/accuracy before and after ``len(schedule)`` adaptation steps, as tensors.
 
     ``at_steps`` adds ``loss_at_<s>`` and ``acc_at_<s>`` after ``s`` steps, for
     adaptation curves (e.g. the sine task's 1, 5 and 10 steps). Pure, so it can
-    be vmapped over clients.
+    be vmapped over clients. ``adapt(model, theta, support, schedule, cfg, record_at)`` replaces the
+    plain inner loop (an algorithm's :meth:`~fedmeta.meta.algorithm.MetaAlgorithm.adapt`).
     """
-    sx, sy, sp = support
     qx, qy, qp = query
     out: dict[str, Tensor] = {}
-    out["loss_before"], out["acc_before"] = evaluate(model, theta, qx, qy, qp, cfg.task)
     marks = tuple(s for s in at_steps if 0 < s <= schedule.shape[0])
-    phi, _, recorded = inner_loop(model, theta, sx, sy, sp, schedule, cfg, record_at=marks)
+    if adapt is None:
+        start = theta
+        phi, _, recorded = inner_loop(model, theta, *support, schedule, cfg, record_at=marks)
+    else:  # the algorithm's own adaptation (its meta-state, e.g. learned learning rates, stays out of the model)
+        start = {k: v for k, v in theta.items() if "/" not in k}
+        phi, recorded = adapt(model, theta, support, schedule, cfg, marks)
+    out["loss_before"], out["acc_before"] = evaluate(model, start, qx, qy, qp, cfg.task)
     for s in marks:
         out[f"loss_at_{s}"], out[f"acc_at_{s}"] = evaluate(model, recorded[s], qx, qy, qp, cfg.task)
     out["loss_after"], out["acc_after"] = evaluate(model, phi, qx, qy, qp, cfg.task)
@@ -157,6 +179,7 @@ def adapt_and_evaluate(
     schedule: Tensor,
     cfg: InnerConfig,
     at_steps: tuple[int, ...] = (),
+    adapt: Callable[..., tuple[Params, dict[int, Params]]] | None = None,
 ) -> dict[str, float]:
     """:func:`adaptation_metrics` for one client, as floats."""
-    return {k: float(v) for k, v in adaptation_metrics(model, theta, support, query, schedule, cfg, at_steps).items()}
+    return {k: float(v) for k, v in adaptation_metrics(model, theta, support, query, schedule, cfg, at_steps, adapt).items()}

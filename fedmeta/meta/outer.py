@@ -1,8 +1,9 @@
-"""The server side of meta-learning: Reptile / FedAvg outer steps on tensors.
+"""The server side of meta-learning: the outer step on tensors.
 
 Reptile (Nichol et al. 2018): theta <- theta + beta * mean_i(phi_i - theta), with
 beta annealed linearly from beta_0 to beta_final. FedAvg is the special case
-beta = 1 with an example-count-weighted mean.
+beta = 1 with an example-count-weighted mean. Each algorithm chooses its beta
+(:meth:`fedmeta.meta.algorithm.MetaAlgorithm.step_size`).
 """
 
 from __future__ import annotations
@@ -25,18 +26,8 @@ def linear_anneal(server_round: int, total_rounds: int, start: float, final: flo
     return frac * final + (1.0 - frac) * start
 
 
-def meta_step_size(algorithm: str, server_round: int, total_rounds: int, start: float, final: float) -> float:
-    """beta for a round: 1 for FedAvg (and FedAvg + fine-tuning), 0 for local-only training (theta never
-    leaves its initialisation), else the linear anneal (Reptile; MAML/FOMAML, whose clients return
-    theta - g so that beta is the meta learning rate)."""
-    if algorithm in ("fedavg", "fedavg_ft"):
-        return 1.0
-    if algorithm == "local":
-        return 0.0
-    return linear_anneal(server_round, total_rounds, start, final)
-
-
-def delta(phi: Params, theta: Params) -> Params:
+def difference(phi: Params, theta: Params) -> Params:
+    """phi - theta, per key (a client's update)."""
     return {k: phi[k] - theta[k] for k in theta}
 
 
@@ -56,11 +47,7 @@ def apply_step(theta: Params, step: Params, beta: float) -> Params:
 
 def reptile_update(theta: Params, phis: Sequence[Params], weights: Sequence[float], beta: float) -> Params:
     """theta + beta * weighted mean of (phi_i - theta)."""
-    return apply_step(theta, weighted_mean([delta(p, theta) for p in phis], weights), beta)
-
-
-def stack_params(params: Sequence[Params]) -> Params:
-    return {k: torch.stack([p[k] for p in params]) for k in params[0]}
+    return apply_step(theta, weighted_mean([difference(p, theta) for p in phis], weights), beta)
 
 
 class ServerAdam:

@@ -1,0 +1,62 @@
+"""User components named in a config as ``"package.module:attr"``, resolved as Flower resolves app components.
+
+A reference is imported from installed packages or from the current working
+directory (put on ``sys.path`` first, as ``flwr run`` does for a Flower App).
+Anything that goes wrong becomes a one-line :class:`ComponentError` naming
+the config key and the problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from typing import Any
+
+from fedmeta.config import ConfigError
+
+REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class ComponentError(ConfigError):
+    """A component reference that cannot be imported or does not fit its contract (one line)."""
+
+
+def is_reference(value: str) -> bool:
+    return bool(REFERENCE.match(value))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def resolve(reference: str, key: str) -> Any:
+    """``"package.module:attr"`` (``attr`` may be dotted) -> the object."""
+    if not is_reference(reference):
+        raise ComponentError(f"config error: {key}: expected 'package.module:attr' (got {reference!r})")
+    module_name, _, attr = reference.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as err:  # noqa: BLE001 - a user's module may raise anything on import
+        raise ComponentError(f"config error: {key}: cannot import {module_name!r} ({_first_line(err)})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ComponentError(f"config error: {key}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_components(cfg) -> None:
+    """Resolve every component a config names (model factory, dataset, algorithm); raise one line on the first bad one."""
+    from fedmeta.data import resolve_dataset_factory
+    from fedmeta.meta.algorithm import resolve_algorithm
+    from fedmeta.models import resolve_model_factory
+
+    resolve_model_factory(cfg.model.factory)
+    resolve_dataset_factory(cfg.data.dataset)
+    resolve_algorithm(cfg.meta.algorithm)

@@ -1,0 +1,216 @@
+"""The algorithm seam: one object holds everything that differs between meta-learning methods.
+
+Every engine (sequential, vectorised, the Flower ClientApp) and the server's
+round loop call the methods below and never branch on an algorithm's name.
+A method is a subclass of :class:`MetaAlgorithm`, registered by name
+(:func:`register`) or named in a config as ``meta.algorithm = "package.module:Name"``.
+
+What a method decides
+---------------------
+* :meth:`~MetaAlgorithm.client_update`: the client's update, a **pure function on
+  tensors** (no ``.item()``, no Python branching on tensor values), so the
+  vectorised engine can ``torch.func.vmap`` it over a cohort. It gets the
+  meta-parameters (the model's parameters plus any extra meta-state, see
+  below), the client's support rows, its meta-query rows (only when
+  :attr:`~MetaAlgorithm.needs_query`), and the batch schedule (``[steps, b]``
+  row indices into the support rows). It returns the client's *new*
+  meta-parameters (same keys) and scalar metric tensors. The server then
+  applies ``theta <- theta + beta * mean_i(new_i - theta)`` to every key, with
+  clipping and noise when DP is on: a method that wants meta-gradient descent
+  returns ``theta - g`` (see MAML below).
+* :meth:`~MetaAlgorithm.step_size`: the server's beta for a round.
+* :meth:`~MetaAlgorithm.adapt`: how a client adapts at evaluation, and
+  :attr:`~MetaAlgorithm.adapts_at_eval` (FedAvg: no adaptation).
+* :meth:`~MetaAlgorithm.extra_state`: extra meta-parameters the method learns
+  alongside theta (e.g. Meta-SGD's per-parameter learning rates). Their keys
+  must contain ``/`` (:data:`EXTRA_SEP`) so they never collide with the
+  model's parameter names (which use dots). They are aggregated, clipped and
+  noised with theta, checkpointed, and never passed to the model.
+
+The six built-ins (``reptile``, ``fedavg``, ``fedavg_ft``, ``fomaml``, ``maml``,
+``local``) are defined here; ``metasgd`` lives in :mod:`fedmeta.meta.metasgd`,
+written against this public seam only, as a user's method would be.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from fedmeta.meta.inner import InnerConfig, inner_loop
+from fedmeta.meta.maml import maml_client_update
+from fedmeta.meta.outer import linear_anneal
+
+if TYPE_CHECKING:
+    from fedmeta.config import Config
+
+Params = dict[str, Tensor]
+Set = tuple[dict[str, Tensor], Tensor, Tensor]  # (x, y, present)
+EXTRA_SEP = "/"
+
+
+def model_params(params: Params) -> Params:
+    """The model's own parameters: everything but the algorithm's extra meta-state."""
+    return {k: v for k, v in params.items() if EXTRA_SEP not in k}
+
+
+def extra_params(params: Params) -> Params:
+    return {k: v for k, v in params.items() if EXTRA_SEP in k}
+
+
+class MetaAlgorithm:
+    """Base class of meta-learning methods; subclass it and override what differs.
+
+    The defaults are Reptile's: ``client_update`` runs the inner loop from theta
+    on the support rows and returns phi; ``step_size`` anneals linearly from
+    ``meta.outer_lr`` to ``meta.outer_lr_final``; ``adapt`` runs the same inner
+    loop at evaluation.
+    """
+
+    name: str = ""
+    needs_query: bool = False  # client_update needs a meta-query split (MAML family)
+    adapts_at_eval: bool = True  # False: "after" equals "before" (FedAvg)
+
+    def __init__(self, cfg: "Config") -> None:
+        self.cfg = cfg
+
+    # -- meta-state ----------------------------------------------------------------
+    def extra_state(self, theta: Params) -> Params:
+        """Extra meta-parameters to learn alongside ``theta`` (keys contain ``/``); none by default."""
+        return {}
+
+    # -- client side (pure, vmappable) ---------------------------------------------
+    def client_update(
+        self, model: nn.Module, params: Params, support: Set, query: Set | None, schedule: Tensor, icfg: InnerConfig
+    ) -> tuple[Params, dict[str, Tensor]]:
+        phi, loss, _ = inner_loop(model, model_params(params), *support, schedule, icfg)
+        return phi | extra_params(params), {"train_loss": loss}
+
+    def adapt(
+        self, model: nn.Module, params: Params, support: Set, schedule: Tensor, icfg: InnerConfig, record_at: tuple[int, ...] = ()
+    ) -> tuple[Params, dict[int, Params]]:
+        """The model's parameters after ``len(schedule)`` adaptation steps (and after each step in ``record_at``)."""
+        phi, _, recorded = inner_loop(model, model_params(params), *support, schedule, icfg, record_at=record_at)
+        return phi, recorded
+
+    # -- server side ---------------------------------------------------------------
+    def step_size(self, server_round: int) -> float:
+        m, total = self.cfg.meta, self.cfg.simulation.rounds
+        return linear_anneal(server_round, total, m.outer_lr, m.outer_lr_final)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+REGISTRY: dict[str, type[MetaAlgorithm]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a :class:`MetaAlgorithm` available as ``meta.algorithm = name``."""
+
+    def deco(cls: type[MetaAlgorithm]) -> type[MetaAlgorithm]:
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+@register("reptile")
+class Reptile(MetaAlgorithm):
+    """Nichol et al. 2018: clients return phi = inner_loop(theta); beta annealed linearly."""
+
+
+@register("fedavg")
+class FedAvg(MetaAlgorithm):
+    """FedAvg in the same harness: beta = 1 (the weighted mean of phi), no adaptation at evaluation."""
+
+    adapts_at_eval = False
+
+    def step_size(self, server_round: int) -> float:
+        return 1.0
+
+
+@register("fedavg_ft")
+class FedAvgFineTune(FedAvg):
+    """FedAvg training, evaluated after fine-tuning on the support set (a strong baseline)."""
+
+    adapts_at_eval = True
+
+
+@register("local")
+class Local(MetaAlgorithm):
+    """No federation: theta never leaves its initialisation (beta = 0); every client adapts from theta_0."""
+
+    def client_update(self, model, params, support, query, schedule, icfg):
+        nan = torch.full((), float("nan"), dtype=support[1].dtype if support[1].is_floating_point() else torch.float32)
+        return {k: v.detach().clone() for k, v in params.items()}, {"train_loss": nan}
+
+    def step_size(self, server_round: int) -> float:
+        return 0.0
+
+
+@register("maml")
+class MAML(MetaAlgorithm):
+    """Finn et al. 2017, second order: clients return theta - g, g the meta-gradient through the inner loop."""
+
+    needs_query = True
+    second_order = True
+
+    def client_update(self, model, params, support, query, schedule, icfg):
+        phi, inner, q = maml_client_update(model, params, support, query, schedule, icfg, second_order=self.second_order)
+        return phi, {"train_loss": inner, "query_loss": q}
+
+
+@register("fomaml")
+class FOMAML(MAML):
+    """First-order MAML: the meta-gradient is the query gradient at phi."""
+
+    second_order = False
+
+
+def builtin_names() -> tuple[str, ...]:
+    import fedmeta.meta.metasgd  # noqa: F401 - registers "metasgd"
+
+    return tuple(REGISTRY)
+
+
+def resolve_algorithm(name: str) -> type[MetaAlgorithm]:
+    """A built-in name or ``"package.module:Name"`` -> the class; one-line ``ComponentError`` otherwise."""
+    from fedmeta.components import ComponentError, resolve
+
+    if name in builtin_names():
+        return REGISTRY[name]
+    obj = resolve(name, "meta.algorithm")
+    if not (isinstance(obj, type) and issubclass(obj, MetaAlgorithm)):
+        raise ComponentError(f"config error: meta.algorithm: {name!r} is not a subclass of fedmeta.meta.MetaAlgorithm (got {obj!r})")
+    return obj
+
+
+_CACHE: dict[str, MetaAlgorithm] = {}
+
+
+def algorithm_for(cfg: "Config") -> MetaAlgorithm:
+    """The config's algorithm object (one per config, cached)."""
+    key = cfg.model_dump_json()
+    algo = _CACHE.get(key)
+    if algo is None:
+        if len(_CACHE) > 16:
+            _CACHE.clear()
+        algo = _CACHE[key] = resolve_algorithm(cfg.meta.algorithm)(cfg)
+    return algo
+
+
+def initial_meta_parameters(model: nn.Module, algorithm: MetaAlgorithm) -> Params:
+    """theta_0: the model's parameters plus the algorithm's extra meta-state."""
+    theta = {k: v.detach().clone() for k, v in model.named_parameters()}
+    extra = algorithm.extra_state(theta)
+    bad = [k for k in extra if EXTRA_SEP not in k]
+    if bad:
+        from fedmeta.components import ComponentError
+
+        raise ComponentError(f"config error: meta.algorithm: extra_state keys must contain {EXTRA_SEP!r} (got {bad[:3]})")
+    return theta | {k: v.detach().clone() for k, v in extra.items()}
+
