@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 
 from fedmeta.config import Config, config_from_json
 from fedmeta.data.base import spec_to_dict
-from fedmeta.engines import client as work
+from fedmeta import client as work
 
 app = ClientApp()
 

@@ -115,7 +115,18 @@ def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bo
 
 def make_server_app(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, result: dict | None = None) -> ServerApp:
     """A ServerApp bound to a config (what ``fedmeta simulate`` runs)."""
-    server_def load_component(ref: str):
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        summary = serve(grid, cfg, out_dir, resume, progress)
+        if result is not None:
+            result.update(summary)
+
+    return server_app
+
+
+def load_component(ref: str):
     """``"module:attr"`` -> the object, as Flower resolves app components."""
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
