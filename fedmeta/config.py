@@ -99,6 +99,10 @@ class MetaConfig(_Section):
     # maml/fomaml: 0 = the client's query set is the meta-query (standard MAML on training tasks);
     # > 0 = this fraction of the support rows is held back as the meta-query (query set untouched)
     maml_query_fraction: float = Field(0.0, ge=0, lt=1)
+    # how the server combines the clients' updates (without DP): weighted mean, or coordinate-wise
+    # median / trimmed mean (unweighted, robust to a minority of malicious clients; see docs/design.md)
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmed_mean: fraction cut from each end per coordinate
 
     @field_validator("algorithm")
     @classmethod
@@ -124,6 +128,7 @@ class SimulationConfig(_Section):
     eval_clients: int = Field(0, ge=0)  # held-out clients evaluated; 0 = all
     round_timeout: float = Field(600.0, gt=0)  # seconds to wait for replies
     max_update_norm: float = Field(1e4, gt=0)  # replies with a larger ||phi - theta|| are rejected
+    max_weight: float = Field(0.0, ge=0)  # cap on any client's weight (examples) in the mean; 0 = no explicit cap
     seed: int = 0
     deterministic: bool = True
     device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda[:i]
@@ -180,6 +185,11 @@ class Config(_Section):
             raise ValueError(
                 "simulation.sampling: must be 'poisson' when privacy.enabled "
                 f"(the accountant assumes Poisson sampling; got {self.simulation.sampling!r})"
+            )
+        if self.privacy.enabled and self.meta.aggregation != "mean":
+            raise ValueError(
+                "meta.aggregation: must be 'mean' when privacy.enabled "
+                f"(the DP sensitivity analysis assumes the clipped sum; got {self.meta.aggregation!r})"
             )
         if self.privacy.enabled and self.privacy.adaptive_clipping and self.privacy.mode == "client":
             raise ValueError("privacy.adaptive_clipping: supported with privacy.mode = 'server' only")

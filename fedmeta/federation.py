@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from fedmeta.config import Config
+from fedmeta.meta.aggregate import aggregate, weighted_average
 from fedmeta.meta.inner import client_seed
 from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
-from fedmeta.meta.outer import ServerAdam, apply_step, difference, weighted_mean
+from fedmeta.meta.outer import ServerAdam, apply_step, difference
 from fedmeta.results import RunWriter
 
 log = logging.getLogger("fedmeta")
@@ -81,10 +82,8 @@ def sample_cohort(cfg: Config, population: list[int], server_round: int, attempt
 
 
 def _mean(results: list[dict[str, float]], key: str, weight: str = "num-examples") -> float:
-    pairs = [(r[key], r.get(weight, 1)) for r in results if key in r and r[key] is not None and math.isfinite(r[key])]
-    if not pairs:
-        return float("nan")
-    return sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    """Weighted mean of a reported metric; non-finite values and bad weights are dropped (NaN if none is left)."""
+    return weighted_average([(r[key], r.get(weight, 1)) for r in results if key in r])
 
 
 EVAL_KEYS = ("loss_before", "loss_after", "acc_before", "acc_after", "loss_at_1", "loss_at_5", "loss_at_10", "acc_at_1", "acc_at_5", "acc_at_10")
@@ -133,7 +132,7 @@ class Server:
         deltas = [difference(u.phi, self.theta) for u in updates]
         info: dict[str, float] = {"beta": beta}
         if self.privacy is None:
-            mean = weighted_mean(deltas, [u.num_examples for u in updates])
+            mean = aggregate(deltas, [u.num_examples for u in updates], cfg.meta.aggregation, cfg.meta.trim_fraction, cfg.simulation.max_weight)
         else:
             generator = torch.Generator().manual_seed(
                 client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1

@@ -1,0 +1,128 @@
+"""Server-side aggregation of client updates: bounded weights and robust aggregators.
+
+Pure functions on ``dict[str, Tensor]`` updates, used by
+:meth:`fedmeta.federation.Server.step` for every engine (without DP; with DP
+the mechanism in :mod:`fedmeta.privacy` weights every clipped update equally).
+
+Weights (the examples a client reports) are bounded before they are used, so
+that no single client can take over a weighted mean:
+
+* a reported count must lie in ``[1, MAX_EXAMPLES]`` (else the reply is rejected
+  by the message parser);
+* the Flower backend caps it at the size the node announced at discovery, or,
+  for a node that announced nothing (a stock Flower client), at the cohort's
+  lower median reported count (:func:`cohort_cap`);
+* ``simulation.max_weight > 0`` caps every weight on every engine
+  (:func:`cap_weights`).
+
+``meta.aggregation = "median" | "trimmed_mean"`` are coordinate-wise and
+unweighted, as Flower's ``FedMedian`` and ``FedTrimmedAvg``: each client is one
+vote whatever it reports.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedmeta.meta.outer import weighted_mean
+
+Params = dict[str, Tensor]
+MAX_EXAMPLES = 2**53  # the largest count a float64 holds exactly; larger "num-examples" are rejected
+AGGREGATORS = ("mean", "median", "trimmed_mean")
+
+
+def valid_count(n: object) -> float:
+    """A reported example count as a float; ``ValueError`` unless it is a number in [1, MAX_EXAMPLES]."""
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        raise ValueError(f"must be a number (got {type(n).__name__})")
+    if not (isinstance(n, int) or math.isfinite(n)) or not 1 <= n <= MAX_EXAMPLES:
+        raise ValueError(f"must be in [1, 2**53] (got {n!r})")
+    return float(n)
+
+
+def cohort_cap(reported: Sequence[float]) -> float:
+    """The cap for clients that announced no size: the lower median of the cohort's reported counts.
+
+    A lower median is one of the reported values and, while at least half the
+    cohort is honest, no larger than an honest client's count.
+    """
+    if not reported:
+        return math.inf
+    return sorted(reported)[(len(reported) - 1) // 2]
+
+
+def cap_weights(weights: Sequence[float], cap: float | Sequence[float | None] | None) -> list[float]:
+    """``min(w_i, cap_i)``; ``cap`` is one number for all (<= 0 or None: no cap) or one per weight (None: no cap)."""
+    if cap is None or isinstance(cap, (int, float)):
+        caps = [cap if cap is not None and cap > 0 else None] * len(weights)
+    else:
+        caps = list(cap)
+    if len(caps) != len(weights):
+        raise ValueError(f"cap_weights: {len(weights)} weights but {len(caps)} caps")
+    return [w if c is None else min(w, c) for w, c in zip(weights, caps)]
+
+
+def _stack(updates: Sequence[Params]) -> Params:
+    if not updates:
+        raise ValueError("aggregate: needs at least one update")
+    return {k: torch.stack([u[k] for u in updates]) for k in updates[0]}
+
+
+def coordinate_median(updates: Sequence[Params]) -> Params:
+    """Coordinate-wise median (the mean of the two middle values for an even count, as ``np.median``)."""
+    out = {}
+    for k, s in _stack(updates).items():
+        n = s.shape[0]
+        srt = s.sort(dim=0).values
+        out[k] = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
+    return out
+
+
+def trimmed_mean(updates: Sequence[Params], fraction: float) -> Params:
+    """Coordinate-wise mean after dropping ``int(fraction * n)`` lowest and highest values (Flower's FedTrimmedAvg)."""
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"trimmed_mean: fraction must be in [0, 0.5) (got {fraction})")
+    out = {}
+    for k, s in _stack(updates).items():
+        n = s.shape[0]
+        cut = int(fraction * n)
+        out[k] = s.sort(dim=0).values[cut : n - cut].mean(dim=0)
+    return out
+
+
+def aggregate(updates: Sequence[Params], weights: Sequence[float], method: str = "mean", trim_fraction: float = 0.2, max_weight: float = 0.0) -> Params:
+    """The server's aggregate of the clients' updates (deltas).
+
+    ``mean``: weighted mean with every weight capped at ``max_weight`` (0 = no cap);
+    ``median`` / ``trimmed_mean``: coordinate-wise, unweighted.
+    """
+    if method == "mean":
+        return weighted_mean(updates, cap_weights(weights, max_weight))
+    if method == "median":
+        return coordinate_median(updates)
+    if method == "trimmed_mean":
+        return trimmed_mean(updates, trim_fraction)
+    raise ValueError(f"aggregate: unknown method {method!r} (expected one of {AGGREGATORS})")
+
+
+def weighted_average(pairs: Sequence[tuple[float, float]]) -> float:
+    """Mean of ``(value, weight)`` pairs for reported metrics; pairs with a non-finite value or a weight
+    that is not a finite positive number are dropped; NaN when nothing is left."""
+    good = [(float(v), float(w)) for v, w in pairs if _finite(v) and _finite(w) and w > 0]
+    total = sum(w for _, w in good)  # plain sums: an overflow gives inf, never an exception
+    if not good or not 0 < total < math.inf:
+        return float("nan")
+    return sum(v * w for v, w in good) / total
+
+
+def _finite(x: object) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float range
+        return False
