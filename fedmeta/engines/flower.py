@@ -12,10 +12,12 @@ Simulation Engine, as ``flwr run`` would, without importing ``server/`` or
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.config import Config
 from fedmeta.data import build_dataset
-from fedmeta.data.base import spec_from_dict
+from fedmeta.data.base import spec_to_dict
 from fedmeta.client import configure_torch, model_for
 from fedmeta.federation import Params, Replies, RunError, run_federation
 from fedmeta.engines.messages import MetaStrategy
@@ -49,9 +51,15 @@ class FlowerBackend:
         self.train_pop: list[int] = []
         self.heldout_pop: list[int] = []
         self.spec = None
+        self.discovery_rejected: list[str] = []  # counted as rejected in the first round this process runs
 
     def discover(self, expected: int, wait_s: float) -> None:
-        """Ask every node which client it holds (a stock Flower client that can't answer trains under its node id)."""
+        """Ask every node which client it holds (a stock Flower client that can't answer trains under its node id).
+
+        A malformed description (see :meth:`MetaStrategy.parse_query`), a data spec other than the one most
+        nodes announce, or a partition id claimed by several nodes excludes the node(s): logged here and
+        counted as ``rejected`` in the first round. The size a node announces caps its weight later.
+        """
         deadline = time.time() + wait_s
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < expected and time.time() < deadline:
@@ -61,24 +69,45 @@ class FlowerBackend:
         answers = list(self.grid.send_and_receive(queries, timeout=self.cfg.simulation.round_timeout))
         origin = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
         replies = {origin.get(m.metadata.reply_to_message_id, m.metadata.src_node_id): m for m in answers}
+        described: dict[int, dict] = {}
         for node in sorted(nodes):
-            info = self.strategy.parse_query(replies[node]) if node in replies else None
-            if info is None:
-                if node in replies:  # answered with an error: no query handler (stock client) or no data
-                    log.warning("node %s did not describe itself; treating it as a training client", node)
-                    self.node_of[node] = node
-                    self.train_pop.append(node)
+            if node not in replies:
                 continue
-            cid = int(info["partition-id"])
-            if cid in self.node_of:
-                log.warning("nodes %s and %s both hold client %s; using the first", self.node_of[cid], node, cid)
+            try:
+                info = self.strategy.parse_query(replies[node])
+            except Exception as err:  # noqa: BLE001 - one node's answer never stops the run
+                self._reject(node, str(err) if isinstance(err, ValueError) else f"unreadable ({type(err).__name__})")
+                continue
+            if info is None:  # answered with an error: no query handler (stock client) or no data
+                log.warning("node %s did not describe itself; treating it as a training client", node)
+                self.node_of[node] = node
+                self.train_pop.append(node)
+            else:
+                described[node] = info
+        keys = {node: json.dumps(spec_to_dict(i["spec"]), sort_keys=True) for node, i in described.items() if i["spec"] is not None}
+        spec_key, spec_votes = Counter(keys.values()).most_common(1)[0] if keys else (None, 0)
+        for node in [n for n, k in keys.items() if k != spec_key]:
+            self._reject(node, f"its data spec differs from the one {spec_votes} nodes announced")
+            del described[node]
+        claims = Counter(i["partition-id"] for i in described.values())
+        for node, info in described.items():
+            cid = info["partition-id"]
+            if claims[cid] > 1:
+                self._reject(node, f"partition-id {cid} is claimed by {claims[cid]} nodes; none of them is used")
                 continue
             self.node_of[cid] = node
-            (self.heldout_pop if info.get("heldout") else self.train_pop).append(cid)
-            if self.spec is None and "spec" in info:
-                self.spec = spec_from_dict(info["spec"])
+            (self.heldout_pop if info["heldout"] else self.train_pop).append(cid)
+            if info["num-examples"] is not None:
+                self.strategy.announced[node] = info["num-examples"]
+            if self.spec is None and info["spec"] is not None:
+                self.spec = info["spec"]
         self.train_pop.sort()
         self.heldout_pop.sort()
+
+    def _reject(self, node: int, why: str) -> None:
+        reason = f"discovery: node {node}: {why}"
+        log.warning("rejected %s", reason)
+        self.discovery_rejected.append(reason)
 
     def populations(self) -> tuple[list[int], list[int]]:
         return self.train_pop, self.heldout_pop
@@ -90,7 +119,9 @@ class FlowerBackend:
         targets = self._targets(cids)
         msgs = self.strategy.configure_train(theta, targets, server_round)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.simulation.round_timeout))
-        return self.strategy.parse_train(theta, {n: c for c, n in targets}, replies, msgs)
+        out = self.strategy.parse_train(theta, {n: c for c, n in targets}, replies, msgs)
+        out.rejected[:0], self.discovery_rejected = self.discovery_rejected, []
+        return out
 
     def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
         targets = self._targets(cids)
