@@ -16,7 +16,8 @@ from fedmeta.engines.sequential import SequentialBackend
 from fedmeta.meta import params_of
 from fedmeta.results import RunWriter
 
-KINDS = ["raise", "names", "shape", "dtype", "nan", "inf", "norm"]
+KINDS = ["raise", "names", "shape", "dtype", "nan", "inf", "norm", "stype", "truncated", "takeover"]
+REJECTED_IN_TRAINING = ["names", "shape", "dtype", "nan", "inf", "norm", "stype", "truncated"]
 
 
 def simulate_with(client_app, cfg, out) -> dict:
@@ -39,27 +40,40 @@ def simulate_with(client_app, cfg, out) -> dict:
 
 @pytest.mark.slow
 def test_malformed_and_crashing_clients_are_counted_never_aggregated(tmp_path):
+    """Every fault kind of tests/faulty_client.py at once, on the real Simulation Engine: the run completes,
+    each bad reply is counted, and the client claiming 10^15 examples does not take the model over."""
     import faulty_client
 
     n = faulty_client.NUM_CLIENTS
-    train = split_clients(n, 0.2, 0).train  # 10 training clients, 7 of them faulty
-    assert faulty_client.KINDS == KINDS
+    split = split_clients(n, 0.2, 0)  # 13 training clients (10 faulty), 3 held out (2 faulty)
+    assert faulty_client.KINDS == KINDS and faulty_client.HELDOUT_KINDS == ["pid", "eval0"]
     cfg = build_config(None, [
-        f"data.num_clients={n}", "data.examples_per_client=20", f"simulation.clients_per_round={len(train)}",
+        f"data.num_clients={n}", "data.examples_per_client=20", f"simulation.clients_per_round={len(split.train)}",
         "simulation.rounds=2", "simulation.eval_every=2", "simulation.min_clients=2", "simulation.round_timeout=120",
         "output.progress=false",
     ])
     result = simulate_with(faulty_client.app, cfg, tmp_path)
-    assert result["status"] == "completed"
+    assert result["status"] == "completed" and (tmp_path / "model.pt").exists()
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
     for r in records:
-        assert r["replies"] == len(train) - len(KINDS)  # only the 3 good clients aggregated
-        assert r["rejected"] == len(KINDS) - 1  # names, shape, dtype, nan, inf, norm
+        assert r["replies"] == len(split.train) - len(KINDS) + 1  # the 3 good clients and the takeover, capped
         assert r["failures"] >= 1  # the crashing client (error reply)
         assert not r["skipped"]
+    # round 1: the training faults + the node whose partition-id is not a number (discovery);
+    # round 2: the training faults + the held-out client reporting num-examples = 0 at evaluation
+    assert [r["rejected"] for r in records] == [len(REJECTED_IN_TRAINING) + 1] * 2
+    assert result["rejected"] == 2 * (len(REJECTED_IN_TRAINING) + 1)
+    assert math.isfinite(result["heldout_acc_after"]) and math.isfinite(result["acc_after"])
     model = torch.load(tmp_path / "model.pt")
-    assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in model.values())
-    assert math.isfinite(result["heldout_acc_after"])
+    theta0 = params_of(model_for(cfg, build_dataset(cfg.data).spec))
+    shift = torch.cat([(model[k] - theta0[k]).flatten() for k in theta0])
+    assert torch.isfinite(shift).all()
+    # phi = theta + a at 10^15 examples would move theta by a * (beta_1 + beta_2) = 1.5 a everywhere (the run
+    # would be the attacker's); capped at the 20 examples it announced (the honest clients report 10), it
+    # weighs 20 / (20 + 3 * 10) = 0.4 of each round's mean
+    hijacked = faulty_client.TAKEOVER_OFFSET * 1.5
+    assert 0.2 < float(shift.mean()) / hijacked < 0.6, float(shift.mean()) / hijacked
 
 
 class FlakyBackend(SequentialBackend):
