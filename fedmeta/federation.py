@@ -69,11 +69,25 @@ def _rng(cfg: Config, stream: int, server_round: int, attempt: int = 0) -> np.ra
     return np.random.default_rng(client_seed(cfg.simulation.seed, stream, server_round, attempt))
 
 
+def sample_rate(cfg: Config, population_size: int) -> float:
+    """q = clients_per_round / N (at most 1): Poisson sampling's inclusion probability, and the accountant's q."""
+    return min(1.0, cfg.simulation.clients_per_round / population_size)
+
+
 def sample_cohort(cfg: Config, population: list[int], server_round: int, attempt: int = 0) -> list[int]:
-    """Fixed-size uniform sampling, or Poisson sampling with rate clients_per_round / population."""
+    """The cohort of one round's attempt: the only client sampler (every engine, private or not).
+
+    ``simulation.sampling = "poisson"``: every client joins independently with
+    probability :func:`sample_rate` (the cohort may be empty); this is what the
+    privacy accountant assumes, and the config refuses DP with anything else.
+    ``"fixed"``: ``clients_per_round`` distinct clients uniformly without
+    replacement. Population order is kept. The draws depend only on
+    (simulation.seed, round, attempt), so a resumed run samples what an
+    uninterrupted one would have.
+    """
     rng = _rng(cfg, SAMPLE_STREAM, server_round, attempt)
     if cfg.simulation.sampling == "poisson":
-        q = min(1.0, cfg.simulation.clients_per_round / len(population))
+        q = sample_rate(cfg, len(population))
         return [c for c in population if rng.random() < q]
     k = min(cfg.simulation.clients_per_round, len(population))
     # sample positions, not ids: Flower node ids are 64-bit and would not survive a numpy array
@@ -124,7 +138,7 @@ class Server:
         if cfg.privacy.enabled:
             from fedmeta.privacy.server import PrivacyEngine
 
-            self.privacy = PrivacyEngine(cfg, num_train_clients)
+            self.privacy = PrivacyEngine(cfg, num_train_clients, sample_rate(cfg, num_train_clients))
 
     def step(self, updates: list[ClientUpdate], server_round: int) -> dict[str, float]:
         """Apply one outer step from the clients' phi; returns round info (beta, clip, ...)."""
