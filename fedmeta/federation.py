@@ -20,16 +20,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from fedmeta.config import Config
-from fedmeta.meta.inner import client_seed
+from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
 from fedmeta.meta.outer import ServerAdam, apply_step, difference, weighted_mean
 from fedmeta.results import RunWriter
 
 log = logging.getLogger("fedmeta")
-Params = dict[str, Tensor]
 SAMPLE_STREAM, NOISE_STREAM, HELDOUT_STREAM = 11, 12, 13
 
 

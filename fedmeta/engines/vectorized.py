@@ -177,10 +177,6 @@ class ClientStore:
         """Stacked query rows of ``cids``; they must all have the same query size."""
         return self.gather(cids, self.n_support[cids], int(self.n[cids[0]] - self.n_support[cids[0]]), device)
 
-    def nbytes(self) -> int:
-        tensors = [*self.x.values(), self.y, self.present, self.n, self.n_support, self.built]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
 
 def _groups(keys: list[tuple], chunk_size: int) -> Iterator[list[int]]:
     """Positions with equal keys, in chunks of at most ``chunk_size``, in order of first appearance."""
