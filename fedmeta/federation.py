@@ -134,9 +134,9 @@ class Server:
             self.optimizer = ServerAdam(cfg.meta.server_beta1, cfg.meta.server_beta2, cfg.meta.server_eps)
         self.privacy = None
         if cfg.privacy.enabled:
-            from fedmeta.privacy.server import PrivacyEngine
+            from fedmeta.privacy.server import ServerPrivacy
 
-            self.privacy = PrivacyEngine(cfg, num_train_clients, sample_rate(cfg, num_train_clients))
+            self.privacy = ServerPrivacy(cfg, num_train_clients, sample_rate(cfg, num_train_clients))
 
     def step(self, updates: list[ClientUpdate], server_round: int) -> dict[str, float]:
         """Apply one outer step from the clients' phi; returns round info (beta, clip, ...)."""

@@ -1,4 +1,4 @@
-"""The vectorised engine: a cohort's inner loops batched with ``torch.func.vmap``.
+"""The vectorised engine's backend: a cohort's inner loops batched with ``torch.func.vmap``.
 
 It is *not* a second implementation of the algorithm. Per client it uses the
 same functions the Flower ClientApp and the sequential engine use

@@ -6,7 +6,7 @@ Plain functions on tensors, wired into the round loop's server step by :mod:`.se
   (dp_accounting PLD or RDP), calibration, running :class:`Accountant`.
 * :mod:`.mechanism` -- clipping, Gaussian noise, DP-FedAvg mean with a fixed
   denominator, adaptive clipping (Andrew et al. 2021).
-* :mod:`.server` -- :class:`~.server.PrivacyEngine`, the two wired into the server step.
+* :mod:`.server` -- :class:`~.server.ServerPrivacy`, the two wired into the server step.
 
 Client sampling is :func:`fedmeta.federation.sample_cohort` (the one sampler);
 the rule "DP needs Poisson sampling" is checked once, when the config is built.

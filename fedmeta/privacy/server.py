@@ -32,8 +32,10 @@ from fedmeta.privacy.mechanism import (
 )
 
 
-class PrivacyEngine:
-    """DP for a run: the config has already required Poisson sampling (``Config`` refuses DP with fixed-size).
+class ServerPrivacy:
+    """The server step's DP state (mechanism, accountant, adaptive clip) for one run.
+
+    The config has already required Poisson sampling (``Config`` refuses DP with fixed-size).
 
     ``sample_rate`` is the sampler's q (:func:`fedmeta.federation.sample_rate`), handed in so the
     accountant and the sampler cannot disagree.
