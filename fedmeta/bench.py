@@ -40,6 +40,13 @@ ENGINES = ("flower", "vectorized", "sequential")
 WORKLOAD = ["meta.inner_steps=5", "meta.inner_batch_size=16"]
 
 
+def workload_settings() -> dict:
+    """``WORKLOAD`` as values (``{"inner_steps": 5, "inner_batch_size": 16}``): what the report and the table print."""
+    from fedmeta.config import parse_override
+
+    return {key.rsplit(".", 1)[-1]: value for key, value in map(parse_override, WORKLOAD)}
+
+
 def default_population(clients: int, heldout_fraction: float = 0.2) -> int:
     """The smallest population whose training split holds ``clients`` clients."""
     p = max(clients + 1, math.ceil(clients / (1 - heldout_fraction)))
@@ -205,7 +212,7 @@ def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_
     overrides = bench_overrides(clients, rounds, population, chunk_size)
     result: dict = {
         "workload": {"clients_per_round": clients, "rounds": rounds, "population": population, "overrides": overrides,
-                     "model": "default", "inner_steps": 5, "inner_batch_size": 16},
+                     "model": "default", **workload_settings()},
         "load_avg_before": list(os.getloadavg()),
         "cpus": os.cpu_count(),
         "engines": {},
@@ -233,7 +240,8 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     w = result["workload"]
-    table = Table(title=f"{w['clients_per_round']} clients/round, {w['rounds']} timed rounds, population {w['population']}, k=5, batch 16")
+    settings = ", ".join(f"{k}={v}" for k, v in workload_settings().items())
+    table = Table(title=f"{w['clients_per_round']} clients/round, {w['rounds']} timed rounds, population {w['population']}, {settings}")
     for col in ("engine", "updates/s", "start-up s", "s/round", "peak RSS MB", "peak PSS MB", "vec. ×"):
         table.add_column(col, justify="left" if col == "engine" else "right")
     vec = result["engines"].get("vectorized", {}).get("updates_per_s")

@@ -75,14 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         from fedmeta.data.base import DataError
         from fedmeta.federation import RunError
 
-        known: tuple[type[BaseException], ...] = (DataError, RunError)
-        try:
-            from fedmeta.privacy import PrivacyError
+        from fedmeta.privacy import PrivacyError
 
-            known += (PrivacyError,)
-        except ImportError:
-            pass
-        if isinstance(err, known):
+        if isinstance(err, (DataError, RunError, PrivacyError)):
             return _fail(str(err))
         raise
 

@@ -16,12 +16,10 @@ from torch import Tensor, nn
 
 from fedmeta.config import Config
 from fedmeta.data import ClientData, DatasetSpec, build_dataset
-from fedmeta.meta import InnerConfig, adapt_and_evaluate, batch_schedule, client_seed
+from fedmeta.meta import InnerConfig, Params, adapt_and_evaluate, batch_schedule, client_seed
 from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for
 from fedmeta.meta.maml import split_support
 from fedmeta.models import build_model_for
-
-Params = dict[str, Tensor]
 
 # Salts that keep the random streams of different purposes apart.
 TRAIN_STREAM, EVAL_STREAM = 1, 2

@@ -1,7 +1,7 @@
 """Extra CLI sub-commands, each defined next to what it drives.
 
 Every module listed here has ``register(subparsers)``; importing is deferred
-until the parser is built. Modules may also append to ``REGISTRY`` themselves.
+until the parser is built.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 
 MODULES = ("fedmeta.privacy.cli", "fedmeta.data.cli", "fedmeta.bench", "fedmeta.sweep")
-REGISTRY: list = []
 
 
 def register_all(subparsers) -> None:
@@ -24,7 +23,3 @@ def register_all(subparsers) -> None:
         if module.register not in done:
             module.register(subparsers)
             done.append(module.register)
-    for register in REGISTRY:
-        if register not in done:
-            register(subparsers)
-            done.append(register)

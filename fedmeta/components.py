@@ -32,6 +32,11 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
+def raised(key: str, reference: str, err: BaseException) -> ComponentError:
+    """The one-line error for a user's component (named ``reference`` under config ``key``) that raised ``err``."""
+    return ComponentError(f"config error: {key}: {reference!r} raised {_first_line(err)}")
+
+
 def resolve(reference: str, key: str) -> Any:
     """``"package.module:attr"`` (``attr`` may be dotted) -> the object."""
     if not is_reference(reference):

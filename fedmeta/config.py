@@ -207,14 +207,6 @@ class Config(_Section):
                 out[f"{section}.{key}"] = value
         return out
 
-    @property
-    def sample_rate(self) -> float:
-        """Expected fraction of training clients in a round (q for the accountant)."""
-        from fedmeta.data.base import split_clients
-
-        n_train = len(split_clients(self.data.num_clients, self.data.heldout_fraction, self.data.seed).train)
-        return self.simulation.clients_per_round / n_train
-
 
 # -- building configs ------------------------------------------------------------
 

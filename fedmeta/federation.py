@@ -20,17 +20,15 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from fedmeta.config import Config
 from fedmeta.meta.aggregate import aggregate, weighted_average
-from fedmeta.meta.inner import client_seed
+from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
 from fedmeta.meta.outer import ServerAdam, apply_step, difference
 from fedmeta.results import RunWriter
 
 log = logging.getLogger("fedmeta")
-Params = dict[str, Tensor]
 SAMPLE_STREAM, NOISE_STREAM, HELDOUT_STREAM = 11, 12, 13
 
 
@@ -70,11 +68,25 @@ def _rng(cfg: Config, stream: int, server_round: int, attempt: int = 0) -> np.ra
     return np.random.default_rng(client_seed(cfg.simulation.seed, stream, server_round, attempt))
 
 
+def sample_rate(cfg: Config, population_size: int) -> float:
+    """q = clients_per_round / N (at most 1): Poisson sampling's inclusion probability, and the accountant's q."""
+    return min(1.0, cfg.simulation.clients_per_round / population_size)
+
+
 def sample_cohort(cfg: Config, population: list[int], server_round: int, attempt: int = 0) -> list[int]:
-    """Fixed-size uniform sampling, or Poisson sampling with rate clients_per_round / population."""
+    """The cohort of one round's attempt: the only client sampler (every engine, private or not).
+
+    ``simulation.sampling = "poisson"``: every client joins independently with
+    probability :func:`sample_rate` (the cohort may be empty); this is what the
+    privacy accountant assumes, and the config refuses DP with anything else.
+    ``"fixed"``: ``clients_per_round`` distinct clients uniformly without
+    replacement. Population order is kept. The draws depend only on
+    (simulation.seed, round, attempt), so a resumed run samples what an
+    uninterrupted one would have.
+    """
     rng = _rng(cfg, SAMPLE_STREAM, server_round, attempt)
     if cfg.simulation.sampling == "poisson":
-        q = min(1.0, cfg.simulation.clients_per_round / len(population))
+        q = sample_rate(cfg, len(population))
         return [c for c in population if rng.random() < q]
     k = min(cfg.simulation.clients_per_round, len(population))
     # sample positions, not ids: Flower node ids are 64-bit and would not survive a numpy array
@@ -121,9 +133,9 @@ class Server:
             self.optimizer = ServerAdam(cfg.meta.server_beta1, cfg.meta.server_beta2, cfg.meta.server_eps)
         self.privacy = None
         if cfg.privacy.enabled:
-            from fedmeta.privacy.server import PrivacyEngine
+            from fedmeta.privacy.server import ServerPrivacy
 
-            self.privacy = PrivacyEngine(cfg, num_train_clients)
+            self.privacy = ServerPrivacy(cfg, num_train_clients, sample_rate(cfg, num_train_clients))
 
     def step(self, updates: list[ClientUpdate], server_round: int) -> dict[str, float]:
         """Apply one outer step from the clients' phi; returns round info (beta, clip, ...)."""

@@ -1,8 +1,9 @@
 """The Flower ServerApp: ``flwr run .`` runs :func:`fedmeta.engines.flower.serve` over the Grid.
 
-The config comes from Flower's run config; the round loop, the message
-strategy and the reply validation live in :mod:`fedmeta.engines.flower`, so
-``fedmeta simulate`` and ``flwr run`` run the same code.
+The config comes from Flower's run config; the round loop is
+:mod:`fedmeta.federation`, the backend :mod:`fedmeta.engines.flower` and the
+message strategy (building and validating messages) :mod:`fedmeta.engines.messages`,
+so ``fedmeta simulate`` and ``flwr run`` run the same code.
 """
 
 from __future__ import annotations

@@ -70,9 +70,33 @@ def test_pyproject_run_config_matches_builtin_defaults():
     assert app_config == Config().to_flat()
 
 
+# the configs docs/benchmarks.md and README.md run, with what each is for
+SHIPPED = {"default": ("synthetic", "reptile"), "avdigits": ("avdigits", "reptile"), "privacy": ("synthetic", "reptile"), "sine": ("sine", "maml")}
+
+
 def test_shipped_experiment_configs_are_valid():
-    for path in sorted((ROOT / "experiments" / "configs").glob("*.toml")):
-        load_config(path)
+    from fedmeta.components import check_components
+
+    paths = {p.stem: p for p in (ROOT / "experiments" / "configs").glob("*.toml")}
+    assert set(SHIPPED) <= set(paths), set(SHIPPED) - set(paths)
+    for name, path in sorted(paths.items()):
+        cfg = load_config(path)  # raises ConfigError on a bad value
+        check_components(cfg)  # model factory, dataset and algorithm all resolve
+        if name in SHIPPED:
+            assert (cfg.data.dataset, cfg.meta.algorithm) == SHIPPED[name], name
+    privacy = load_config(paths["privacy"])
+    assert privacy.simulation.sampling == "poisson" and privacy.simulation.engine == "vectorized"
+
+
+def test_a_component_that_raises_gives_one_line(tmp_path):
+    import fedmeta
+    from fedmeta.components import ComponentError
+
+    def broken(spec, cfg):
+        raise ValueError("no such layer\nsecond line")
+
+    with pytest.raises(ComponentError, match=r"^config error: model.factory: '.*' raised ValueError: no such layer$"):
+        fedmeta.simulate({"simulation": {"engine": "sequential", "rounds": 1}}, model=broken, out=tmp_path)
 
 
 def test_default_experiment_file_is_the_builtin_default():

@@ -7,7 +7,7 @@ import torch
 
 from fedmeta.data.avdigits import AVDigits
 from fedmeta.data.base import ClientData, DataError, DatasetSpec, ModalitySpec
-from fedmeta.data.disk import DiskDataset, load_client_dir, write_client_dir, write_partitions
+from fedmeta.data.disk import DiskDataset, load_client_with_id, write_client_dir, write_partitions
 from fedmeta.data.sine import SineDataset
 
 
@@ -40,9 +40,9 @@ def test_roundtrip_avdigits_with_missing_modality(av, av_root):
         assert_same(disk.client(cid), av.client(cid))
     # a SuperNode with only its own directory
     cid = missing[0]
-    data, spec, heldout = load_client_dir(av_root / f"client_{cid:05d}")
+    data, spec, heldout, file_cid = load_client_with_id(av_root / f"client_{cid:05d}")
     assert_same(data, av.client(cid))
-    assert spec == av.spec and heldout == (cid in av.heldout_clients)
+    assert spec == av.spec and heldout == (cid in av.heldout_clients) and file_cid == cid
     assert not bool(data.present[:, 1].any()) and float(data.x["audio"].abs().sum()) == 0.0
 
 
@@ -72,8 +72,8 @@ def test_tokens_roundtrip_and_files(tmp_path):
     meta = json.loads((d / "meta.json").read_text())
     assert meta["client_id"] == 3 and meta["n"] == 5 and meta["n_support"] == 2 and meta["heldout"] is False
     assert meta["files"]["text"] == {**meta["files"]["text"], "dtype": "int64", "shape": [5, 6]}
-    data, spec2, heldout = load_client_dir(d)
-    assert spec2 == spec and not heldout
+    data, spec2, heldout, file_cid = load_client_with_id(d)
+    assert spec2 == spec and not heldout and file_cid == 3
     assert_same(data, cd)
 
 

@@ -69,8 +69,7 @@ def test_flwr_run_local_simulation(tmp_path):
         assert summary["heldout_acc_after"] is not None
     finally:
         # `flwr run` leaves its local SuperLink (and SuperExec) running: stop them by PID.
-        pids = pids_with_cmdline(str(home))
-        superlinks = [p for p in pids]
+        superlinks = pids_with_cmdline(str(home))
         children = [q for p in superlinks for q in pids_with_cmdline(f"--parent-pid {p}")]
         stop(superlinks + children)
         assert not pids_with_cmdline(str(home))

@@ -1,4 +1,6 @@
-"""DP-FedAvg mechanism (clipping, noise, fixed denominator), adaptive clipping, client sampling."""
+"""DP-FedAvg mechanism (clipping, noise, fixed denominator), adaptive clipping.
+
+Client sampling is tested where it runs: tests/test_sampling.py (fedmeta.federation.sample_cohort)."""
 
 from __future__ import annotations
 
@@ -13,15 +15,11 @@ from fedmeta.privacy import (
     NonFiniteUpdateError,
     PrivacyError,
     adjusted_noise_multiplier,
-    check_sampling_for_dp,
     clip_update,
-    expected_cohort_size,
-    fixed_size_sample,
     global_norm,
     mean_noise_std,
     noise_like,
     noisy_mean_of_clipped,
-    poisson_sample,
     private_mean,
     private_sum,
 )
@@ -245,50 +243,10 @@ def test_adaptive_clipper_single_step_and_state():
     assert clipper.last_unclipped_fraction == pytest.approx(0.5 + (2 - 1.0) / 8)
     assert clipper.clip_norm == pytest.approx(c0 * math.exp(-0.2 * (clipper.last_unclipped_fraction - 0.5)))
 
-    restored = AdaptiveClipper.from_state(clipper.state_dict())
+    restored = AdaptiveClipper(1.0)
+    restored.load_state_dict(clipper.state_dict())
     assert restored.state_dict() == clipper.state_dict()
     with pytest.raises(PrivacyError, match=r"^privacy.target_quantile:"):
         AdaptiveClipper(1.0, target_quantile=1.5)
     with pytest.raises(PrivacyError, match=r"^privacy.clip_norm:"):
         AdaptiveClipper(0.0)
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-@pytest.mark.parametrize("make_gen", [lambda: np.random.default_rng(1), lambda: gen(1)])
-def test_poisson_sample(make_gen):
-    population = list(range(100, 300))
-    g = make_gen()
-    sizes = [len(poisson_sample(population, 0.1, g)) for _ in range(2000)]
-    assert np.mean(sizes) == pytest.approx(20.0, rel=0.03)
-    assert np.var(sizes) == pytest.approx(200 * 0.1 * 0.9, rel=0.15)  # Binomial: size varies
-    cohort = poisson_sample(population, 0.1, make_gen())
-    assert cohort == poisson_sample(population, 0.1, make_gen())  # reproducible
-    assert set(cohort) <= set(population) and cohort == sorted(cohort)
-    assert any(len(poisson_sample(list(range(5)), 0.05, g)) == 0 for _ in range(200))  # may be empty
-    assert poisson_sample(torch.arange(10), 1.0, g) == list(range(10))
-    with pytest.raises(PrivacyError, match=r"^privacy.sample_rate:"):
-        poisson_sample(population, 0.0, g)
-
-
-@pytest.mark.parametrize("make_gen", [lambda: np.random.default_rng(2), lambda: gen(2)])
-def test_fixed_size_sample(make_gen):
-    population = list(range(50))
-    s = fixed_size_sample(population, 10, make_gen())
-    assert len(s) == len(set(s)) == 10 and set(s) <= set(population)
-    assert s == fixed_size_sample(population, 10, make_gen())
-    with pytest.raises(PrivacyError, match=r"^k:"):
-        fixed_size_sample(population, 51, make_gen())
-
-
-def test_check_sampling_for_dp_and_cohort_size():
-    check_sampling_for_dp("poisson", True)
-    check_sampling_for_dp("fixed", False)
-    check_sampling_for_dp("poisson", False)
-    with pytest.raises(PrivacyError, match=r"^simulation.sampling: must be 'poisson'") as info:
-        check_sampling_for_dp("fixed", True)
-    assert "\n" not in str(info.value)
-    with pytest.raises(PrivacyError, match=r"^simulation.sampling:"):
-        check_sampling_for_dp("stratified", False)
-    assert expected_cohort_size(60, 0.1) == pytest.approx(6.0)

@@ -72,10 +72,9 @@ def _build(cfg: "DataConfig") -> FederatedDataset:
         except (DataError, ConfigError):
             raise
         except Exception as err:  # noqa: BLE001 - a user's factory may raise anything
-            from fedmeta.components import ComponentError
+            from fedmeta.components import raised
 
-            first = (str(err).strip().splitlines() or [""])[0]
-            raise ComponentError(f"config error: data.dataset: {cfg.dataset!r} raised {type(err).__name__}: {first}") from None
+            raise raised("data.dataset", cfg.dataset, err) from None
         return _check_dataset(dataset, cfg.dataset)
     if cfg.dataset == "synthetic":
         from fedmeta.data.synthetic import SyntheticMultimodal

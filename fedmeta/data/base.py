@@ -116,9 +116,6 @@ class Batch:
     y: Tensor
     present: Tensor
 
-    def index(self, idx: Tensor) -> "Batch":
-        return Batch(x={k: v[idx] for k, v in self.x.items()}, y=self.y[idx], present=self.present[idx])
-
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(
             x={k: v.to(device) for k, v in self.x.items()},
@@ -160,11 +157,15 @@ def split_clients(num_clients: int, heldout_fraction: float, seed: int) -> Clien
 
 
 def spec_to_dict(spec: DatasetSpec) -> dict:
+    """The JSON form of a spec (``SPEC`` in :mod:`fedmeta.data.disk`; also what a ClientApp reports)."""
     return {
-        "modalities": [{"name": m.name, "kind": m.kind, "shape": list(m.shape), "vocab_size": m.vocab_size} for m in spec.modalities],
+        "modalities": [
+            {"name": m.name, "kind": m.kind, "shape": [int(s) for s in m.shape], "vocab_size": int(m.vocab_size)}
+            for m in spec.modalities
+        ],
         "task": spec.task,
-        "num_classes": spec.num_classes,
-        "output_dim": spec.output_dim,
+        "num_classes": int(spec.num_classes),
+        "output_dim": int(spec.output_dim),
     }
 
 

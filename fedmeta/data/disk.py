@@ -1,6 +1,6 @@
 """The on-disk per-client format: user data and deployments.
 
-Layout (``write_partitions`` writes it, ``DiskDataset`` / ``load_client_dir`` read it)::
+Layout (``write_partitions`` writes it, ``DiskDataset`` / ``load_client_with_id`` read it)::
 
     ROOT/
       dataset.json
@@ -72,7 +72,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from fedmeta.data.base import ClientData, DataError, DatasetSpec, FederatedDataset, ModalitySpec
+from fedmeta.data.base import ClientData, DataError, DatasetSpec, FederatedDataset, ModalitySpec, spec_to_dict
 
 FORMAT_VERSION = 1
 DATASET_FILE = "dataset.json"
@@ -82,19 +82,7 @@ _KINDS = ("image", "sequence", "tokens", "vector")
 _TASKS = ("classification", "regression")
 
 
-# --------------------------------------------------------------------------- spec <-> JSON
-def spec_to_json(spec: DatasetSpec) -> dict[str, Any]:
-    return {
-        "modalities": [
-            {"name": m.name, "kind": m.kind, "shape": list(m.shape), "vocab_size": int(m.vocab_size)}
-            for m in spec.modalities
-        ],
-        "task": spec.task,
-        "num_classes": int(spec.num_classes),
-        "output_dim": int(spec.output_dim),
-    }
-
-
+# --------------------------------------------------------------------------- spec <-> JSON (writing: base.spec_to_dict)
 def _get(obj: Any, key: str, where: Path, prefix: str = "") -> Any:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: '{prefix.rstrip('.') or '<root>'}' must be a JSON object")
@@ -216,7 +204,7 @@ def write_client_dir(
         "heldout": bool(heldout),
         "n": n,
         "n_support": int(data.n_support),
-        "spec": spec_to_json(spec),
+        "spec": spec_to_dict(spec),
         "files": files,
     }
     (path / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -251,7 +239,7 @@ def write_partitions(
     index = {
         "format": "fedmeta-dataset",
         "version": FORMAT_VERSION,
-        "spec": spec_to_json(dataset.spec),
+        "spec": spec_to_dict(dataset.spec),
         "num_clients": int(dataset.num_clients),
         "clients": entries,
     }
@@ -346,14 +334,8 @@ def _load_client(path: Path, verify: bool) -> tuple[ClientData, DatasetSpec, boo
     return data, spec, heldout, cid
 
 
-def load_client_dir(path: str | Path, verify: bool = True) -> tuple[ClientData, DatasetSpec, bool]:
-    """Load one client directory (all a SuperNode needs): ``(data, spec, heldout)``."""
-    data, spec, heldout, _ = _load_client(Path(path), verify)
-    return data, spec, heldout
-
-
 def load_client_with_id(path: str | Path, verify: bool = True) -> tuple[ClientData, DatasetSpec, bool, int]:
-    """Like :func:`load_client_dir`, plus the client id from ``meta.json``."""
+    """Load one client directory (all a SuperNode needs): ``(data, spec, heldout, client id)``."""
     return _load_client(Path(path), verify)
 
 

@@ -1,4 +1,4 @@
-"""The Reptile strategy on Flower's Message API.
+"""MetaStrategy: the Flower message codec of the ``flower`` engine's backend (any algorithm).
 
 It only translates: theta -> ``Message``s for the sampled nodes, and replies ->
 validated :class:`ClientUpdate`s. The maths (sampling, Reptile step, DP,

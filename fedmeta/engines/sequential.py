@@ -1,4 +1,4 @@
-"""The in-process engine: a plain Python loop over the cohort's clients.
+"""The sequential engine's backend: a plain Python loop over the cohort's clients, in process.
 
 It is the reference the other engines are checked against, and the
 "sequential" column of ``fedmeta bench``.

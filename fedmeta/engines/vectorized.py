@@ -1,4 +1,4 @@
-"""The vectorised engine: a cohort's inner loops batched with ``torch.func.vmap``.
+"""The vectorised engine's backend: a cohort's inner loops batched with ``torch.func.vmap``.
 
 It is *not* a second implementation of the algorithm. Per client it uses the
 same functions the Flower ClientApp and the sequential engine use
@@ -176,10 +176,6 @@ class ClientStore:
     def query(self, cids: Tensor, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Stacked query rows of ``cids``; they must all have the same query size."""
         return self.gather(cids, self.n_support[cids], int(self.n[cids[0]] - self.n_support[cids[0]]), device)
-
-    def nbytes(self) -> int:
-        tensors = [*self.x.values(), self.y, self.present, self.n, self.n_support, self.built]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _groups(keys: list[tuple], chunk_size: int) -> Iterator[list[int]]:

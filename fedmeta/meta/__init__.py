@@ -2,6 +2,7 @@
 
 from fedmeta.meta.inner import (
     InnerConfig,
+    Params,
     adapt_and_evaluate,
     batch_schedule,
     client_seed,
@@ -15,6 +16,6 @@ from fedmeta.meta.outer import apply_step, difference, linear_anneal, reptile_up
 
 __all__ = [
     "REGISTRY", "MetaAlgorithm", "algorithm_for", "extra_params", "model_params", "register",
-    "InnerConfig", "adapt_and_evaluate", "apply_step", "batch_schedule", "client_seed", "difference", "evaluate",
+    "InnerConfig", "Params", "adapt_and_evaluate", "apply_step", "batch_schedule", "client_seed", "difference", "evaluate",
     "inner_loop", "linear_anneal", "loss_fn", "params_of", "reptile_update", "weighted_mean",
 ]

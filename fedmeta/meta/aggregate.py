@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fedmeta.meta.inner import Params
 from fedmeta.meta.outer import weighted_mean
 
-Params = dict[str, Tensor]
 MAX_EXAMPLES = 2**53  # the largest count a float64 holds exactly; larger "num-examples" are rejected
 AGGREGATORS = ("mean", "median", "trimmed_mean")
 

@@ -39,15 +39,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from fedmeta.meta.inner import InnerConfig, inner_loop
-from fedmeta.meta.maml import maml_client_update
+from fedmeta.meta.inner import InnerConfig, Params, inner_loop
+from fedmeta.meta.maml import Set, maml_client_update
 from fedmeta.meta.outer import linear_anneal
 
 if TYPE_CHECKING:
     from fedmeta.config import Config
 
-Params = dict[str, Tensor]
-Set = tuple[dict[str, Tensor], Tensor, Tensor]  # (x, y, present)
 EXTRA_SEP = "/"
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-Params = dict[str, Tensor]
+Params = dict[str, Tensor]  # parameters by name (θ, φ, updates); defined here only
 
 
 @dataclass(frozen=True)

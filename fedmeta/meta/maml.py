@@ -30,9 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fedmeta.meta.inner import InnerConfig, inner_loop, loss_fn
+from fedmeta.meta.inner import InnerConfig, Params, inner_loop, loss_fn
 
-Params = dict[str, Tensor]
 Set = tuple[dict[str, Tensor], Tensor, Tensor]  # (x, y, present)
 
 

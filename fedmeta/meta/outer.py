@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
 
-Params = dict[str, Tensor]
+from fedmeta.meta.inner import Params
 
 
 def linear_anneal(server_round: int, total_rounds: int, start: float, final: float) -> float:

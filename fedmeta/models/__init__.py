@@ -42,7 +42,7 @@ def resolve_model_factory(reference: str) -> Callable[..., Any]:
 
 def build_model_for(cfg: "Config", spec: "DatasetSpec") -> nn.Module:
     """The config's model for ``spec``, with initial weights drawn from ``simulation.seed``."""
-    from fedmeta.components import ComponentError
+    from fedmeta.components import ComponentError, raised
 
     factory = resolve_model_factory(cfg.model.factory)
     with torch.random.fork_rng(devices=[]):
@@ -52,8 +52,7 @@ def build_model_for(cfg: "Config", spec: "DatasetSpec") -> nn.Module:
         except ComponentError:
             raise
         except Exception as err:  # noqa: BLE001 - a user's factory may raise anything
-            first = (str(err).strip().splitlines() or [""])[0]
-            raise ComponentError(f"config error: model.factory: {cfg.model.factory!r} raised {type(err).__name__}: {first}") from None
+            raise raised("model.factory", cfg.model.factory, err) from None
     if not isinstance(model, nn.Module):
         raise ComponentError(f"config error: model.factory: {cfg.model.factory!r} returned {type(model).__name__}, expected a torch.nn.Module")
     floating = [p for p in model.parameters() if p.is_floating_point()]

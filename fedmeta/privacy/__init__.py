@@ -1,12 +1,15 @@
-"""Client-level differential privacy: accounting, DP-FedAvg mechanism, sampling.
+"""Client-level differential privacy: accounting and the DP-FedAvg mechanism.
 
-Plain functions on tensors; the engines / Flower apps wire them together:
+Plain functions on tensors, wired into the round loop's server step by :mod:`.server`:
 
 * :mod:`.accountant` -- epsilon for T rounds of the Poisson-sampled Gaussian
   (dp_accounting PLD or RDP), calibration, running :class:`Accountant`.
 * :mod:`.mechanism` -- clipping, Gaussian noise, DP-FedAvg mean with a fixed
   denominator, adaptive clipping (Andrew et al. 2021).
-* :mod:`.sampling` -- Poisson / fixed-size client sampling and the DP check.
+* :mod:`.server` -- :class:`~.server.ServerPrivacy`, the two wired into the server step.
+
+Client sampling is :func:`fedmeta.federation.sample_cohort` (the one sampler);
+the rule "DP needs Poisson sampling" is checked once, when the config is built.
 """
 
 from .accountant import (
@@ -40,13 +43,6 @@ from .mechanism import (
     private_mean,
     private_sum,
 )
-from .sampling import (
-    SAMPLING_SCHEMES,
-    check_sampling_for_dp,
-    expected_cohort_size,
-    fixed_size_sample,
-    poisson_sample,
-)
 
 __all__ = [
     "ACCOUNTANT_KINDS",
@@ -76,9 +72,4 @@ __all__ = [
     "noisy_mean_of_clipped",
     "private_mean",
     "private_sum",
-    "SAMPLING_SCHEMES",
-    "check_sampling_for_dp",
-    "expected_cohort_size",
-    "fixed_size_sample",
-    "poisson_sample",
 ]

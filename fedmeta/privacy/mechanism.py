@@ -439,12 +439,6 @@ class AdaptiveClipper:
         )
         self.__dict__.update(fresh.__dict__)
 
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> "AdaptiveClipper":
-        obj = cls.__new__(cls)
-        obj.load_state_dict(state)
-        return obj
-
     def __repr__(self) -> str:
         return (
             f"AdaptiveClipper(clip_norm={self.clip_norm:.6g}, target_quantile={self.target_quantile}, "

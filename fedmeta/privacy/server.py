@@ -30,15 +30,21 @@ from fedmeta.privacy.mechanism import (
     noisy_mean_of_clipped,
     private_mean,
 )
-from fedmeta.privacy.sampling import check_sampling_for_dp
 
 
-class PrivacyEngine:
-    def __init__(self, cfg: Config, num_train_clients: int) -> None:
+class ServerPrivacy:
+    """The server step's DP state (mechanism, accountant, adaptive clip) for one run.
+
+    The config has already required Poisson sampling (``Config`` refuses DP with fixed-size).
+
+    ``sample_rate`` is the sampler's q (:func:`fedmeta.federation.sample_rate`), handed in so the
+    accountant and the sampler cannot disagree.
+    """
+
+    def __init__(self, cfg: Config, num_train_clients: int, sample_rate: float) -> None:
         p = cfg.privacy
-        check_sampling_for_dp(cfg.simulation.sampling, True)
         self.cfg = cfg
-        self.sample_rate = min(1.0, cfg.simulation.clients_per_round / num_train_clients)
+        self.sample_rate = sample_rate
         self.denominator = self.sample_rate * num_train_clients  # expected cohort size, fixed
         self.noise_multiplier = p.noise_multiplier
         self.clip_norm = p.clip_norm
