@@ -39,8 +39,16 @@ class ConfigError(ValueError):
     """An invalid configuration; ``str(err)`` is a single line."""
 
 
+#: Seeds must fit numpy's legacy ``RandomState`` and ``torch.manual_seed`` alike.
+SEED_MAX = 2**32 - 1
+#: A generous cap for counts that only make a run longer or bigger (rounds, clients, steps ...):
+#: far beyond anything a run on one machine finishes, small enough never to overflow or allocate absurdly.
+COUNT_MAX = 1_000_000
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float field must be finite ("must be a finite number (got inf)")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -48,16 +56,16 @@ class DataConfig(_Section):
     dataset: str = "synthetic"
     num_clients: int = Field(60, ge=2, le=1_000_000)
     heldout_fraction: float = Field(0.2, gt=0, lt=1)
-    examples_per_client: int = Field(40, ge=2)
+    examples_per_client: int = Field(40, ge=2, le=100_000)
     support_fraction: float = Field(0.5, gt=0, lt=1)
-    num_classes: int = Field(5, ge=2)
+    num_classes: int = Field(5, ge=2, le=10_000)
     missing_modality_fraction: float = Field(0.2, ge=0, le=1)
     missing_modality: str = ""  # "" = a random modality per affected client
     dirichlet_alpha: float = Field(0.5, gt=0)
     audio_domain: Literal["espeak", "flite", "both"] = "espeak"
-    k_shot: int = Field(5, ge=1)
+    k_shot: int = Field(5, ge=1, le=100_000)
     path: str = ""  # root of on-disk partitions when dataset = "disk"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @field_validator("dataset")
     @classmethod
@@ -68,8 +76,8 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     # "package.module:callable" with callable(DatasetSpec, Config) -> nn.Module; the default is the built-in MultimodalNet
     factory: str = BUILTIN_MODEL
-    embed_dim: int = Field(32, ge=1)
-    hidden_dim: int = Field(32, ge=1)
+    embed_dim: int = Field(32, ge=1, le=4096)
+    hidden_dim: int = Field(32, ge=1, le=4096)
     fusion: Literal["concat", "gated", "attention"] = "concat"
     modalities: str = ""  # comma-separated subset of modalities to use; "" = all
 
@@ -87,11 +95,11 @@ class MetaConfig(_Section):
     inner_steps: int = Field(5, ge=1, le=10_000)
     inner_lr: float = Field(0.3, gt=0)
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
-    inner_batch_size: int = Field(10, ge=0)  # 0 = full support set each step
+    inner_batch_size: int = Field(10, ge=0, le=100_000)  # 0 = full support set each step
     adam_beta2: float = Field(0.999, gt=0, lt=1)
     outer_lr: float = Field(1.0, gt=0)  # beta_0
     outer_lr_final: float = Field(0.0, ge=0)  # beta at the last round (linear anneal)
-    eval_steps: int = Field(10, ge=0)  # adaptation steps at evaluation
+    eval_steps: int = Field(10, ge=0, le=10_000)  # adaptation steps at evaluation
     server_optimizer: Literal["sgd", "adam"] = "sgd"  # sgd: theta += beta * mean; adam: FedAdam-style on -mean
     server_beta1: float = Field(0.9, ge=0, lt=1)
     server_beta2: float = Field(0.999, gt=0, lt=1)
@@ -118,22 +126,22 @@ class MetaConfig(_Section):
 
 class SimulationConfig(_Section):
     engine: Literal["flower", "vectorized", "sequential"] = "flower"
-    rounds: int = Field(50, ge=1)
-    clients_per_round: int = Field(10, ge=1)
+    rounds: int = Field(50, ge=1, le=COUNT_MAX)
+    clients_per_round: int = Field(10, ge=1, le=COUNT_MAX)
     sampling: Literal["fixed", "poisson"] = "fixed"
-    min_clients: int = Field(1, ge=1)  # a round needs at least this many good replies
+    min_clients: int = Field(1, ge=1, le=COUNT_MAX)  # a round needs at least this many good replies
     on_too_few: Literal["skip", "retry"] = "skip"
-    max_retries: int = Field(2, ge=0)
-    eval_every: int = Field(10, ge=1)
-    eval_clients: int = Field(0, ge=0)  # held-out clients evaluated; 0 = all
-    round_timeout: float = Field(600.0, gt=0)  # seconds to wait for replies
+    max_retries: int = Field(2, ge=0, le=100)
+    eval_every: int = Field(10, ge=1, le=COUNT_MAX)
+    eval_clients: int = Field(0, ge=0, le=COUNT_MAX)  # held-out clients evaluated; 0 = all
+    round_timeout: float = Field(600.0, gt=0, le=1e6)  # seconds to wait for replies
     max_update_norm: float = Field(1e4, gt=0)  # replies with a larger ||phi - theta|| are rejected
     max_weight: float = Field(0.0, ge=0)  # cap on any client's weight (examples) in the mean; 0 = no explicit cap
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     deterministic: bool = True
     device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda[:i]
-    num_cpus_per_client: float = Field(1.0, gt=0)
-    chunk_size: int = Field(256, ge=1)  # vectorized engine: clients per vmap chunk
+    num_cpus_per_client: float = Field(1.0, gt=0, le=1024)
+    chunk_size: int = Field(256, ge=1, le=COUNT_MAX)  # vectorized engine: clients per vmap chunk
 
 
 class PrivacyConfig(_Section):
@@ -152,7 +160,7 @@ class PrivacyConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = ""  # "" = runs/<timestamp>
-    checkpoint_every: int = Field(1, ge=1)
+    checkpoint_every: int = Field(1, ge=1, le=COUNT_MAX)
     progress: bool = True
     resume: bool = False  # continue the run in ``dir`` from its checkpoint (deployed ServerApp)
 
@@ -215,10 +223,10 @@ _BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"),
            "less_than_equal": ("le", "<="), "less_than": ("lt", "<")}
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     """One line naming the first bad field, what is allowed and what was given."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    loc = ".".join(str(p) for p in (*prefix, *first["loc"]))
     kind, got, ctx = first["type"], first.get("input"), first.get("ctx") or {}
     if kind == "extra_forbidden":
         return f"config error: {loc}: unknown key"
@@ -229,10 +237,32 @@ def _format_error(err: ValidationError) -> str:
         return f"config error: {loc}: {text}"  # a field validator: loc is the field
     if kind in _BOUNDS:
         name, sym = _BOUNDS[kind]
-        return f"config error: {loc}: must be {sym} {ctx[name]} (got {got!r})"
+        return f"config error: {loc}: must be {sym} {ctx[name]} (got {_short(got)})"
     if kind == "literal_error":
-        return f"config error: {loc}: must be one of {ctx.get('expected')} (got {got!r})"
-    return f"config error: {loc}: {first['msg'].lower()} (got {got!r})"
+        return f"config error: {loc}: must be one of {ctx.get('expected')} (got {_short(got)})"
+    if kind == "finite_number":
+        return f"config error: {loc}: must be a finite number (got {_short(got)})"
+    if kind == "int_parsing_size":
+        return f"config error: {loc}: must be an integer{_range_of(loc)} (got {_short(got)})"
+    return f"config error: {loc}: {first['msg'].lower()} (got {_short(got)})"
+
+
+def _range_of(loc: str) -> str:
+    """`` in [lo, hi]`` for a bounded ``section.key`` field, else ``""``."""
+    section, _, key = loc.partition(".")
+    sec = Config.model_fields.get(section)
+    field = getattr(sec.annotation, "model_fields", {}).get(key) if sec is not None else None
+    if field is None:
+        return ""
+    lo = next((getattr(m, "ge", None) for m in field.metadata if getattr(m, "ge", None) is not None), None)
+    hi = next((getattr(m, "le", None) for m in field.metadata if getattr(m, "le", None) is not None), None)
+    return f" in [{lo}, {hi}]" if lo is not None and hi is not None else ""
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a bad value, on one line and cut to ``limit`` characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -270,15 +300,22 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except RecursionError:
+        raise ConfigError(f"config error: --set {key}: value nested too deeply") from None
     return key, value
 
 
-def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
-    """Validate ``data`` (nested dict) with ``overrides`` (``KEY=VALUE`` strings) applied."""
+def _merged(data: dict[str, Any] | None, overrides: list[str] | None) -> dict[str, Any]:
     merged = dict(data or {})
     for item in overrides or []:
         key, value = parse_override(item)
         merged = _merge(merged, _nest({key: value}))
+    return merged
+
+
+def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Validate ``data`` (nested dict) with ``overrides`` (``KEY=VALUE`` strings) applied."""
+    merged = _merged(data, overrides)
     try:
         return Config.model_validate(merged)
     except ValidationError as err:
@@ -287,16 +324,56 @@ def build_config(data: dict[str, Any] | None = None, overrides: list[str] | None
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a TOML config file (or the built-in defaults) and apply ``--set`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config error: {p}: file not found") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config error: {p}: invalid TOML: {err}") from None
+    data = read_config_file(path) if path is not None else {}
     return build_config(data, overrides)
+
+
+#: Largest config file read (a config is a few KiB; this keeps ``--config /dev/zero`` or a huge file bounded).
+CONFIG_FILE_MAX_BYTES = 1 << 20
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The parsed TOML of a config file; every problem (missing, a directory, not UTF-8, too big,
+    invalid TOML) is a one-line :class:`ConfigError` naming the file."""
+    p = Path(path)
+    try:
+        if not p.exists():
+            raise ConfigError(f"config error: {p}: file not found")
+        if p.is_dir():
+            raise ConfigError(f"config error: {p}: is a directory, not a TOML file")
+        if not p.is_file():
+            raise ConfigError(f"config error: {p}: not a regular file")
+        if p.stat().st_size > CONFIG_FILE_MAX_BYTES:
+            raise ConfigError(f"config error: {p}: too large for a config file (more than {CONFIG_FILE_MAX_BYTES} bytes)")
+        text = p.read_bytes()[: CONFIG_FILE_MAX_BYTES + 1].decode("utf-8")
+        return tomllib.loads(text)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config error: {p}: not UTF-8 text (byte {err.start}); a config file is UTF-8 TOML") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config error: {p}: invalid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"config error: {p}: invalid TOML: nested too deeply") from None
+    except OSError as err:
+        raise ConfigError(f"config error: {p}: cannot read ({err.strerror or type(err).__name__})") from None
+
+
+def load_sections(
+    path: str | Path | None = None, overrides: list[str] | None = None, sections: tuple[str, ...] = ("data", "model")
+) -> dict[str, BaseModel]:
+    """Validate only ``sections`` of a config (file + ``--set``), for commands that use nothing else
+    (``fedmeta partition``): other sections are not checked, but unknown section names still are."""
+    merged = _merged(read_config_file(path) if path is not None else {}, overrides)
+    for key in merged:
+        if key not in Config.model_fields:
+            raise ConfigError(f"config error: {key}: unknown key")
+    out: dict[str, BaseModel] = {}
+    for name in sections:
+        model = Config.model_fields[name].annotation
+        try:
+            out[name] = model.model_validate(merged.get(name, {}))
+        except ValidationError as err:
+            raise ConfigError(_format_error(err, (name,))) from None
+    return out
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> Config:
@@ -312,5 +389,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> Config:
 def config_from_json(text: str) -> Config:
     try:
         return Config.model_validate(json.loads(text))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"config error: invalid JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
