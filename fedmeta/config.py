@@ -147,7 +147,7 @@ class SimulationConfig(_Section):
 class PrivacyConfig(_Section):
     enabled: bool = False
     mode: Literal["server", "client"] = "server"
-    noise_multiplier: float = Field(1.0, ge=0)
+    noise_multiplier: float = Field(1.0, ge=0, le=1e6)  # 1e6 = fedmeta.privacy.NOISE_MULTIPLIER_MAX
     clip_norm: float = Field(1.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["pld", "rdp"] = "pld"

@@ -40,3 +40,38 @@ def test_bad_config_file(tmp_path):
 def test_resume_of_a_non_run_dir_fails_cleanly(tmp_path):
     r = fedmeta("simulate", "--resume", str(tmp_path))
     assert r.returncode == 2 and "not a fedmeta run directory" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--set", "meta.outer_lr=inf"], "fedmeta: config error: meta.outer_lr: must be a finite number (got inf)"),
+        (["--set", "meta.inner_lr=nan"], "fedmeta: config error: meta.inner_lr: must be a finite number (got nan)"),
+        (["--set", "simulation.seed=99999999999999999999"], "fedmeta: config error: simulation.seed: must be <= 4294967295"),
+        (["--set", "data.seed=-1"], "fedmeta: config error: data.seed: must be >= 0 (got -1)"),
+        (["--set", "simulation.rounds=1e20"], "fedmeta: config error: simulation.rounds: must be an integer in [1, 1000000]"),
+    ],
+)
+def test_values_that_used_to_run_or_crash_later_are_one_line(tmp_path, capsys, args, expected):
+    from fedmeta.cli import main  # in-process: the same path as the console script, without a new interpreter
+
+    out = tmp_path / "run"
+    assert main(["simulate", *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(expected), err
+    assert not out.exists()
+
+
+def test_config_file_that_is_not_utf8_or_is_a_directory(tmp_path, capsys):
+    from fedmeta.cli import main
+
+    f = tmp_path / "c.toml"
+    f.write_bytes(b"\xff\xfe[meta]\n")
+    for config, expected in [(f, "not UTF-8 text"), (tmp_path, "is a directory")]:
+        assert main(["simulate", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith(f"fedmeta: config error: {config}: {expected}"), err
+        assert not (tmp_path / "run").exists()
+    # and through the console entry point, traceback-free
+    r = fedmeta("simulate", "--config", str(f), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr

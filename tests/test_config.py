@@ -101,3 +101,93 @@ def test_a_component_that_raises_gives_one_line(tmp_path):
 
 def test_default_experiment_file_is_the_builtin_default():
     assert load_config(ROOT / "experiments" / "configs" / "default.toml") == Config()
+
+
+# --------------------------------------------------------------------------- issue 9: bad input that gave garbage
+
+
+@pytest.mark.parametrize("field", [
+    "meta.outer_lr", "meta.inner_lr", "meta.outer_lr_final", "meta.server_eps", "data.heldout_fraction",
+    "simulation.round_timeout", "simulation.max_update_norm", "privacy.noise_multiplier", "privacy.clip_norm",
+])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "'inf'"])
+def test_every_float_must_be_finite(field, value):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [f"{field}={value}"])
+    assert str(err.value).startswith(f"config error: {field}: must be a finite number (got "), str(err.value)
+
+
+def test_no_float_field_accepts_infinity():
+    """Every float field of every section, not only the ones listed above."""
+    for section, sec_field in Config.model_fields.items():
+        for key, field in sec_field.annotation.model_fields.items():
+            if field.annotation is float:
+                with pytest.raises(ConfigError, match=f"^config error: {section}.{key}: must be a finite number"):
+                    build_config(None, [f"{section}.{key}=inf"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("simulation.seed=99999999999999999999", "config error: simulation.seed: must be <= 4294967295 (got 99999999999999999999)"),
+    ("simulation.seed=-1", "config error: simulation.seed: must be >= 0 (got -1)"),
+    ("data.seed=-1", "config error: data.seed: must be >= 0 (got -1)"),
+    ("data.seed=4294967296", "config error: data.seed: must be <= 4294967295"),
+    ("simulation.rounds=1e30", "config error: simulation.rounds: must be an integer in [1, 1000000] (got 1e+30)"),
+    ("simulation.rounds=10000000", "config error: simulation.rounds: must be <= 1000000"),
+    ("data.examples_per_client=100000000", "config error: data.examples_per_client: must be <= 100000"),
+    ("meta.inner_batch_size=99999999999", "config error: meta.inner_batch_size: must be <= 100000"),
+    ("meta.eval_steps=99999999999", "config error: meta.eval_steps: must be <= 10000"),
+    ("simulation.chunk_size=99999999999", "config error: simulation.chunk_size: must be <= 1000000"),
+    ("model.hidden_dim=1000000", "config error: model.hidden_dim: must be <= 4096"),
+    ("data.num_classes=100000000", "config error: data.num_classes: must be <= 10000"),
+    ("simulation.max_retries=1000000000", "config error: simulation.max_retries: must be <= 100"),
+    ("privacy.noise_multiplier=1e300", "config error: privacy.noise_multiplier: must be <= 1000000.0"),
+    ("data.seed=" + "[" * 5000, "config error: --set data.seed: value nested too deeply"),
+])
+def test_unbounded_values_are_refused_naming_field_and_range(override, expected):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, [override])
+    assert str(err.value).startswith(expected), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_every_int_field_has_an_upper_bound():
+    for section, sec_field in Config.model_fields.items():
+        for key, field in sec_field.annotation.model_fields.items():
+            if field.annotation is int:
+                with pytest.raises(ConfigError, match=f"^config error: {section}.{key}: must be"):
+                    build_config(None, [f"{section}.{key}={10**30}"])
+
+
+def test_seed_bounds_accept_the_extremes():
+    cfg = build_config(None, ["simulation.seed=4294967295", "data.seed=4294967295"])
+    assert cfg.simulation.seed == cfg.data.seed == 2**32 - 1
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    binary = tmp_path / "latin1.toml"
+    binary.write_bytes(b"[meta]\n# caf\xe9\ninner_steps = 3\n")
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text"):
+        load_config(binary)
+    with pytest.raises(ConfigError, match=r"is a directory, not a TOML file"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"/dev/zero: not a regular file"):
+        load_config("/dev/zero")
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match=r"big.toml: too large for a config file"):
+        load_config(big)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 5000)
+    with pytest.raises(ConfigError, match=r"deep.toml: invalid TOML"):
+        load_config(deep)
+
+
+def test_load_sections_validates_only_what_it_is_asked_for():
+    from fedmeta.config import load_sections
+
+    got = load_sections(None, ["simulation.clients_per_round=1000", "data.num_clients=5"])
+    assert got["data"].num_clients == 5 and set(got) == {"data", "model"}
+    with pytest.raises(ConfigError, match=r"^config error: data.seed: must be >= 0 \(got -1\)$"):
+        load_sections(None, ["data.seed=-1"])
+    with pytest.raises(ConfigError, match=r"^config error: dat: unknown key$"):
+        load_sections(None, ["dat.seed=1"])
