@@ -312,3 +312,76 @@ def test_bad_inputs_elsewhere():
         Accountant().epsilon(2.0)
     with pytest.raises(PrivacyError, match=r"^accountant state"):
         Accountant.from_state({"kind": "pld", "history": [[1.0, 2.0, 3]]})
+
+
+# --------------------------------------------------------------------------- bounded cost (issue 9)
+
+from fedmeta.privacy import accountant as acc_mod  # noqa: E402
+from fedmeta.privacy.accountant import PLDTooLargeError, pld_grid_points  # noqa: E402
+
+
+@pytest.mark.parametrize("z,q,rounds", [(1.0, 0.01, 1000), (0.8, 0.05, 500), (1.0, 1.0, 10), (0.3, 0.01, 200), (2.0, 0.1, 1)])
+def test_pld_size_estimate_matches_the_grid_built(z, q, rounds):
+    """The up-front estimate is what dp_accounting then builds (within a couple of points)."""
+    built = acc_mod._rounds_pld(z, q, rounds, acc_mod.PLD_VALUE_DISCRETIZATION)
+    actual = max(built._pmf_remove.size, built._pmf_add.size)
+    assert abs(pld_grid_points(z, q, rounds) - actual) <= 3
+
+
+@pytest.mark.parametrize("z,q,rounds", [(1e-6, 0.01, 1000), (1e-2, 0.01, 1000), (1.0, 0.01, 10**9), (1e-3, 1.0, 10)])
+def test_pld_refuses_grids_that_would_not_fit_before_building_them(z, q, rounds):
+    with pytest.raises(PLDTooLargeError) as info:
+        compute_epsilon(z, q, rounds, DELTA, "pld")
+    msg = str(info.value)
+    assert msg.startswith("privacy.accountant: PLD for") and "grid points" in msg and "\n" not in msg
+    assert info.value.points > acc_mod.PLD_MAX_ROUND_POINTS
+    assert isinstance(info.value, PrivacyError)
+    assert math.isfinite(compute_epsilon(z, q, rounds, DELTA, "rdp"))  # the fallback has an answer
+
+
+def test_rdp_is_closed_form_in_rounds_and_rounds_are_bounded():
+    one = compute_epsilon(1.0, 0.01, 10**9, DELTA, "rdp")
+    assert math.isfinite(one) and compute_epsilon(1.0, 0.01, 10**12, DELTA, "rdp") > one
+    for bad in (10**12 + 1, 1e20, 10**20):
+        with pytest.raises(PrivacyError, match=r"^privacy.rounds: must be <= 1e\+12"):
+            compute_epsilon(1.0, 0.01, bad, DELTA, "rdp")
+
+
+def test_noise_below_the_floor_is_no_privacy_not_zero_epsilon():
+    # dp_accounting's RDP underflows to epsilon = 0 near z = 1e-160 and divides by zero below
+    for z in (1e-160, 1e-200, 5e-324, 1e-7):
+        for kind in ("pld", "rdp"):
+            assert compute_epsilon(z, 0.5, 10, DELTA, kind) == math.inf
+    acc = Accountant("rdp")
+    acc.step(1e-200, 0.5)
+    assert acc.epsilon(DELTA) == math.inf
+    with pytest.raises(PrivacyError, match=r"^privacy.noise_multiplier: must be <= 1e\+06"):
+        compute_epsilon(1e300, 0.01, 10, DELTA)
+
+
+def test_calibration_of_a_huge_target_is_bounded():
+    with pytest.raises(PLDTooLargeError):
+        calibrate_noise(1e6, 0.01, 1000, DELTA, "pld")
+    z = calibrate_noise(1e6, 0.01, 1000, DELTA, "rdp")
+    assert 1e-3 <= z < 0.1 and compute_epsilon(z, 0.01, 1000, DELTA, "rdp") <= 1e6
+    z = calibrate_noise(3.0, 0.01, 10**9, DELTA, "rdp")
+    assert compute_epsilon(z, 0.01, 10**9, DELTA, "rdp") <= 3.0 < compute_epsilon(z * 0.99, 0.01, 10**9, DELTA, "rdp")
+
+
+def test_running_pld_accountant_falls_back_to_rdp_and_resumes_the_same(caplog):
+    acc = Accountant("pld")
+    acc.step(1.0, 0.1, count=3)
+    assert acc.effective_kind == "pld" and acc.fallback_reason is None
+    with caplog.at_level("WARNING", logger="fedmeta.privacy"):
+        assert acc.would_exceed(1e9, DELTA, 0.01, 0.1) is False  # z = 0.01: a 6M-point one-round grid
+        acc.step(0.01, 0.1)
+    assert acc.effective_kind == "rdp" and "grid points" in acc.fallback_reason
+    assert [r.name for r in caplog.records] == ["fedmeta.privacy"]
+    rdp = Accountant("rdp")
+    rdp.step(1.0, 0.1, count=3)
+    rdp.step(0.01, 0.1)
+    assert acc.epsilon(DELTA) == pytest.approx(rdp.epsilon(DELTA), rel=1e-12)  # the whole history, in RDP
+    acc.step(1.0, 0.1)
+    again = Accountant.from_state(json.loads(json.dumps(acc.state_dict())))
+    assert again.kind == "pld" and again.effective_kind == "rdp"
+    assert again.epsilon(DELTA) == pytest.approx(acc.epsilon(DELTA), rel=1e-12)

@@ -68,3 +68,54 @@ def test_sweep_writes_table_csv_and_plot(tmp_path):
     assert (out / "results.csv").read_text().count("\n") == 7
     assert (out / "privacy_accuracy.png").stat().st_size > 5000
     assert "| z2-C1 |" in (out / "table.md").read_text()
+
+
+# --------------------------------------------------------------------------- bounded answers (issue 9)
+
+
+def test_tiny_noise_falls_back_to_rdp_and_says_so():
+    # on the PLD grid this needed 3.55 PiB (z = 1e-6) or 112 s and 3.4 GB (z = 1e-2)
+    for z in ("1e-6", "1e-2"):
+        r = fedmeta("privacy", "epsilon", "--noise-multiplier", z, "--sample-rate", "0.01", "--rounds", "1000", timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        notes = [l for l in r.stderr.splitlines() if l.startswith("fedmeta:")]
+        assert len(notes) == 1 and "grid points" in notes[0] and "--accountant rdp" in notes[0], r.stderr
+        lines = r.stdout.strip().splitlines()
+        assert lines[0].startswith("accountant=rdp ")
+        from fedmeta.privacy import compute_epsilon
+
+        assert float(lines[-1]) == pytest.approx(compute_epsilon(float(z), 0.01, 1000, 1e-5, "rdp"), rel=1e-6)
+
+
+def test_calibrate_with_huge_target_or_rounds_returns():
+    for target, rounds in (("1e6", "1000"), ("3", "1000000000")):
+        r = fedmeta("privacy", "calibrate", "--target-epsilon", target, "--sample-rate", "0.01", "--rounds", rounds, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        z = float(r.stdout.strip().splitlines()[-1])
+        from fedmeta.privacy import compute_epsilon
+
+        assert compute_epsilon(z, 0.01, int(rounds), 1e-5, "rdp") <= float(target)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--rounds", "1e20"], "fedmeta: privacy.rounds: must be <= 1e+12, got 1e+20"),
+        (["--rounds", "100000000000000000000"], "fedmeta: privacy.rounds: must be <= 1e+12"),
+        (["--rounds", "2.5"], "fedmeta: privacy.rounds: must be an integer in [1, 1e+12], got 2.5"),
+        (["--rounds", "abc"], "fedmeta: fedmeta privacy epsilon: argument --rounds: invalid integer value: 'abc'"),
+        ([], "fedmeta: fedmeta privacy epsilon: the following arguments are required: --rounds"),
+        (["--rounds", "10", "--noise-multiplier", "1e300"], "fedmeta: privacy.noise_multiplier: must be <= 1e+06"),
+        (["--rounds", "10", "--sample-rate", "nan"], "fedmeta: privacy.sample_rate: must not be NaN"),
+    ],
+)
+def test_bad_arguments_are_one_line_without_usage(capsys, args, expected):
+    from fedmeta.cli import main
+
+    base = ["privacy", "epsilon", "--noise-multiplier", "1", "--sample-rate", "0.01"]
+    try:
+        code = main(base + args)
+    except SystemExit as exit_:  # argparse's own errors exit from inside parse_args
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(expected), err

@@ -22,6 +22,19 @@ PLD discretisation: ``PLD_VALUE_DISCRETIZATION = 1e-3``.  With connect-the-dots
 this reproduces the 1e-4 reference values (docs: shared ANCHORS) within 0.05 %,
 always from above (conservative), and is ~10x faster than 1e-4, which is what
 keeps :meth:`Accountant.epsilon` per round well under 0.1 s at T = 500.
+
+Bounded cost: the PLD grid grows like 1/z^2 per round and with T, so a tiny
+noise multiplier or a huge T would need petabytes (z = 1e-6) or minutes
+(z = 1e-2).  Before building anything the size is estimated (the one-round grid
+from the privacy loss's own bounds, without building it; the T-fold one with
+dp_accounting's Chernoff truncation bounds) and a grid over
+``PLD_MAX_ROUND_POINTS`` / ``PLD_MAX_POINTS`` raises :class:`PLDTooLargeError`
+(the one-shot functions) or makes a running :class:`Accountant` switch to RDP
+for the rest of the run (logged once).  RDP costs the same for any T (the
+one-round curve times T).  Noise multipliers below ``NOISE_MULTIPLIER_FLOOR``
+give no meaningful privacy and are accounted as epsilon = inf (the RDP maths
+underflows to a wrong 0 near z = 1e-160); ``MAX_ROUNDS`` and
+``NOISE_MULTIPLIER_MAX`` bound the inputs.
 """
 
 from __future__ import annotations
@@ -30,13 +43,16 @@ import contextlib
 import functools
 import logging
 import math
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import dp_accounting
 from dp_accounting import mechanism_calibration
+from dp_accounting.pld import common as _pld_common
 from dp_accounting.pld import privacy_loss_distribution as _pld_lib
+from dp_accounting.pld import privacy_loss_mechanism as _plm
 from dp_accounting.rdp import rdp_privacy_accountant as _rdp_lib
 
 __all__ = [
@@ -44,6 +60,13 @@ __all__ = [
     "RDP_ORDERS",
     "ACCOUNTANT_KINDS",
     "PrivacyError",
+    "PLDTooLargeError",
+    "PLD_MAX_POINTS",
+    "PLD_MAX_ROUND_POINTS",
+    "MAX_ROUNDS",
+    "NOISE_MULTIPLIER_FLOOR",
+    "NOISE_MULTIPLIER_MAX",
+    "pld_grid_points",
     "Accountant",
     "compute_epsilon",
     "calibrate_noise",
@@ -65,7 +88,21 @@ PLD_VALUE_DISCRETIZATION: float = 1e-3
 #: RDP orders: dp_accounting's defaults (1.1 .. 10.9 step 0.1, 11 .. 63, 128 .. 1024).
 RDP_ORDERS: tuple[float, ...] = tuple(float(a) for a in _rdp_lib.DEFAULT_RDP_ORDERS)
 
+#: Largest composed PLD grid (points of either PMF) built: 32 MiB a complex FFT buffer, a second or two.
+PLD_MAX_POINTS: int = 1 << 21
+#: The same limit while calibrating (Brent evaluates epsilon a dozen or more times).
+PLD_MAX_CALIBRATION_POINTS: int = 1 << 19
+#: Largest one-round PLD grid built (building costs ~5 us a point, the composition then grows it).
+PLD_MAX_ROUND_POINTS: int = 150_000
+#: Largest number of rounds accepted (RDP handles any T in constant time; this only keeps T an honest count).
+MAX_ROUNDS: int = 10**12
+#: 0 < z below this is accounted as no privacy (epsilon = inf): the true epsilon is astronomically large.
+NOISE_MULTIPLIER_FLOOR: float = 1e-6
+#: Largest noise multiplier accepted (the privacy-loss maths overflows near 1e300).
+NOISE_MULTIPLIER_MAX: float = 1e6
+
 _STATE_VERSION = 1
+_log = logging.getLogger("fedmeta.privacy")
 
 
 class PrivacyError(ValueError):
@@ -74,6 +111,14 @@ class PrivacyError(ValueError):
     Messages are one line and name the parameter, e.g.
     ``privacy.noise_multiplier: must be >= 0, got -1``.
     """
+
+
+class PLDTooLargeError(PrivacyError):
+    """The PLD accountant would need a grid over the size limits; use RDP (``str(err)`` says how big)."""
+
+    def __init__(self, message: str, points: int) -> None:
+        super().__init__(message)
+        self.points = points
 
 
 # --------------------------------------------------------------------------- validation
@@ -93,13 +138,20 @@ def _fmt(value: Any) -> str:
 
 
 def validate_noise_multiplier(value: Any, name: str = "privacy.noise_multiplier") -> float:
-    """z >= 0 and finite (z == 0 means no noise, i.e. epsilon = inf)."""
+    """0 <= z <= NOISE_MULTIPLIER_MAX (z == 0 means no noise, i.e. epsilon = inf)."""
     v = _num(name, value)
     if not v >= 0:
         raise PrivacyError(f"{name}: must be >= 0, got {_fmt(value)}")
     if math.isinf(v):
         raise PrivacyError(f"{name}: must be finite, got {_fmt(value)}")
+    if v > NOISE_MULTIPLIER_MAX:
+        raise PrivacyError(f"{name}: must be <= {NOISE_MULTIPLIER_MAX:g}, got {_fmt(value)}")
     return v
+
+
+def _accounted_z(z: float) -> float:
+    """The noise multiplier the maths sees: 0 (no privacy) below NOISE_MULTIPLIER_FLOOR."""
+    return 0.0 if z < NOISE_MULTIPLIER_FLOOR else z
 
 
 def validate_sample_rate(value: Any, name: str = "privacy.sample_rate") -> float:
@@ -131,14 +183,16 @@ def validate_clip_norm(value: Any, name: str = "privacy.clip_norm") -> float:
 
 
 def validate_rounds(value: Any, name: str = "privacy.rounds") -> int:
-    """Integer >= 1."""
+    """Integer in [1, MAX_ROUNDS]."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            raise PrivacyError(f"{name}: must be an integer >= 1, got {value!r}")
+            raise PrivacyError(f"{name}: must be an integer in [1, {MAX_ROUNDS:.0e}], got {value!r}")
     if value < 1:
         raise PrivacyError(f"{name}: must be >= 1, got {value}")
+    if value > MAX_ROUNDS:
+        raise PrivacyError(f"{name}: must be <= {MAX_ROUNDS:.0e}, got {value:.4g}")
     return int(value)
 
 
@@ -202,7 +256,7 @@ def _make_dp_accountant(kind: str, vdi: float, orders: Sequence[float]) -> dp_ac
     return dp_accounting.rdp.RdpAccountant(orders=list(orders))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)  # up to PLD_MAX_ROUND_POINTS each: bounded memory
 def _single_round_pld(noise_multiplier: float, sample_rate: float, vdi: float) -> _pld_lib.PrivacyLossDistribution:
     """PLD of one round (z > 0). Building it is the expensive part, so cache it."""
     return _pld_lib.from_gaussian_mechanism(
@@ -210,6 +264,73 @@ def _single_round_pld(noise_multiplier: float, sample_rate: float, vdi: float) -
         sampling_prob=sample_rate,
         value_discretization_interval=vdi,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _round_points(noise_multiplier: float, sample_rate: float, vdi: float) -> int:
+    """Points of the one-round PLD grid (the larger of its remove/add PMFs), without building it.
+
+    Mirrors ``from_gaussian_mechanism`` (connect-the-dots, pessimistic, log mass truncation -50):
+    the grid spans the privacy loss's ``connect_dots_bounds`` in steps of ``vdi``.
+    """
+    adjacencies = [_plm.AdjacencyType.REMOVE] + ([_plm.AdjacencyType.ADD] if sample_rate < 1.0 else [])
+    points = 0
+    for adjacency in adjacencies:
+        try:
+            bounds = _plm.GaussianPrivacyLoss(
+                noise_multiplier, pessimistic_estimate=True, log_mass_truncation_bound=-50,
+                sampling_prob=sample_rate, adjacency_type=adjacency,
+            ).connect_dots_bounds()
+            span = (bounds.epsilon_upper - bounds.epsilon_lower) / vdi
+        except (ArithmeticError, ValueError):
+            return sys.maxsize
+        if not math.isfinite(span) or span > sys.maxsize / 2:
+            return sys.maxsize
+        points = max(points, int(math.ceil(span)) + 2)
+    return points
+
+
+def _composed_len(pmf: Any, count: int) -> int:
+    """Length of ``pmf.self_compose(count)`` (dp_accounting's Chernoff truncation bounds), without computing it."""
+    probs = getattr(pmf, "_probs", None)  # dense PMFs, which from_gaussian_mechanism builds
+    if probs is None:
+        return int(pmf.size) * count
+    lo, hi = _pld_common.compute_self_convolve_bounds(probs, count, 1e-15)
+    return int(hi - lo + 1)
+
+
+def pld_grid_points(noise_multiplier: float, sample_rate: float, rounds: int,
+                    value_discretization_interval: float = PLD_VALUE_DISCRETIZATION) -> int:
+    """Estimated points of the PLD grid for ``rounds`` rounds of (z, q), z > 0; cheap (builds at most
+    a one-round grid of <= PLD_MAX_ROUND_POINTS). Compare with PLD_MAX_ROUND_POINTS / PLD_MAX_POINTS."""
+    z, q, t, vdi = noise_multiplier, sample_rate, rounds, value_discretization_interval
+    if q >= 1.0:  # composed in closed form: one Gaussian with z / sqrt(T)
+        return _round_points(z / math.sqrt(t), 1.0, vdi)
+    single = _round_points(z, q, vdi)
+    if t == 1 or single > PLD_MAX_ROUND_POINTS:
+        return single
+    pld = _single_round_pld(z, q, vdi)
+    return max(_composed_len(pmf, t) for pmf in (pld._pmf_remove, pld._pmf_add))  # noqa: SLF001
+
+
+def _check_pld_size(z: float, q: float, count: int, vdi: float, already: int = 0, max_points: int | None = None) -> None:
+    """Raise PLDTooLargeError if composing ``count`` rounds (onto a grid of ``already`` points) is too big."""
+    single = _round_points(z, q, vdi) if q < 1.0 else 0
+    if single > PLD_MAX_ROUND_POINTS:
+        points, limit = single, PLD_MAX_ROUND_POINTS
+    else:
+        points, limit = pld_grid_points(z, q, count, vdi) + already, max_points or PLD_MAX_POINTS
+    if points > limit:
+        shown = f"{points:,}" if points < sys.maxsize else "unboundedly many"
+        raise PLDTooLargeError(
+            f"privacy.accountant: PLD for z={z:g}, q={q:g}, T={count} would need {shown} grid points "
+            f"(limit {limit:,}); the RDP accountant handles it",
+            points,
+        )
+
+
+def _pld_points_of(pld: _pld_lib.PrivacyLossDistribution) -> int:
+    return max(int(pld._pmf_remove.size), int(pld._pmf_add.size))  # noqa: SLF001
 
 
 def _rounds_pld(noise_multiplier: float, sample_rate: float, count: int, vdi: float) -> _pld_lib.PrivacyLossDistribution:
@@ -227,17 +348,18 @@ def _rounds_pld(noise_multiplier: float, sample_rate: float, count: int, vdi: fl
 @functools.lru_cache(maxsize=64)
 def _single_round_rdp(noise_multiplier: float, sample_rate: float, orders: tuple[float, ...]) -> np.ndarray:
     acc = dp_accounting.rdp.RdpAccountant(orders=list(orders))
-    with _quiet_rdp():
+    with _quiet_rdp(), np.errstate(over="ignore", invalid="ignore"):
         acc.compose(_round_event(noise_multiplier, sample_rate))
-    rdp = acc.rdp
+    rdp = np.where(np.isnan(acc.rdp), np.inf, acc.rdp)  # an order that overflowed bounds nothing
     rdp.setflags(write=False)
     return rdp
 
 
 def _rdp_epsilon(orders: Sequence[float], rdp: np.ndarray, delta: float) -> float:
-    with _quiet_rdp():
+    with _quiet_rdp(), np.errstate(over="ignore", invalid="ignore"):
         eps, _ = _rdp_lib.compute_epsilon(list(orders), rdp, delta)
-    return float(eps)
+    eps = float(eps)
+    return eps if eps == eps else math.inf  # NaN from overflowing curves: no usable bound
 
 
 # --------------------------------------------------------------------------- one-shot API
@@ -255,7 +377,9 @@ def compute_epsilon(
     """Client-level epsilon after ``rounds`` rounds of the Poisson-sampled Gaussian.
 
     ``noise_multiplier`` z = noise std / clip norm, ``sample_rate`` q = expected
-    cohort / population.  z == 0 returns ``math.inf``.
+    cohort / population.  z == 0 (or below ``NOISE_MULTIPLIER_FLOOR``) returns ``math.inf``.
+    With ``"pld"``, raises :class:`PLDTooLargeError` *before* any work when the grid
+    would exceed the size limits (callers may then use ``"rdp"``).
     """
     z = validate_noise_multiplier(noise_multiplier)
     q = validate_sample_rate(sample_rate)
@@ -263,12 +387,18 @@ def compute_epsilon(
     d = validate_delta(delta)
     kind = validate_accountant_kind(accountant)
     vdi = _validate_vdi(value_discretization_interval)
+    return _epsilon(z, q, t, d, kind, vdi)
+
+
+def _epsilon(z: float, q: float, t: int, d: float, kind: str, vdi: float, max_points: int | None = None) -> float:
+    """compute_epsilon on validated inputs."""
+    z = _accounted_z(z)
     if z == 0.0:
         return math.inf
-    acc = _make_dp_accountant(kind, vdi, RDP_ORDERS)
-    with _quiet_rdp():
-        acc.compose(_training_event(z, q, t))
-        return float(acc.get_epsilon(d))
+    if kind == "pld":
+        _check_pld_size(z, q, t, vdi, max_points=max_points)
+        return float(_rounds_pld(z, q, t, vdi).get_epsilon_for_delta(d))
+    return _rdp_epsilon(RDP_ORDERS, t * _single_round_rdp(z, q, RDP_ORDERS), d)
 
 
 def calibrate_noise(
@@ -285,7 +415,9 @@ def calibrate_noise(
 
     Uses ``dp_accounting.mechanism_calibration.calibrate_dp_mechanism`` (Brent's
     method) on an explicit bracket, then steps up by ``tol`` if needed so that
-    the returned z always satisfies the target.
+    the returned z always satisfies the target.  Bounded: the bracket lies in
+    [1e-3, NOISE_MULTIPLIER_MAX]; with ``"pld"``, a bracket whose grid would be
+    too large raises :class:`PLDTooLargeError` before any big computation.
     """
     eps_target = validate_target_epsilon(target_epsilon)
     q = validate_sample_rate(sample_rate)
@@ -297,14 +429,16 @@ def calibrate_noise(
         raise PrivacyError(f"tol: must be > 0, got {tol!r}")
 
     def eps(z: float) -> float:
-        return compute_epsilon(z, q, t, d, kind, value_discretization_interval=vdi)
+        return _epsilon(z, q, t, d, kind, vdi, PLD_MAX_CALIBRATION_POINTS)
 
     # Bracket [lo, hi] with eps(lo) > target >= eps(hi).
     hi = 1.0
     while eps(hi) > eps_target:
         hi *= 2.0
-        if hi > 1e6:
-            raise PrivacyError(f"privacy.target_epsilon: unreachable with noise_multiplier <= 1e6, got {eps_target:g}")
+        if hi > NOISE_MULTIPLIER_MAX:
+            raise PrivacyError(
+                f"privacy.target_epsilon: unreachable with noise_multiplier <= {NOISE_MULTIPLIER_MAX:g}, got {eps_target:g}"
+            )
     lo = hi / 2.0
     while eps(lo) <= eps_target:
         hi, lo = lo, lo / 2.0
@@ -322,9 +456,11 @@ def calibrate_noise(
         )
     )
     z = min(max(z, lo), hi)
-    while z < hi and eps(z) > eps_target:
+    for _ in range(100):  # Brent stops within tol; a few steps of tol suffice
+        if z >= hi or eps(z) <= eps_target:
+            return z
         z = min(z + tol, hi)
-    return z
+    return hi
 
 
 def rounds_within_budget(
@@ -344,11 +480,15 @@ def rounds_within_budget(
     d = validate_delta(delta)
     kind = validate_accountant_kind(accountant)
     cap = validate_rounds(max_rounds, "max_rounds")
-    if z == 0.0:
+    if _accounted_z(z) == 0.0:
         return 0
 
     def ok(t: int) -> bool:
-        return compute_epsilon(z, q, t, d, kind, value_discretization_interval=value_discretization_interval) <= eps_target
+        try:
+            eps = compute_epsilon(z, q, t, d, kind, value_discretization_interval=value_discretization_interval)
+        except PLDTooLargeError:  # too big a grid for PLD: RDP, also an upper bound
+            eps = compute_epsilon(z, q, t, d, "rdp")
+        return eps <= eps_target
 
     if not ok(1):
         return 0
@@ -386,6 +526,14 @@ class Accountant:
     encoded history of ``[z, q, count]``); :meth:`load_state_dict` /
     :meth:`from_state` rebuild the composition so a resumed run continues
     epsilon instead of restarting at zero.
+
+    Bounded cost: a ``"pld"`` accountant whose next composition would exceed
+    ``PLD_MAX_POINTS`` (or whose one-round grid would exceed
+    ``PLD_MAX_ROUND_POINTS``, e.g. z = 0.01) switches to RDP over its whole
+    history for the rest of its life, logs that once on the ``fedmeta.privacy``
+    logger and says so in :attr:`effective_kind` / :attr:`fallback_reason`; epsilon
+    stays an upper bound.  The switch depends only on the history, so a resumed
+    run makes the same one.
     """
 
     def __init__(
@@ -403,29 +551,58 @@ class Accountant:
         self._history: list[list[float | int]] = []  # [[z, q, count], ...], run-length encoded
         self._rounds = 0
         self._non_private = False
+        self._mode = self._kind  # "rdp" once a "pld" accountant has fallen back
+        self._fallback: str | None = None
         self._pld: _pld_lib.PrivacyLossDistribution | None = None
         self._rdp = np.zeros(len(RDP_ORDERS), dtype=np.float64)
         self._eps_cache: dict[float, float] = {}
         self._pending: tuple[tuple[float, float, int], Any, dict[float, float]] | None = None
 
-    def _composed_with(self, z: float, q: float, count: int) -> Any:
-        """Composition state after hypothetically adding ``count`` rounds (no mutation)."""
-        if z == 0.0:
-            return None
-        if self._kind == "pld":
-            new = _rounds_pld(z, q, count, self._vdi)
-            return new if self._pld is None else self._pld.compose(new)
-        return self._rdp + count * _single_round_rdp(z, q, RDP_ORDERS)
+    def _history_rdp(self) -> np.ndarray:
+        rdp = np.zeros(len(RDP_ORDERS), dtype=np.float64)
+        for z, q, count in self._history:
+            z = _accounted_z(float(z))
+            if z > 0.0:
+                rdp = rdp + int(count) * _single_round_rdp(z, float(q), RDP_ORDERS)
+        return rdp
 
-    def _epsilon_of(self, state: Any, delta: float) -> float:
-        if self._kind == "pld":
-            return 0.0 if state is None else float(state.get_epsilon_for_delta(delta))
-        return _rdp_epsilon(RDP_ORDERS, state, delta)
+    def _composed_with(self, z: float, q: float, count: int) -> tuple[str, Any, str | None]:
+        """Composition state ``(mode, pld or rdp curve, fallback reason)`` after hypothetically
+        adding ``count`` rounds with accounted z > 0 (no mutation)."""
+        if self._mode == "pld":
+            already = 0 if self._pld is None else _pld_points_of(self._pld)
+            try:
+                _check_pld_size(z, q, count, self._vdi, already)
+            except PLDTooLargeError as err:
+                return "rdp", self._history_rdp() + count * _single_round_rdp(z, q, RDP_ORDERS), str(err)
+            new = _rounds_pld(z, q, count, self._vdi)
+            return "pld", (new if self._pld is None else self._pld.compose(new)), None
+        return "rdp", self._rdp + count * _single_round_rdp(z, q, RDP_ORDERS), None
+
+    def _current(self) -> tuple[str, Any, str | None]:
+        return self._mode, (self._pld if self._mode == "pld" else self._rdp), None
+
+    @staticmethod
+    def _epsilon_of(state: tuple[str, Any, str | None], delta: float) -> float:
+        mode, value, _ = state
+        if mode == "pld":
+            return 0.0 if value is None else float(value.get_epsilon_for_delta(delta))
+        return _rdp_epsilon(RDP_ORDERS, value, delta)
 
     # -- public API
     @property
     def kind(self) -> str:
         return self._kind
+
+    @property
+    def effective_kind(self) -> str:
+        """The accountant epsilon now comes from: ``kind``, or ``"rdp"`` after a PLD fallback."""
+        return self._mode
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why a ``"pld"`` accountant switched to RDP (None if it did not)."""
+        return self._fallback
 
     @property
     def rounds(self) -> int:
@@ -443,7 +620,7 @@ class Accountant:
         n = validate_rounds(count, "count")
         key = (z, q, n)
         self._eps_cache.clear()
-        if z == 0.0:
+        if _accounted_z(z) == 0.0:
             self._non_private = True
         elif self._pending is not None and self._pending[0] == key:
             # already computed by would_exceed() / epsilon_after(), epsilon included
@@ -458,11 +635,15 @@ class Accountant:
         else:
             self._history.append([z, q, n])
 
-    def _set_state(self, state: Any) -> None:
-        if self._kind == "pld":
-            self._pld = state
+    def _set_state(self, state: tuple[str, Any, str | None]) -> None:
+        mode, value, reason = state
+        if mode == "rdp" and self._mode == "pld":
+            self._mode, self._pld, self._fallback = "rdp", None, reason
+            _log.warning("%s; switching this run's accountant to RDP (epsilon stays an upper bound)", reason)
+        if mode == "pld":
+            self._pld = value
         else:
-            self._rdp = state
+            self._rdp = value
 
     def epsilon(self, delta: float) -> float:
         """Epsilon spent so far at ``delta`` (0.0 before any round, inf after a z == 0 round)."""
@@ -473,7 +654,7 @@ class Accountant:
             return 0.0
         cached = self._eps_cache.get(d)
         if cached is None:
-            cached = self._epsilon_of(self._pld if self._kind == "pld" else self._rdp, d)
+            cached = self._epsilon_of(self._current(), d)
             self._eps_cache[d] = cached
         return cached
 
@@ -483,7 +664,7 @@ class Accountant:
         z = validate_noise_multiplier(noise_multiplier)
         q = validate_sample_rate(sample_rate)
         n = validate_rounds(count, "count")
-        if self._non_private or z == 0.0:
+        if self._non_private or _accounted_z(z) == 0.0:
             return math.inf
         key = (z, q, n)
         if self._pending is None or self._pending[0] != key:

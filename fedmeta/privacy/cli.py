@@ -1,46 +1,98 @@
 """``fedmeta privacy epsilon | calibrate``: the accountant from the command line.
 
-Each prints its number as the last line of output.
+Each prints its number as the last line of output and answers within seconds:
+when the PLD accountant would need too large a grid (a tiny noise multiplier, a
+huge epsilon, very many rounds) it says so in one line on stderr and uses RDP,
+which is also an upper bound on epsilon and costs the same for any T.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` report a bad argument as one line ``fedmeta: <prog>: <message>`` (exit 2), no usage dump."""
+
+    def error(message: str):  # argparse calls parser.error(message) and expects it not to return
+        parser.exit(2, f"fedmeta: {parser.prog}: {' '.join(message.split())}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def integer(text: str) -> float | int:
+    """A count: ``1000`` or ``1e3`` (an integral float becomes an int); a fractional value is
+    returned as is for the validator to reject with the allowed range."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        return int(value) if value.is_integer() else value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-rate", type=float, required=True, help="Poisson sampling rate q in (0, 1]")
-    p.add_argument("--rounds", type=int, required=True, help="number of rounds T")
-    p.add_argument("--delta", type=float, default=1e-5, help="delta in (0, 1)")
-    p.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
+    p.add_argument("--rounds", type=integer, required=True, help="number of rounds T, an integer in [1, 1e12]")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta in (0, 1) (default: 1e-5)")
+    p.add_argument("--accountant", choices=["pld", "rdp"], default="pld",
+                   help="pld (default; falls back to rdp, saying so, when its grid would be too large) or rdp")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6f}" if value < 1e9 else f"{value:.6e}"  # 'inf' stays 'inf'
+
+
+def _note(err: Exception) -> None:
+    print(f"fedmeta: note: {err}; using --accountant rdp instead (also an upper bound on epsilon)", file=sys.stderr)
 
 
 def cmd_epsilon(args: argparse.Namespace) -> int:
-    from fedmeta.privacy import compute_epsilon
+    from fedmeta.privacy.accountant import NOISE_MULTIPLIER_FLOOR, PLDTooLargeError, compute_epsilon
 
-    eps = compute_epsilon(args.noise_multiplier, args.sample_rate, args.rounds, args.delta, args.accountant)
-    print(f"accountant={args.accountant} z={args.noise_multiplier} q={args.sample_rate} T={args.rounds} delta={args.delta}")
-    print(f"{eps:.6f}")
+    kind = args.accountant
+    if 0 < args.noise_multiplier < NOISE_MULTIPLIER_FLOOR:
+        print(f"fedmeta: note: a noise multiplier below {NOISE_MULTIPLIER_FLOOR:g} gives no meaningful privacy: epsilon = inf",
+              file=sys.stderr)
+    try:
+        eps = compute_epsilon(args.noise_multiplier, args.sample_rate, args.rounds, args.delta, kind)
+    except PLDTooLargeError as err:
+        _note(err)
+        kind = "rdp"
+        eps = compute_epsilon(args.noise_multiplier, args.sample_rate, args.rounds, args.delta, kind)
+    print(f"accountant={kind} z={args.noise_multiplier} q={args.sample_rate} T={args.rounds} delta={args.delta}")
+    print(_fmt(eps))
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from fedmeta.privacy import calibrate_noise
+    from fedmeta.privacy.accountant import PLDTooLargeError, calibrate_noise
 
-    z = calibrate_noise(args.target_epsilon, args.sample_rate, args.rounds, args.delta, args.accountant)
-    print(f"accountant={args.accountant} target_epsilon={args.target_epsilon} q={args.sample_rate} T={args.rounds} delta={args.delta}")
-    print(f"{z:.6f}")
+    kind = args.accountant
+    try:
+        z = calibrate_noise(args.target_epsilon, args.sample_rate, args.rounds, args.delta, kind)
+    except PLDTooLargeError as err:
+        _note(err)
+        kind = "rdp"
+        z = calibrate_noise(args.target_epsilon, args.sample_rate, args.rounds, args.delta, kind)
+    print(f"accountant={kind} target_epsilon={args.target_epsilon} q={args.sample_rate} T={args.rounds} delta={args.delta}")
+    print(_fmt(z))
     return 0
 
 
 def register(sub) -> None:
-    privacy = sub.add_parser("privacy", help="privacy accounting: epsilon for a setting, or the noise for a target epsilon")
+    privacy = one_line_errors(
+        sub.add_parser("privacy", help="privacy accounting: epsilon for a setting, or the noise for a target epsilon")
+    )
     psub = privacy.add_subparsers(dest="privacy_command", required=True)
-    eps = psub.add_parser("epsilon", help="print epsilon(delta) for T rounds of the Poisson-sampled Gaussian mechanism")
-    eps.add_argument("--noise-multiplier", type=float, required=True, help="z >= 0")
+    eps = one_line_errors(
+        psub.add_parser("epsilon", help="print epsilon(delta) for T rounds of the Poisson-sampled Gaussian mechanism")
+    )
+    eps.add_argument("--noise-multiplier", type=float, required=True, help="noise multiplier z in [0, 1e6] (0: no privacy)")
     _common(eps)
     eps.set_defaults(func=cmd_epsilon)
-    cal = psub.add_parser("calibrate", help="print the smallest noise multiplier that meets a target epsilon")
-    cal.add_argument("--target-epsilon", type=float, required=True, help="epsilon > 0")
+    cal = one_line_errors(psub.add_parser("calibrate", help="print the smallest noise multiplier that meets a target epsilon"))
+    cal.add_argument("--target-epsilon", type=float, required=True, help="target epsilon > 0")
     _common(cal)
     cal.set_defaults(func=cmd_calibrate)
