@@ -28,31 +28,67 @@ def _ms(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _setting_name(z: float | None, c: float | None) -> str:
+    return "nonprivate" if z is None else f"z{z:g}-C{c:g}"
+
+
+def _overrides(z: float | None, c: float | None, seed: int) -> list[str]:
+    extra = [f"data.seed={seed}", f"simulation.seed={seed}", "output.progress=false"]
+    if z is not None:
+        extra += ["privacy.enabled=true", "simulation.sampling=poisson", f"privacy.noise_multiplier={z!r}", f"privacy.clip_norm={c!r}"]
+    return extra
+
+
+def validate_sweep(config: str | None, sets: list[str], noise: list[float], clips: list[float], seeds: list[int]) -> list:
+    """Check every argument and build every run's config before anything runs; returns
+    ``[(name, z, C, seed, cfg), ...]`` in run order. Problems are one-line ConfigErrors naming the option."""
+    import math
+
+    from fedmeta.config import SEED_MAX, ConfigError, load_config
+
+    load_config(config, sets)  # the base config on its own: its errors name its own fields
+    for opt, values in (("--noise", noise), ("--clip", clips), ("--seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"sweep {opt}: each value at most once (got {' '.join(map(str, values))})")
+    for z in noise:
+        if not (math.isfinite(z) and 0 <= z <= 1e6):
+            raise ConfigError(f"sweep --noise: each noise multiplier must be in [0, 1e6] (got {z})")
+    for c in clips:
+        if not (math.isfinite(c) and 0 < c <= 1e6):
+            raise ConfigError(f"sweep --clip: each clip norm must be in (0, 1e6] (got {c})")
+    for seed in seeds:
+        if not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"sweep --seeds: each seed must be in [0, {SEED_MAX}] (got {seed})")
+    settings: list[tuple[float | None, float | None]] = [(None, None)] + [(z, c) for z in noise for c in clips]
+    names = [_setting_name(z, c) for z, c in settings]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"sweep --noise/--clip: two settings would both be named {dup!r} (values equal to 6 digits)")
+    plan = []
+    for (z, c), name in zip(settings, names):
+        for seed in seeds:
+            plan.append((name, z, c, seed, load_config(config, sets + _overrides(z, c, seed))))
+    return plan
+
+
 def sweep(config: str | None, sets: list[str], noise: list[float], clips: list[float], seeds: list[int], out: Path) -> list[dict]:
     from fedmeta.cli import run_simulation
-    from fedmeta.config import load_config
 
-    settings: list[tuple[float | None, float | None]] = [(None, None)] + [(z, c) for z in noise for c in clips]
+    plan = validate_sweep(config, sets, noise, clips, seeds)
     rows: list[dict] = []
     out.mkdir(parents=True, exist_ok=True)
-    for z, c in settings:
-        for seed in seeds:
-            extra = [f"data.seed={seed}", f"simulation.seed={seed}", "output.progress=false"]
-            if z is not None:
-                extra += ["privacy.enabled=true", "simulation.sampling=poisson", f"privacy.noise_multiplier={z}", f"privacy.clip_norm={c}"]
-            cfg = load_config(config, sets + extra)
-            name = "nonprivate" if z is None else f"z{z:g}-C{c:g}"
-            t0 = time.time()
-            s = run_simulation(cfg, out / "runs" / f"{name}-seed{seed}", progress=False)
-            row = {
-                "setting": name, "noise_multiplier": z, "clip_norm": c, "seed": seed,
-                "epsilon": s.get("epsilon"), "delta": cfg.privacy.delta if z is not None else None,
-                "clients": cfg.data.num_clients, "clients_per_round": cfg.simulation.clients_per_round,
-                "rounds": s.get("rounds_completed"), "heldout_acc_before": s.get("heldout_acc_before"),
-                "heldout_acc_after": s.get("heldout_acc_after"), "wall_s": round(time.time() - t0, 1),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for name, z, c, seed, cfg in plan:
+        t0 = time.time()
+        s = run_simulation(cfg, out / "runs" / f"{name}-seed{seed}", progress=False)
+        row = {
+            "setting": name, "noise_multiplier": z, "clip_norm": c, "seed": seed,
+            "epsilon": s.get("epsilon"), "delta": cfg.privacy.delta if z is not None else None,
+            "clients": cfg.data.num_clients, "clients_per_round": cfg.simulation.clients_per_round,
+            "rounds": s.get("rounds_completed"), "heldout_acc_before": s.get("heldout_acc_before"),
+            "heldout_acc_after": s.get("heldout_acc_after"), "wall_s": round(time.time() - t0, 1),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -113,9 +149,7 @@ def write_outputs(rows: list[dict], out: Path, total_s: float) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fedmeta.config import load_config
-
-    load_config(args.config, args.set)  # validate before spending any time
+    validate_sweep(args.config, args.set, args.noise, args.clip, args.seeds)  # every run's config, before any runs
     start = time.time()
     out = Path(args.out)
     rows = sweep(args.config, args.set, args.noise, args.clip, args.seeds, out)
@@ -124,11 +158,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("sweep", help="privacy versus accuracy: sweep noise multipliers and clip norms over seeds")
-    p.add_argument("--config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--noise", type=float, nargs="+", default=[0.5, 1.0, 2.0])
-    p.add_argument("--clip", type=float, nargs="+", default=[1.0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--out", default="runs/sweep")
+    from fedmeta.privacy.cli import one_line_errors
+
+    p = one_line_errors(sub.add_parser(
+        "sweep", help="privacy versus accuracy: sweep noise multipliers and clip norms over seeds",
+        description="Runs the non-private baseline and every (noise multiplier, clip norm) pair for every seed; "
+                    "all arguments and every run's config are validated before the first run.",
+    ))
+    p.add_argument("--config", help="TOML config file (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value for every run, e.g. simulation.rounds=20 (repeatable)")
+    p.add_argument("--noise", type=float, nargs="+", default=[0.5, 1.0, 2.0], metavar="Z",
+                   help="noise multipliers to sweep, each in [0, 1e6] (default: 0.5 1.0 2.0)")
+    p.add_argument("--clip", type=float, nargs="+", default=[1.0], metavar="C",
+                   help="clip norms to sweep, each in (0, 1e6] (default: 1.0)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+                   help="seeds (data.seed and simulation.seed) per setting, each in [0, 2^32-1] (default: 0 1 2)")
+    p.add_argument("--out", default="runs/sweep", metavar="DIR",
+                   help="output directory: results.json/.csv, table.md, privacy_accuracy.png, runs/ (default: runs/sweep)")
     p.set_defaults(func=cmd_sweep)

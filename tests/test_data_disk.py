@@ -154,3 +154,41 @@ def test_missing_file_names_it(av_root, tmp_path):
     with pytest.raises(DataError, match="file not found") as e:
         DiskDataset(root).client(7)
     assert str(f) in str(e.value)
+
+
+@pytest.mark.parametrize("change", ["delete", "empty", "not-hex"])
+def test_missing_checksum_is_an_error_naming_the_file(av_root, tmp_path, change):
+    root = _copy(av_root, tmp_path)
+    meta = root / "client_00002" / "meta.json"
+    doc = json.loads(meta.read_text())
+    if change == "delete":
+        del doc["files"]["y"]["sha256"]
+    else:
+        doc["files"]["y"]["sha256"] = "" if change == "empty" else "z" * 64
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(DataError, match="no valid sha256") as e:
+        DiskDataset(root).client(2)
+    assert str(root / "client_00002" / "y.npy") in str(e.value) and "\n" not in str(e.value)
+    DiskDataset(root, verify=False).client(2)  # explicitly unverified: loads
+    with pytest.raises(DataError, match="no valid sha256"):
+        load_client_dir(root / "client_00002")
+
+
+def test_num_clients_must_match_the_disk(av, av_root):
+    assert len(DiskDataset(av_root, num_clients=12).train_clients) == len(av.train_clients)
+    for wrong in (20, 5):
+        with pytest.raises(DataError) as e:
+            DiskDataset(av_root, num_clients=wrong)
+        msg = str(e.value)
+        assert msg.startswith(f"data.num_clients: is {wrong}, but ") and "lists 12 clients" in msg and "data.num_clients=12" in msg
+
+
+def test_disk_dataset_from_config_checks_num_clients(av_root):
+    from fedmeta.config import build_config
+    from fedmeta.data import build_dataset
+
+    cfg = build_config(None, ["data.dataset='disk'", f"data.path='{av_root}'", "data.num_clients=60"])
+    with pytest.raises(DataError, match="data.num_clients: is 60, but .* lists 12 clients"):
+        build_dataset(cfg.data)
+    ok = build_config(None, ["data.dataset='disk'", f"data.path='{av_root}'", "data.num_clients=12", "simulation.clients_per_round=4"])
+    assert len(build_dataset(ok.data).train_clients) + len(build_dataset(ok.data).heldout_clients) == 12

@@ -120,5 +120,5 @@ def _build(cfg: "DataConfig") -> FederatedDataset:
             raise DataError("data.path: required when data.dataset = 'disk' (a directory written by `fedmeta partition`)")
         from fedmeta.data.disk import DiskDataset
 
-        return DiskDataset(cfg.path)
+        return DiskDataset(cfg.path, num_clients=cfg.num_clients)
     raise DataError(f"data.dataset: unknown dataset {cfg.dataset!r}")

@@ -22,7 +22,10 @@ Layout (``write_partitions`` writes it, ``DiskDataset`` / ``load_client_with_id`
     }
 
 Only the listed clients exist (a deployment may ship a subset); iterate ``train_clients`` and
-``heldout_clients``, not ``range(num_clients)``.
+``heldout_clients``, not ``range(num_clients)``. A run on a disk dataset (``data.dataset = "disk"``)
+needs ``data.num_clients`` equal to the number of clients listed (what every config-level check,
+cohort size and privacy sample rate included, is computed from); anything else is a ``DataError``
+naming both numbers, never a silently smaller or larger population.
 
 ``meta.json`` (one per client directory; enough on its own for a SuperNode that has only its
 directory)::
@@ -54,7 +57,8 @@ Arrays are plain ``.npy`` files (``numpy.save``, no pickles):
 * ``present.npy``: ``bool [n, M]``, column j tells whether modality j (spec order) is present.
 
 Modality names must match ``[A-Za-z0-9_.-]+``. The ``sha256`` of each file is checked on load
-(``verify=False`` skips it). Every problem with a file (missing, truncated, unreadable, bad JSON,
+(``verify=False`` skips it); with verification on, an entry without ``sha256`` is an error, not a
+silent skip. Every problem with a file (missing, truncated, unreadable, bad JSON,
 missing key, dtype/shape that differ from ``meta.json``, checksum mismatch, labels or token ids out
 of range, non-finite values) raises ``DataError`` with a one-line message that names the file.
 Loading a client reads that client's directory only.
@@ -307,7 +311,14 @@ def _load_client(path: Path, verify: bool) -> tuple[ClientData, DatasetSpec, boo
                 f"{meta_path}: 'files.{key}' declares {entry.get('dtype')} {entry.get('shape')}, "
                 f"the spec and n={n} need {dtype} {list(shape)}"
             )
-        digest = entry.get("sha256") if verify else None
+        digest = None
+        if verify:
+            digest = entry.get("sha256")
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise DataError(
+                    f"{path / fname}: no valid sha256 in {meta_path.name} 'files.{key}.sha256' "
+                    f"(got {digest!r}); checksums are required (verify=False skips them)"
+                )
         arrays[key] = _load_npy(path / fname, dtype, shape, digest)
 
     fpath = lambda key: path / files[key]["file"]  # noqa: E731
@@ -342,7 +353,9 @@ def load_client_with_id(path: str | Path, verify: bool = True) -> tuple[ClientDa
 class DiskDataset:
     """A ``FederatedDataset`` over a directory written by ``write_partitions``; clients load lazily."""
 
-    def __init__(self, path: str | Path, verify: bool = True) -> None:
+    def __init__(self, path: str | Path, verify: bool = True, num_clients: int | None = None) -> None:
+        """``num_clients``: the config's ``data.num_clients``; if given it must equal the number of
+        clients listed in ``dataset.json``."""
         self.root = Path(path)
         self.verify = verify
         index_path = self.root / DATASET_FILE
@@ -373,6 +386,12 @@ class DiskDataset:
             self._dirs[cid], self._heldout[cid] = d, h
         self.train_clients = sorted(c for c, h in self._heldout.items() if not h)
         self.heldout_clients = sorted(c for c, h in self._heldout.items() if h)
+        if num_clients is not None and num_clients != len(self._dirs):
+            raise DataError(
+                f"data.num_clients: is {num_clients}, but {index_path} lists {len(self._dirs)} clients "
+                f"({len(self.train_clients)} training, {len(self.heldout_clients)} held out); "
+                f"set data.num_clients={len(self._dirs)}"
+            )
 
     def client_dir(self, cid: int) -> Path:
         if int(cid) not in self._dirs:
