@@ -171,7 +171,7 @@ def test_missing_checksum_is_an_error_naming_the_file(av_root, tmp_path, change)
     assert str(root / "client_00002" / "y.npy") in str(e.value) and "\n" not in str(e.value)
     DiskDataset(root, verify=False).client(2)  # explicitly unverified: loads
     with pytest.raises(DataError, match="no valid sha256"):
-        load_client_dir(root / "client_00002")
+        load_client_with_id(root / "client_00002")  # what a deployed SuperNode loads
 
 
 def test_num_clients_must_match_the_disk(av, av_root):
