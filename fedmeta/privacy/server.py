@@ -91,7 +91,7 @@ class ServerPrivacy:
             "delta": self.cfg.privacy.delta,
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
-            "accountant": self.cfg.privacy.accountant,
+            "accountant": self.accountant.effective_kind,  # "rdp" after a PLD fallback (see Accountant)
         }
 
     def state_dict(self) -> dict[str, Any]:
