@@ -7,12 +7,14 @@ stderr with a non-zero exit code; nothing is written for an invalid config.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
+import threading
 from pathlib import Path
 
-from fedmeta.config import Config, ConfigError, build_config, load_config
-from fedmeta.results import CONFIG, RunWriter, default_out_dir
+from fedmeta import __version__
+from fedmeta.config import Config, ConfigError, build_config, load_config, parse_override
+from fedmeta.results import CONFIG, RunDirError, check_resume, default_out_dir, prepare_out_dir, read_run_config
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -27,17 +29,42 @@ def run_simulation(cfg: Config, out_dir: Path, resume: bool = False, progress: b
     return run(cfg, out_dir, resume=resume, progress=progress)
 
 
+def _resume_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The config of ``--resume DIR`` with ``--set`` applied, checked against DIR/config.json (:func:`check_resume`)."""
+    out = Path(args.resume)
+    if args.config:
+        raise RunDirError(f"--config {args.config}: not with --resume (a resumed run keeps {out / CONFIG}; change what may change with --set)")
+    if args.overwrite:
+        raise RunDirError(f"--overwrite: not with --resume (resuming continues {out}; to start over, drop --resume)")
+    if args.out and Path(args.out).resolve() != out.resolve():
+        raise RunDirError(f"--out {args.out}: a resumed run stays in its directory {out}; drop --out")
+    raw = read_run_config(out)
+    try:
+        build_config(raw)
+    except ConfigError as err:
+        raise RunDirError(f"{out / CONFIG}: {err}") from None
+    for item in args.set:
+        key, value = parse_override(item)
+        if key == "output.dir" and Path(str(value)).resolve() != out.resolve():
+            raise RunDirError(f"--set output.dir={value}: a resumed run stays in its directory {out}")
+    cfg = build_config(raw, args.set)
+    check_resume(out, cfg)
+    return cfg, out
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
-        out = Path(args.resume)
-        if not (out / CONFIG).exists():
-            return _fail(f"--resume {out}: no {CONFIG} there (not a fedmeta run directory)")
-        if RunWriter(out).is_finished():
-            return _fail(f"--resume {out}: the run already finished (summary.json exists)")
-        cfg = build_config(json.loads((out / CONFIG).read_text()), args.set)
+        cfg, out = _resume_config(args)
     else:
         cfg = load_config(args.config, args.set)
-        out = Path(args.out or cfg.output.dir or default_out_dir())
+        if args.out:
+            out, option = Path(args.out), "--out"
+        elif cfg.output.dir:
+            out, option = Path(cfg.output.dir), "output.dir"
+        else:
+            out, option = default_out_dir(), "output directory"
+        prepare_out_dir(out, overwrite=args.overwrite, option=option)  # before anything starts (Ray included)
+    args.run_dir = out
     summary = run_simulation(cfg, out, resume=bool(args.resume), progress=cfg.output.progress)
     keys = [k for k in ("heldout_acc_before", "heldout_acc_after", "heldout_loss_before", "heldout_loss_after", "epsilon") if summary.get(k) is not None]
     print(f"run written to {out}")
@@ -47,13 +74,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeta", description="Federated meta-learning on Flower.")
+    parser.add_argument("--version", action="version", version=f"fedmeta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a federation (Flower Simulation Engine by default)")
     sim.add_argument("--config", help="TOML config file (default: built-in defaults)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. meta.inner_steps=10")
-    sim.add_argument("--out", help="output directory (default: output.dir or runs/<timestamp>)")
-    sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    sim.add_argument("--out", help="output directory (default: output.dir or runs/<timestamp>); refused if it already holds a run")
+    sim.add_argument("--overwrite", action="store_true", help="remove the run already in the output directory first")
+    sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint (with --set for the keys that may change)")
     sim.set_defaults(func=cmd_simulate)
 
     from fedmeta.commands import register_all
@@ -67,10 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
+    except (ConfigError, RunDirError) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
-        return _fail("interrupted; the last checkpoint is kept (resume with --resume DIR)", 130)
+        run_dir = getattr(args, "run_dir", None)
+        code = _fail(f"interrupted; the last checkpoint is kept (resume with --resume {run_dir or 'DIR'})", 130)
+        if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+            # Flower's ServerApp thread may still wait (up to simulation.round_timeout) for replies that will
+            # never come; its run directory is closed (fedmeta.results.close_writers), so exit without joining it.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except Exception as err:  # noqa: BLE001 - a one-line message for known error kinds, traceback otherwise
         from fedmeta.data.base import DataError
         from fedmeta.federation import RunError

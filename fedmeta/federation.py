@@ -26,7 +26,7 @@ from fedmeta.meta.aggregate import aggregate, weighted_average
 from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
 from fedmeta.meta.outer import ServerAdam, apply_step, difference
-from fedmeta.results import RunWriter
+from fedmeta.results import CHECKPOINT, CONFIG, RunWriter, check_resume, read_run_config
 
 log = logging.getLogger("fedmeta")
 SAMPLE_STREAM, NOISE_STREAM, HELDOUT_STREAM = 11, 12, 13
@@ -190,14 +190,20 @@ def run_federation(
     server = Server(cfg, theta0, len(train_pop))
     start_round, history = 1, []
     started = time.time()
-    if resume:
-        ckpt = writer.load_checkpoint()
+    if resume:  # the rules: fedmeta/results.py::check_resume, docs/design.md "Run directories and resume rules"
+        ckpt = writer.load_checkpoint()  # weights_only: plain data, no code runs
         if ckpt is None:
             raise RunError(f"--resume: no checkpoint.pt in {writer.dir}")
+        record = check_resume(writer.dir, cfg, checkpoint_round=ckpt["round"])
+        theta = ckpt["server"]["theta"]
+        if {k: tuple(v.shape) for k, v in theta.items()} != {k: tuple(v.shape) for k, v in server.theta.items()}:
+            raise RunError(f"{writer.dir / CHECKPOINT}: its parameters do not match the model of {writer.dir / CONFIG}")
         server.load_state_dict(ckpt["server"])
         start_round = ckpt["round"] + 1
         history = writer.truncate_metrics(ckpt["round"])
-        started -= ckpt.get("elapsed_s", 0.0)
+        started -= float(ckpt.get("elapsed_s", 0.0))
+        if record != read_run_config(writer.dir):  # e.g. simulation.rounds raised: config.json says so
+            writer.write_config(record)
     else:
         writer.write_config(cfg.to_dict())
         if (writer.dir / "metrics.jsonl").exists():

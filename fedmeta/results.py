@@ -4,6 +4,14 @@ Files that mark a finished run (``summary.json``, ``model.pt``) are written
 last and atomically (write to a temp file, then ``os.replace``), so a crash
 never leaves a run that looks finished. ``metrics.jsonl`` is appended and
 flushed each round; on resume it is cut back to the checkpointed round.
+
+Run directories are never overwritten silently (:func:`prepare_out_dir`), a
+resumed run keeps its config except for the keys in :data:`RESUMABLE`
+(:func:`check_resume`, shared by ``fedmeta simulate --resume`` and the
+deployed ServerApp's ``output.resume``), and checkpoints hold plain data only
+(tensors, numbers, strings, lists, dicts) and load with
+``torch.load(weights_only=True)``: a hostile checkpoint cannot run code.
+See docs/design.md, "Run directories and resume rules".
 """
 
 from __future__ import annotations
@@ -12,13 +20,32 @@ import json
 import math
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt"
 META_STATE = "meta_state.pt"
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, META_STATE)  # everything a run writes (plus .NAME.tmp)
+
+# Keys a resumed run may change, each with the reason it cannot change the maths
+# of the rounds already taken (docs/design.md, "Run directories and resume rules").
+RESUMABLE = {
+    "simulation.rounds": "raised only: more rounds after the checkpoint (the beta schedule is stretched over the new total)",
+    "simulation.round_timeout": "how long the server waits for replies; not part of the maths",
+    "output.checkpoint_every": "when checkpoints are written, not what they hold",
+    "output.progress": "the console progress line only",
+    "output.dir": "where the run lives; the run directory itself is what is resumed",
+    "output.resume": "the resume switch of the deployed ServerApp itself",
+}
+_NOT_RECORDED = ("output.dir", "output.resume")  # how this invocation was started; config.json keeps its own
+
+
+class RunDirError(ValueError):
+    """A run directory or checkpoint is unusable; the message is one line naming the file."""
 
 
 def default_out_dir() -> Path:
@@ -36,6 +63,62 @@ def _clean(value: Any) -> Any:
     return value
 
 
+_NDARRAY = "__fedmeta_ndarray__"
+
+
+def to_plain(obj: Any, where: str = "checkpoint") -> Any:
+    """``obj`` with only what ``torch.load(weights_only=True)`` accepts: tensors, numbers, strings, lists, dicts.
+
+    NumPy arrays and scalars become tagged tensors (:func:`from_plain` restores
+    them with their dtype, bit for bit); anything else is a programming error
+    and raises ``TypeError`` naming where it sits, so no checkpoint is written
+    that could not be loaded back.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    if isinstance(obj, (np.ndarray, np.generic)):
+        arr = np.asarray(obj)
+        if arr.dtype.kind not in "biufc":
+            raise TypeError(f"{where}: numpy dtype {arr.dtype} cannot be stored in a checkpoint")
+        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(arr).copy()), "scalar": isinstance(obj, np.generic)}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"{where}: key {k!r} ({type(k).__name__}) is not a string or int")
+            out[k] = to_plain(v, f"{where}.{k}")
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    for base in (bool, int, float, str):  # subclasses (IntEnum, a str Enum, ...) as their plain base value
+        if isinstance(obj, base):
+            return base(obj)
+    raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored in a checkpoint (plain data only)")
+
+
+def from_plain(obj: Any) -> Any:
+    """Inverse of :func:`to_plain`."""
+    if isinstance(obj, dict):
+        if _NDARRAY in obj and isinstance(obj[_NDARRAY], torch.Tensor):
+            arr = obj[_NDARRAY].numpy()
+            return arr[()] if obj.get("scalar") else arr
+        return {k: from_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [from_plain(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(from_plain(v) for v in obj)
+    return obj
+
+
+def _first_line(err: BaseException, limit: int = 160) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -48,51 +131,218 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+_WRITERS: "weakref.WeakSet[RunWriter]" = weakref.WeakSet()
+
+
+def close_writers(out_dir: str | Path) -> None:
+    """Make every existing :class:`RunWriter` of ``out_dir`` refuse further writes.
+
+    Called when a run is interrupted: a server thread that is still running
+    (Flower's ServerApp thread waiting for replies that will never come) can
+    then neither log a failed round nor move the checkpoint past the last
+    completed round. Writers created later are not affected.
+    """
+    target = Path(out_dir).resolve()
+    for writer in list(_WRITERS):
+        if writer.dir.resolve() == target:
+            writer.closed = True
+
+
 class RunWriter:
     """Owns one run directory."""
 
     def __init__(self, out_dir: str | Path) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.closed = False
+        _WRITERS.add(self)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RunDirError(f"{self.dir}: the run was interrupted; nothing more is written there")
 
     def is_finished(self) -> bool:
         return (self.dir / SUMMARY).exists()
 
     def write_config(self, config: dict[str, Any]) -> None:
+        self._check_open()
         atomic_write_text(self.dir / CONFIG, json.dumps(config, indent=2) + "\n")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
+        self._check_open()
         with open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The records; a torn last line (the process died while appending it) is dropped."""
         path = self.dir / METRICS
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break
+                raise RunDirError(f"{path}: line {i + 1} is not JSON (the file is corrupt)") from None
+            if not isinstance(record, dict):
+                raise RunDirError(f"{path}: line {i + 1} is not a JSON object (the file is corrupt)")
+            records.append(record)
+        return records
 
     def truncate_metrics(self, last_round: int) -> list[dict[str, Any]]:
         """Keep only records of rounds <= ``last_round`` (those a checkpoint covers)."""
-        kept = [r for r in self.read_metrics() if r.get("round", 0) <= last_round]
+        self._check_open()
+        kept = [r for r in self.read_metrics() if isinstance(r.get("round", 0), int) and r.get("round", 0) <= last_round]
         atomic_write_text(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        atomic_torch_save(state, self.dir / CHECKPOINT)
+        self._check_open()
+        atomic_torch_save(to_plain(state), self.dir / CHECKPOINT)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
-        path = self.dir / CHECKPOINT
-        if not path.exists():
-            return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        """The checkpoint, or None if there is none; :class:`RunDirError` if it is unreadable or not a checkpoint."""
+        return load_checkpoint(self.dir / CHECKPOINT)
 
     def save_model(self, state_dict: dict[str, torch.Tensor], meta_state: dict[str, torch.Tensor] | None = None) -> None:
         """``model.pt``: the model's meta-learned parameters; ``meta_state.pt``: the algorithm's extra meta-state, if any."""
+        self._check_open()
         if meta_state:
             atomic_torch_save({k: v.detach().cpu() for k, v in meta_state.items()}, self.dir / META_STATE)
         atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, self.dir / MODEL)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        self._check_open()
         atomic_write_text(self.dir / SUMMARY, json.dumps(_clean(summary), indent=2) + "\n")
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """Load ``checkpoint.pt`` with ``weights_only=True`` (no code runs) and check its shape."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - corrupt, truncated, hostile: all one line
+        raise RunDirError(f"{path}: not a loadable fedmeta checkpoint (corrupt, truncated or not plain data: {_first_line(err)})") from None
+    server = state.get("server") if isinstance(state, dict) else None
+    theta = server.get("theta") if isinstance(server, dict) else None
+    rnd = state.get("round") if isinstance(state, dict) else None
+    if (
+        not isinstance(theta, dict)
+        or not theta
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in theta.items())
+        or type(rnd) is not int
+        or rnd < 0
+    ):
+        raise RunDirError(f"{path}: not a fedmeta checkpoint (expected 'round' and 'server.theta' tensors)")
+    return from_plain(state)
+
+
+# -- run directories -----------------------------------------------------------
+
+
+def run_files(out_dir: str | Path) -> list[str]:
+    """The names of the run files present in ``out_dir`` (empty: no run lives there)."""
+    d = Path(out_dir)
+    return [name for name in RUN_FILES if (d / name).exists()]
+
+
+def prepare_out_dir(out_dir: str | Path, overwrite: bool = False, option: str = "--out", hint: str | None = None) -> Path:
+    """Check a *fresh* run's directory before anything starts; create it; with ``overwrite`` clear the old run.
+
+    Refuses (``RunDirError``, one line naming ``option``) a path that is a file,
+    cannot be created or written, or already holds a fedmeta run (unless
+    ``overwrite``: then the old run's files, and their temporary files, are
+    removed so that nothing stale can remain). Other files are left alone.
+    """
+    d = Path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise RunDirError(f"{option} {d}: is a file, not a directory")
+    found = run_files(d) if d.is_dir() else []
+    if found and not overwrite:
+        hint = hint or f"continue it with --resume {d}, or start over with --overwrite"
+        raise RunDirError(f"{option} {d}: already holds a fedmeta run ({', '.join(found)}); {hint}")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".fedmeta-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"{option} {d}: cannot write there ({err.strerror or _first_line(err)})") from None
+    if overwrite:
+        for name in RUN_FILES:
+            for path in (d / name, d / f".{name}.tmp"):
+                if path.exists() or path.is_symlink():
+                    path.unlink()
+    return d
+
+
+def _flat(config: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
+def read_run_config(run_dir: str | Path, option: str = "--resume") -> dict[str, Any]:
+    """``run_dir/config.json`` as a nested dict (one line naming the file if it is missing or not JSON)."""
+    d = Path(run_dir)
+    path = d / CONFIG
+    if not d.is_dir():
+        raise RunDirError(f"{option} {d}: not a directory")
+    if not path.is_file():
+        raise RunDirError(f"{option} {d}: no {CONFIG} there (not a fedmeta run directory)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{path}: not a readable JSON config ({_first_line(err)})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise RunDirError(f"{path}: not a fedmeta config (expected an object of sections)")
+    return data
+
+
+def check_resume(run_dir: str | Path, cfg: Any, checkpoint_round: int | None = None, option: str = "--resume") -> dict[str, Any]:
+    """Check that ``cfg`` may continue the run in ``run_dir``; return the config to record in its ``config.json``.
+
+    Every key must equal the one in ``run_dir/config.json`` except those in
+    :data:`RESUMABLE`; ``simulation.rounds`` may only be raised. The run must
+    not be finished and must have a loadable checkpoint (loaded here unless
+    ``checkpoint_round`` is given). Used by ``fedmeta simulate --resume``, by
+    the ServerApp with ``output.resume = true`` and by the round loop itself.
+    """
+    from fedmeta.config import ConfigError, build_config
+
+    d = Path(run_dir)
+    raw = read_run_config(d, option)
+    try:
+        saved = build_config(raw).to_dict()
+    except ConfigError as err:
+        raise RunDirError(f"{d / CONFIG}: {err}") from None
+    if (d / SUMMARY).exists():
+        raise RunDirError(f"{option} {d}: the run already finished ({SUMMARY} exists)")
+    if checkpoint_round is None:
+        ckpt = load_checkpoint(d / CHECKPOINT)
+        if ckpt is None:
+            raise RunDirError(f"{option} {d}: no {CHECKPOINT} there (the run stopped before its first checkpoint); start it again with --overwrite")
+        checkpoint_round = ckpt["round"]
+    new = cfg.to_dict()
+    old_flat, new_flat = _flat(saved), _flat(new)
+    changed = sorted(k for k in old_flat.keys() | new_flat.keys() if old_flat.get(k) != new_flat.get(k))
+    refused = [k for k in changed if k not in RESUMABLE]
+    if refused:
+        what = ", ".join(f"{k} ({old_flat.get(k)!r} -> {new_flat.get(k)!r})" for k in refused)
+        allowed = ", ".join(k for k in RESUMABLE if k not in _NOT_RECORDED)
+        raise RunDirError(f"{option} {d}: {what} differ from {CONFIG}; a resumed run may change only {allowed}")
+    old_r, new_r = old_flat["simulation.rounds"], new_flat["simulation.rounds"]
+    if new_r < old_r:
+        raise RunDirError(f"{option} {d}: simulation.rounds: may only be raised on resume ({CONFIG} has {old_r}, got {new_r})")
+    if new_r < checkpoint_round:
+        raise RunDirError(f"{option} {d}: simulation.rounds: must be >= the checkpointed round {checkpoint_round} (got {new_r})")
+    record = {section: dict(values) for section, values in new.items()}
+    for key in _NOT_RECORDED:
+        section, name = key.split(".")
+        record[section][name] = saved[section][name]
+    return record

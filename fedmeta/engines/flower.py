@@ -15,6 +15,8 @@ import importlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 import warnings
 from collections import Counter
@@ -32,7 +34,7 @@ from fedmeta.federation import Params, Replies, RunError, run_federation
 from fedmeta.engines.messages import MetaStrategy
 from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
 from fedmeta.progress import round_printer
-from fedmeta.results import RunWriter, default_out_dir
+from fedmeta.results import RunWriter, check_resume, close_writers, default_out_dir, prepare_out_dir
 
 log = logging.getLogger("fedmeta.server")
 CLIENT_APP = "clients.app:app"  # the Flower App's ClientApp component ([tool.flwr.app.components])
@@ -134,6 +136,11 @@ def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bo
     """Discover the nodes, then run the federation; returns the run summary."""
     configure_torch(1)
     out = Path(out_dir or cfg.output.dir or default_out_dir())
+    resume = cfg.output.resume if resume is None else resume
+    if resume:  # the same rules as `fedmeta simulate --resume` (fedmeta/results.py::check_resume), before discovery
+        check_resume(out, cfg, option="output.dir")
+    else:
+        prepare_out_dir(out, option="output.dir", hint="set output.resume=true to continue it, or choose another output.dir")
     backend = FlowerBackend(grid, cfg)
     backend.discover(expected=cfg.data.num_clients, wait_s=min(cfg.simulation.round_timeout, 120.0))
     if not backend.train_pop:
@@ -141,7 +148,7 @@ def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bo
     spec = backend.spec or build_dataset(cfg.data, cfg.model.modalities).spec
     theta0 = initial_meta_parameters(model_for(cfg, spec), algorithm_for(cfg))
     show = round_printer(cfg.simulation.rounds) if (cfg.output.progress if progress is None else progress) else None
-    return run_federation(cfg, backend, theta0, RunWriter(out), resume=cfg.output.resume if resume is None else resume, progress=show)
+    return run_federation(cfg, backend, theta0, RunWriter(out), resume=resume, progress=show)
 
 
 def make_server_app(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, result: dict | None = None) -> ServerApp:
@@ -163,6 +170,17 @@ def load_component(ref: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def _shutdown_ray() -> None:
+    """Stop the Ray runtime this process started (Flower normally does; not when interrupted early)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort while exiting on Ctrl-C
+        log.debug("ray.shutdown() failed", exc_info=True)
+
+
 def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the ServerApp and ClientApp on Flower's Simulation Engine; one SuperNode per client."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -176,9 +194,30 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
         "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False},
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.data.num_clients, backend_config=backend_config)
+    # Ctrl-C: Flower's ServerApp runs in a non-daemon thread that would wait (up to round_timeout per round) for
+    # replies that never come once the Simulation Engine stops, and could log the round in flight as failed.
+    # So on SIGINT the run directory is closed first (nothing more is written: the checkpoint stays at the last
+    # completed round), Ray is shut down, and KeyboardInterrupt propagates (the CLI then exits without joining).
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = None
+
+    def on_sigint(signum, frame):
+        close_writers(out_dir)
+        raise KeyboardInterrupt
+
+    if in_main:
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.data.num_clients, backend_config=backend_config)
+    except KeyboardInterrupt:
+        close_writers(out_dir)
+        _shutdown_ray()
+        raise
+    finally:
+        if in_main and previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if not result:
         raise RunError("the Flower simulation ended without a result; see the log above")
     return result
