@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def to_plain(obj: Any, where: str = "checkpoint") -> Any:
         arr = np.asarray(obj)
         if arr.dtype.kind not in "biufc":
             raise TypeError(f"{where}: numpy dtype {arr.dtype} cannot be stored in a checkpoint")
-        return {_NDARRAY: torch.from_numpy(np.ascontiguousarray(arr).copy()), "scalar": isinstance(obj, np.generic)}
+        return {_NDARRAY: torch.from_numpy(np.array(arr, copy=True, order="C")), "scalar": isinstance(obj, np.generic)}
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
@@ -111,6 +112,18 @@ def from_plain(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(from_plain(v) for v in obj)
     return obj
+
+
+def _load_error(err: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` objected to, in one short clause."""
+    text = str(err)
+    if "Weights only load failed" in text:  # a pickle that is not plain data (it may try to run code): refused unread
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.split("WeightsUnpickler error:", 1)[-1].strip() for line in lines[1:] if not line.startswith("Check the documentation")]
+        detail = next((line for line in lines if line), "")
+        return "holds more than plain data; refused without unpickling it" + (f": {detail[:120]}" if detail else "")
+    first = text.strip().split(". ")[0].splitlines()[0] if text.strip() else ""
+    return f"corrupt or truncated: {type(err).__name__}" + (f": {first[:120]}" if first else "")
 
 
 def _first_line(err: BaseException, limit: int = 160) -> str:
@@ -227,9 +240,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the refusal below says enough
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - corrupt, truncated, hostile: all one line
-        raise RunDirError(f"{path}: not a loadable fedmeta checkpoint (corrupt, truncated or not plain data: {_first_line(err)})") from None
+        raise RunDirError(f"{path}: not a loadable fedmeta checkpoint ({_load_error(err)})") from None
     server = state.get("server") if isinstance(state, dict) else None
     theta = server.get("theta") if isinstance(server, dict) else None
     rnd = state.get("round") if isinstance(state, dict) else None

@@ -201,8 +201,12 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
     in_main = threading.current_thread() is threading.main_thread()
     previous = None
 
+    flwr_log = logging.getLogger("flwr")
+    flwr_level = flwr_log.level
+
     def on_sigint(signum, frame):
         close_writers(out_dir)
+        flwr_log.setLevel(logging.CRITICAL + 1)  # the actors' expected deaths during teardown are not news
         raise KeyboardInterrupt
 
     if in_main:
@@ -218,6 +222,7 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
     finally:
         if in_main and previous is not None:
             signal.signal(signal.SIGINT, previous)
+        flwr_log.setLevel(flwr_level)
     if not result:
         raise RunError("the Flower simulation ended without a result; see the log above")
     return result
