@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.config import Config, ConfigError, build_config, load_config
-from fedmeta.results import RunWriter, default_out_dir
+from fedmeta.results import RunWriter, default_out_dir, prepare_out_dir
 
 LOCAL = types.SimpleNamespace()  # objects handed to simulate() that have no importable reference
 _LOCAL_PREFIX = "fedmeta.api:LOCAL."
@@ -60,12 +60,14 @@ def simulate(
     algorithm: Any = None,
     overrides: list[str] | None = None,
     out: str | Path | None = None,
+    overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run one federation and return its summary (also written to ``out``, default ``runs/<timestamp>``).
 
     ``config``: a :class:`Config`, a nested dict, a TOML path, or None (built-in defaults);
-    ``overrides``: ``"section.key=value"`` strings as with ``--set``.
+    ``overrides``: ``"section.key=value"`` strings as with ``--set``. A directory that already
+    holds a run is refused (``RunDirError``) unless ``overwrite=True``, as on the command line.
     """
     if isinstance(config, Config):
         cfg = build_config(config.to_dict(), overrides)
@@ -87,7 +89,8 @@ def simulate(
             f"config error: simulation.engine: 'flower' runs clients in other processes, which cannot import {local[0]!r}; "
             "define it in a module and pass 'package.module:attr', or use engine 'sequential' or 'vectorized'"
         )
-    return run(cfg, Path(out or cfg.output.dir or default_out_dir()), progress=progress)
+    out_dir = prepare_out_dir(Path(out or cfg.output.dir or default_out_dir()), overwrite=overwrite, option="out")
+    return run(cfg, out_dir, progress=progress)
 
 
 def make_backend(cfg: Config, dataset):
