@@ -79,6 +79,7 @@ class ModelConfig(_Section):
     embed_dim: int = Field(32, ge=1, le=4096)
     hidden_dim: int = Field(32, ge=1, le=4096)
     fusion: Literal["concat", "gated", "attention"] = "concat"
+    image_encoder: Literal["mlp", "cnn"] = "mlp"  # built-in model: encoder of image modalities ([H, W] or [C, H, W])
     modalities: str = ""  # comma-separated subset of modalities to use; "" = all
 
     @field_validator("factory")

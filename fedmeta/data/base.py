@@ -33,7 +33,7 @@ class ModalitySpec:
     """One input modality.
 
     kind:
-      * ``image``    float ``[H, W]`` (one channel);
+      * ``image``    float ``[H, W]`` (one channel) or ``[C, H, W]`` (channels first);
       * ``sequence`` float ``[T, F]`` (audio frames x features, 1-D signals with F=1);
       * ``tokens``   int64 ``[L]`` token ids, ``0`` is padding; needs ``vocab_size``;
       * ``vector``   float ``[D]``.

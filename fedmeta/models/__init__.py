@@ -28,7 +28,7 @@ __all__ = ["MultimodalNet", "build_model", "build_model_for", "multimodal_net", 
 def multimodal_net(spec: "DatasetSpec", cfg: "Config") -> nn.Module:
     """The built-in factory (``model.factory`` default): encoders per modality, fusion, head."""
     m = cfg.model
-    return MultimodalNet(spec, m.embed_dim, m.hidden_dim, m.fusion)
+    return MultimodalNet(spec, m.embed_dim, m.hidden_dim, m.fusion, m.image_encoder)
 
 
 def resolve_model_factory(reference: str) -> Callable[..., Any]:

@@ -17,7 +17,7 @@ from fedmeta.data.base import DatasetSpec, ModalitySpec
 
 
 class ImageEncoder(nn.Module):
-    """[B, H, W] -> [B, E], a two-layer MLP on the flattened image."""
+    """[B, H, W] or [B, C, H, W] -> [B, E], a two-layer MLP on the flattened image (``model.image_encoder = "mlp"``)."""
 
     def __init__(self, spec: ModalitySpec, embed_dim: int, hidden_dim: int) -> None:
         super().__init__()
@@ -27,6 +27,37 @@ class ImageEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+class ConvImageEncoder(nn.Module):
+    """[B, H, W] or [B, C, H, W] -> [B, E], a small CNN (``model.image_encoder = "cnn"``).
+
+    Two 3x3 convolutions with stride 2 and padding 1 (each halves H and W, rounding up, so any
+    image size works: 8x8 -> 4x4 -> 2x2), ``hidden_dim // 2`` then ``hidden_dim`` channels, ReLU
+    after each, then a linear layer from the flattened ``[hidden_dim, ceil(H/4), ceil(W/4)]`` map
+    to the embedding. Flattening keeps *where* a stroke is, which global average pooling throws
+    away: on avdigits images it reached 0.94 held-out accuracy against 0.78 with pooling
+    (docs/design.md). Whether a channel axis is added comes from the spec's rank, never from the
+    data, so the encoder runs under ``torch.func.vmap``.
+    """
+
+    def __init__(self, spec: ModalitySpec, embed_dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        if len(spec.shape) not in (2, 3):
+            raise ValueError(f"image modality {spec.name!r}: shape must be [H, W] or [C, H, W], got {list(spec.shape)}")
+        self.add_channel = len(spec.shape) == 2
+        channels = 1 if self.add_channel else spec.shape[0]
+        height, width = spec.shape[-2:]
+        mid = max(1, hidden_dim // 2)
+        self.conv1 = nn.Conv2d(channels, mid, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(mid, hidden_dim, kernel_size=3, stride=2, padding=1)
+        self.out = nn.Linear(hidden_dim * -(-height // 4) * -(-width // 4), embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.add_channel:
+            x = x.unsqueeze(1)  # [B, 1, H, W]
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))  # [B, hidden, ceil(H/4), ceil(W/4)]
+        return torch.relu(self.out(h.flatten(1)))
 
 
 class SequenceEncoder(nn.Module):
@@ -74,16 +105,26 @@ class VectorEncoder(nn.Module):
 
 
 ENCODERS = {"image": ImageEncoder, "sequence": SequenceEncoder, "tokens": TokenEncoder, "vector": VectorEncoder}
+IMAGE_ENCODERS = {"mlp": ImageEncoder, "cnn": ConvImageEncoder}  # model.image_encoder
 
 
 class MultimodalNet(nn.Module):
-    """Encoders -> fusion -> head. ``forward(x, present)`` returns logits or regression outputs."""
+    """Encoders -> fusion -> head. ``forward(x, present)`` returns logits or regression outputs.
 
-    def __init__(self, spec: DatasetSpec, embed_dim: int = 32, hidden_dim: int = 32, fusion: str = "concat") -> None:
+    ``image_encoder`` picks the encoder of ``image`` modalities: ``"mlp"`` (:class:`ImageEncoder`)
+    or ``"cnn"`` (:class:`ConvImageEncoder`).
+    """
+
+    def __init__(
+        self, spec: DatasetSpec, embed_dim: int = 32, hidden_dim: int = 32, fusion: str = "concat", image_encoder: str = "mlp"
+    ) -> None:
         super().__init__()
+        if image_encoder not in IMAGE_ENCODERS:
+            raise ValueError(f"model.image_encoder: must be one of 'mlp', 'cnn' (got {image_encoder!r})")
         self.names = list(spec.modality_names)
         self.fusion = fusion
-        self.encoders = nn.ModuleDict({m.name: ENCODERS[m.kind](m, embed_dim, hidden_dim) for m in spec.modalities})
+        kinds = dict(ENCODERS, image=IMAGE_ENCODERS[image_encoder])
+        self.encoders = nn.ModuleDict({m.name: kinds[m.kind](m, embed_dim, hidden_dim) for m in spec.modalities})
         n = len(self.names)
         if fusion == "concat":
             self.missing = nn.Parameter(torch.zeros(n, embed_dim))
@@ -117,10 +158,17 @@ class MultimodalNet(nn.Module):
         return self.head((weights * values).sum(1))
 
 
-def build_model(spec: DatasetSpec, embed_dim: int = 32, hidden_dim: int = 32, fusion: str = "concat", seed: int | None = None) -> MultimodalNet:
+def build_model(
+    spec: DatasetSpec,
+    embed_dim: int = 32,
+    hidden_dim: int = 32,
+    fusion: str = "concat",
+    seed: int | None = None,
+    image_encoder: str = "mlp",
+) -> MultimodalNet:
     """The model for ``spec``; with ``seed`` its initial weights are reproducible."""
     if seed is None:
-        return MultimodalNet(spec, embed_dim, hidden_dim, fusion)
+        return MultimodalNet(spec, embed_dim, hidden_dim, fusion, image_encoder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MultimodalNet(spec, embed_dim, hidden_dim, fusion)
+        return MultimodalNet(spec, embed_dim, hidden_dim, fusion, image_encoder)
