@@ -17,7 +17,7 @@ import torch
 from fedmeta.config import ConfigError, build_config
 from fedmeta.data import build_dataset
 from fedmeta.data.base import ClientData, DatasetSpec, ModalitySpec
-from fedmeta.data.disk import DiskDataset, load_client_dir, write_partitions
+from fedmeta.data.disk import DiskDataset, load_client_with_id, write_partitions
 from fedmeta.data.synthetic import SyntheticMultimodal
 from fedmeta.engines.vectorized import VectorizedBackend
 from fedmeta.models import build_model
@@ -153,14 +153,14 @@ def test_three_channel_images_roundtrip_on_disk_and_train(tmp_path):
     assert lacking > 0  # some clients lack the image: their zeros survived the load checks
     meta = json.loads((root / "client_00000" / "meta.json").read_text())
     assert meta["files"]["image"]["shape"] == [12, 3, 8, 8]
-    data, spec, _ = load_client_dir(root / "client_00000")
+    data, spec, _, _ = load_client_with_id(root / "client_00000")  # what a SuperNode with only its directory reads
     assert spec.modalities[0].shape == (3, 8, 8) and torch.equal(data.x["image"], src.client(0).x["image"])
 
     # the config path a user takes: data.dataset = "disk" with the CNN, vectorised engine
     from fedmeta.api import run
 
     cfg = build_config(None, [
-        "data.dataset='disk'", f"data.path='{root}'", "model.image_encoder='cnn'", "model.embed_dim=8", "model.hidden_dim=8",
+        "data.dataset='disk'", f"data.path='{root}'", "data.num_clients=8", "model.image_encoder='cnn'", "model.embed_dim=8", "model.hidden_dim=8",
         "simulation.engine='vectorized'", "simulation.rounds=2", "simulation.clients_per_round=3", "output.progress=false",
     ])
     summary = run(cfg, tmp_path / "run", progress=False)
