@@ -201,10 +201,9 @@ def algorithm_for(cfg: "Config") -> MetaAlgorithm:
         try:
             algo = cls(cfg)
         except Exception as err:  # noqa: BLE001 - a user's __init__ may raise anything
-            from fedmeta.components import ComponentError
+            from fedmeta.components import raised
 
-            first = (str(err).strip().splitlines() or [""])[0]
-            raise ComponentError(f"config error: meta.algorithm: {cfg.meta.algorithm!r} raised {type(err).__name__}: {first}") from None
+            raise raised("meta.algorithm", cfg.meta.algorithm, err) from None
         _CACHE[key] = algo
     return algo
 
