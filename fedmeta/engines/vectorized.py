@@ -68,9 +68,25 @@ THREADS = 1
 
 
 
+def _user_frame(tb) -> str:
+    """`` at file.py:LINE in func: `source` `` for the innermost frame outside torch, fedmeta and the stdlib: the user's failing line."""
+    import os
+    import sysconfig
+    import traceback
+
+    import fedmeta
+
+    skip = tuple(os.path.dirname(m.__file__) for m in (torch, fedmeta)) + (sysconfig.get_paths()["stdlib"],)
+    frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith(skip)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {os.path.basename(f.filename)}:{f.lineno} in {f.name}: `{(f.line or '').strip()}`"
+
+
 @contextmanager
 def vmap_errors(cfg: Config) -> Iterator[None]:
-    """A model or algorithm that ``torch.func.vmap`` cannot trace becomes one line naming the failing op."""
+    """A model or algorithm that ``torch.func.vmap`` cannot trace becomes one line naming the failing op and the user's line."""
     try:
         yield
     except RunError:
@@ -80,9 +96,11 @@ def vmap_errors(cfg: Config) -> Iterator[None]:
         first = text[0] if text else type(err).__name__
         if "vmap" not in str(err) and "Batching rule" not in str(err) and "batched" not in str(err) and ".item()" not in str(err):
             raise
+        if "data-dependent control flow" in first:  # torch's one message for both cases, several hundred characters long
+            first = "vmap: .item() or data-dependent control flow (a Python if/while on a tensor's value) is not supported"
         raise RunError(
             f"simulation.engine = 'vectorized': torch.func.vmap cannot run this model/algorithm "
-            f"({cfg.model.factory} / {cfg.meta.algorithm}): {type(err).__name__}: {first[:300]}; "
+            f"({cfg.model.factory} / {cfg.meta.algorithm}){_user_frame(err.__traceback__)}: {type(err).__name__}: {first[:300]}; "
             "use simulation.engine = 'sequential' (or 'flower')"
         ) from None
 

@@ -197,7 +197,14 @@ def algorithm_for(cfg: "Config") -> MetaAlgorithm:
     if algo is None:
         if len(_CACHE) > 16:
             _CACHE.clear()
-        algo = _CACHE[key] = resolve_algorithm(cfg.meta.algorithm)(cfg)
+        cls = resolve_algorithm(cfg.meta.algorithm)
+        try:
+            algo = cls(cfg)
+        except Exception as err:  # noqa: BLE001 - a user's __init__ may raise anything
+            from fedmeta.components import raised
+
+            raise raised("meta.algorithm", cfg.meta.algorithm, err) from None
+        _CACHE[key] = algo
     return algo
 
 
