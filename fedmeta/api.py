@@ -89,6 +89,9 @@ def simulate(
             f"config error: simulation.engine: 'flower' runs clients in other processes, which cannot import {local[0]!r}; "
             "define it in a module and pass 'package.module:attr', or use engine 'sequential' or 'vectorized'"
         )
+    from fedmeta.components import check_components
+
+    check_components(cfg)
     out_dir = prepare_out_dir(Path(out or cfg.output.dir or default_out_dir()), overwrite=overwrite, option="out")
     return run(cfg, out_dir, progress=progress)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedmeta import __version__
 from fedmeta.config import Config, ConfigError, build_config, load_config, parse_override
+from fedmeta.components import check_components
 from fedmeta.results import CONFIG, RunDirError, check_resume, default_out_dir, prepare_out_dir, read_run_config
 
 
@@ -57,6 +58,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         cfg, out = _resume_config(args)
     else:
         cfg = load_config(args.config, args.set)
+        check_components(cfg)  # a bad model/dataset/algorithm reference: one line, nothing created
         if args.out:
             out, option = Path(args.out), "--out"
         elif cfg.output.dir:

@@ -236,7 +236,9 @@ def run_federation(
             record.update({"clients": len(cohort), "replies": len(replies.results)})
             if len(replies.results) >= cfg.simulation.min_clients:
                 record.update(server.step(replies.results, rnd))
-                record["train_loss"] = _mean([u.metrics | {"num-examples": u.num_examples} for u in replies.results], "train_loss")
+                weighted = [u.metrics | {"num-examples": u.num_examples} for u in replies.results]
+                for key in sorted({k for u in replies.results for k in u.metrics} - {"num-examples"}):
+                    record[key] = _mean(weighted, key)  # train_loss and whatever else the algorithm reports
                 applied = True
                 break
         if "stopped" in record:
