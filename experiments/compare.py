@@ -1,12 +1,13 @@
 """Baselines in one harness: same data, splits and budget for every method, over several seeds.
 
     python -m experiments.compare --config experiments/configs/avdigits.toml \\
-        --methods local fedavg fedavg_ft reptile fomaml maml --seeds 0 1 2 --out runs/compare-av \\
-        [--set KEY=VALUE ...] [--method-set maml:meta.outer_lr=0.05 ...] \\
+        --methods local fedavg fedavg_ft reptile fomaml maml metasgd --seeds 0 1 2 --out runs/compare-av \\
+        [--engine sequential|vectorized] [--set KEY=VALUE ...] [--method-set maml:meta.outer_lr=0.05 ...] \\
         [--variant fused] [--variant image model.modalities=image] [--variant missing30 data.missing_modality_fraction=0.3]
 
 Every run is :func:`fedmeta.cli.run_simulation` on the sequential engine (no Ray; the same maths as
-the Flower engine) with ``data.seed`` and ``simulation.seed`` set to the seed, written to
+the Flower engine; ``--engine vectorized`` runs the same maths batched with ``torch.func.vmap``, equal to
+float tolerance and much faster) with ``data.seed`` and ``simulation.seed`` set to the seed, written to
 ``OUT/<variant>/<method>-seed<s>``; a run that already finished (``summary.json``) is reused, so an
 interrupted comparison continues where it stopped. ``--method-set METHOD:KEY=VALUE`` overrides a
 key for one method only (e.g. MAML's meta learning rate); ``--variant NAME KEY=VALUE...`` repeats
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from fedmeta.config import load_config
 
-METHODS = ("local", "fedavg", "fedavg_ft", "reptile", "fomaml", "maml")
+METHODS = ("local", "fedavg", "fedavg_ft", "reptile", "fomaml", "maml", "metasgd")
 FINAL_KEYS = ("acc_before", "acc_after", "acc_at_1", "acc_at_5", "acc_at_10",
               "loss_before", "loss_after", "loss_at_1", "loss_at_5", "loss_at_10")
 # Finn et al. 2017, Fig. 2 / section 5.1: sinusoid, 5-shot, MSE after 1 / 5 / 10 gradient steps
@@ -135,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant", action="append", nargs="+", default=[], metavar="NAME [KEY=VALUE ...]",
                    help="repeat the comparison with extra overrides (default: one variant 'main')")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    p.add_argument("--engine", choices=("sequential", "vectorized"), default="sequential",
+                   help="simulation.engine of every run (the Flower engine is not used here: Ray per run)")
     args = p.parse_args(argv)
 
     per_method: dict[str, list[str]] = {m: [] for m in args.methods}
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds:
                 overrides = args.set + vsets + per_method[method] + [
                     f"meta.algorithm={method}", f"data.seed={seed}", f"simulation.seed={seed}",
-                    "simulation.engine='sequential'", "output.progress=false"]
+                    f"simulation.engine='{args.engine}'", "output.progress=false"]
                 load_config(args.config, overrides)  # validate everything before running anything
                 jobs.append((args.config, overrides, str(out / variant / f"{method}-seed{seed}")))
                 keys.append((variant, method, seed))

@@ -284,7 +284,7 @@ def build_summary(cfg: Config, backend: Backend, server: Server, history: list[d
         "dataset": cfg.data.dataset,
         "rounds_completed": max((r["round"] for r in history if not r.get("stopped")), default=0),
         "rounds_planned": cfg.simulation.rounds,
-        "num_parameters": int(sum(v.numel() for v in server.theta.values())),
+        "num_parameters": int(sum(v.numel() for v in model_params(server.theta).values())),  # the model's, not extra meta-state
         "failures": int(sum(r.get("failures", 0) for r in history)),
         "rejected": int(sum(r.get("rejected", 0) for r in history)),
         "skipped_rounds": int(sum(1 for r in history if r.get("skipped"))),
