@@ -58,17 +58,27 @@ def _run_one(job: tuple[str, list[str], str]) -> dict:
     else:
             summary = run_simulation(cfg, path, progress=False)
     row = {k: summary.get(f"heldout_{k}") for k in FINAL_KEYS} | {"wall_time_s": summary.get("wall_time_s")}
+    non_finite = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]  # a diverged run
     row = {k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in row.items()}  # NaN -> None
+    row["non_finite"] = non_finite
     return row
 
 
 def _fmt(values: list, digits: int = 3) -> str:
+    """mean ± std of the finite values; seeds whose value is missing or non-finite (a diverged run) are
+    named, never silently averaged away: ``1.234 (2 of 3 seeds finite)``."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
+    dropped = sum(1 for v in values if v is not None and not math.isfinite(v))
     if not vals:
-        return "–"
-    if len(vals) < 2:
-        return f"{vals[0]:.{digits}f}"
-    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+        return f"diverged ({dropped} of {len(values)} seeds)" if dropped else "–"
+    text = f"{vals[0]:.{digits}f}" if len(vals) < 2 else f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+    return text if not dropped else f"{text} ({len(vals)} of {len(values)} seeds finite)"
+
+
+def _value(row: dict, key: str) -> float | None:
+    """A run's metric: None when it does not apply (accuracy on regression), NaN when the run diverged."""
+    v = row.get(key)
+    return math.nan if v is None and key in row.get("non_finite", ()) else v
 
 
 def _table(variant: str, rows: dict[str, list[dict]], regression: bool, dataset: str) -> list[str]:
@@ -78,7 +88,7 @@ def _table(variant: str, rows: dict[str, list[dict]], regression: bool, dataset:
              f"| method | seeds | before | after (eval_steps) | 1 step | 5 steps | 10 steps | wall s / run |",
              "|---|---|---|---|---|---|---|---|"]
     for method, rs in rows.items():
-        cells = [_fmt([r[f"{metric}_{k}"] for r in rs]) for k in ("before", "after", "at_1", "at_5", "at_10")]
+        cells = [_fmt([_value(r, f"{metric}_{k}") for r in rs]) for k in ("before", "after", "at_1", "at_5", "at_10")]
         lines.append(f"| {method} | {len(rs)} | " + " | ".join(cells) + f" | {_fmt([r['wall_time_s'] for r in rs], 0)} |")
     if regression and dataset == "sine":
         for ref, (a1, a5, a10) in SINE_PAPER.items():
