@@ -73,7 +73,8 @@ def _fmt(values: list, digits: int = 3) -> str:
     dropped = sum(1 for v in values if v is not None and not math.isfinite(v))
     if not vals:
         return f"diverged ({dropped} of {len(values)} seeds)" if dropped else "–"
-    text = f"{vals[0]:.{digits}f}" if len(vals) < 2 else f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+    num = lambda v: f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.2e}"  # a blown-up loss stays readable
+    text = num(vals[0]) if len(vals) < 2 else f"{num(statistics.mean(vals))} ± {num(statistics.stdev(vals))}"
     return text if not dropped else f"{text} ({len(vals)} of {len(values)} seeds finite)"
 
 
