@@ -74,12 +74,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` report a bad argument as one line ``fedmeta: <prog>: <message>`` (exit 2), no usage dump."""
+
+    def error(message: str):  # argparse calls parser.error(message) and expects it not to return
+        where = parser.prog.removeprefix("fedmeta").strip()  # "privacy epsilon", or "" for the top level
+        parser.exit(2, f"fedmeta: {where + ': ' if where else ''}{' '.join(message.split())}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmeta", description="Federated meta-learning on Flower.")
+    parser = one_line_errors(argparse.ArgumentParser(prog="fedmeta", description="Federated meta-learning on Flower."))
     parser.add_argument("--version", action="version", version=f"fedmeta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sim = sub.add_parser("simulate", help="run a federation (Flower Simulation Engine by default)")
+    sim = one_line_errors(sub.add_parser("simulate", help="run a federation (Flower Simulation Engine by default)"))
     sim.add_argument("--config", help="TOML config file (default: built-in defaults)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. meta.inner_steps=10")
     sim.add_argument("--out", help="output directory (default: output.dir or runs/<timestamp>); refused if it already holds a run")

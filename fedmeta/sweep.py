@@ -158,7 +158,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from fedmeta.privacy.cli import one_line_errors
+    from fedmeta.cli import one_line_errors
 
     p = one_line_errors(sub.add_parser(
         "sweep", help="privacy versus accuracy: sweep noise multipliers and clip norms over seeds",

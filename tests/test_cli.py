@@ -75,3 +75,20 @@ def test_config_file_that_is_not_utf8_or_is_a_directory(tmp_path, capsys):
     # and through the console entry point, traceback-free
     r = fedmeta("simulate", "--config", str(f), "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["simulate", "--bogus"], "fedmeta: unrecognized arguments: --bogus"),
+    (["nope"], "fedmeta: argument command: invalid choice: 'nope'"),
+    ([], "fedmeta: the following arguments are required: command"),
+    (["simulate", "--set"], "fedmeta: simulate: argument --set: expected one argument"),
+])
+def test_bad_arguments_are_one_line_without_usage(argv, expected, capsys):
+    from fedmeta.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(expected), err
+    assert err.count("\n") == 1 and "usage:" not in err, err

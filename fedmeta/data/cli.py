@@ -74,7 +74,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from fedmeta.privacy.cli import one_line_errors
+    from fedmeta.cli import one_line_errors
 
     p = one_line_errors(sub.add_parser(
         "partition", help="write each client's partition to disk (for deployments and user data)",

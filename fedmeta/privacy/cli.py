@@ -11,15 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make ``parser`` report a bad argument as one line ``fedmeta: <prog>: <message>`` (exit 2), no usage dump."""
-
-    def error(message: str):  # argparse calls parser.error(message) and expects it not to return
-        parser.exit(2, f"fedmeta: {parser.prog}: {' '.join(message.split())}\n")
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser
+from fedmeta.cli import one_line_errors
 
 
 def integer(text: str) -> float | int:
