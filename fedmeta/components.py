@@ -59,9 +59,9 @@ def resolve(reference: str, key: str) -> Any:
 def check_components(cfg) -> None:
     """Resolve every component a config names (model factory, dataset, algorithm); raise one line on the first bad one."""
     from fedmeta.data import resolve_dataset_factory
-    from fedmeta.meta.algorithm import resolve_algorithm
+    from fedmeta.meta.algorithm import algorithm_for
     from fedmeta.models import resolve_model_factory
 
     resolve_model_factory(cfg.model.factory)
     resolve_dataset_factory(cfg.data.dataset)
-    resolve_algorithm(cfg.meta.algorithm)
+    algorithm_for(cfg)  # resolves, instantiates and runs the method's own check_config

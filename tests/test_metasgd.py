@@ -311,3 +311,14 @@ def test_metasgd_on_flower_simulation_engine_writes_model_and_meta_state(tmp_pat
         other = torch.load(seq / name)
         assert other.keys() == ref.keys()
         assert max(float((other[k] - ref[k]).abs().max()) for k in ref) < 1e-5, name
+
+
+def test_metasgd_refuses_an_inner_optimizer_it_would_ignore(tmp_path, capsys):
+    from fedmeta.cli import main
+
+    out = tmp_path / "run"
+    code = main(["simulate", "--set", "meta.algorithm=metasgd", "--set", "meta.inner_optimizer=adam", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("fedmeta: config error: meta.inner_optimizer: metasgd adapts with plain SGD"), err
+    assert not out.exists()

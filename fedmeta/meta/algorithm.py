@@ -19,6 +19,7 @@ What a method decides
   clipping and noise when DP is on: a method that wants meta-gradient descent
   returns ``theta - g`` (see MAML below).
 * :meth:`~MetaAlgorithm.step_size`: the server's beta for a round.
+* :meth:`~MetaAlgorithm.check_config`: refuse settings the method cannot honour (one line).
 * :meth:`~MetaAlgorithm.adapt`: how a client adapts at evaluation, and
   :attr:`~MetaAlgorithm.adapts_at_eval` (FedAvg: no adaptation).
 * :meth:`~MetaAlgorithm.extra_state`: extra meta-parameters the method learns
@@ -73,6 +74,12 @@ class MetaAlgorithm:
 
     def __init__(self, cfg: "Config") -> None:
         self.cfg = cfg
+
+    def check_config(self) -> None:
+        """Refuse settings this method cannot honour: raise ``ValueError("section.key: why (got ...)")``.
+
+        Called once before a run starts; the message becomes one ``config error`` line. None by default.
+        """
 
     # -- meta-state ----------------------------------------------------------------
     def extra_state(self, theta: Params) -> Params:
@@ -204,6 +211,12 @@ def algorithm_for(cfg: "Config") -> MetaAlgorithm:
             from fedmeta.components import raised
 
             raise raised("meta.algorithm", cfg.meta.algorithm, err) from None
+        try:
+            algo.check_config()
+        except ValueError as err:
+            from fedmeta.components import ComponentError
+
+            raise ComponentError(f"config error: {str(err).splitlines()[0] if str(err) else 'meta.algorithm: refused by ' + repr(cfg.meta.algorithm)}") from None
         _CACHE[key] = algo
     return algo
 

@@ -13,8 +13,9 @@ server's shared step, clipping and noise act on theta and alpha together:
 with DP on, alpha is clipped and noised with theta and counted in the same
 update norm. The learned alpha is used for adaptation at evaluation.
 
-alpha starts at ``meta.inner_lr`` everywhere; ``meta.inner_optimizer`` is
-ignored (the update rule is plain SGD with learned rates, as in the paper).
+alpha starts at ``meta.inner_lr`` everywhere; ``meta.inner_optimizer`` must be
+"sgd" (the update rule is plain SGD with learned rates, as in the paper; "adam"
+is refused by :meth:`check_config` rather than silently ignored).
 
 FedMeta's Flower baseline sets alpha's gradient to the parameter gradient;
 here it is the true derivative (checked against finite differences in tests).
@@ -54,6 +55,10 @@ def sgd_with_rates(model, theta, alpha, support, schedule, task, record_at=()):
 @register("metasgd")
 class MetaSGD(MetaAlgorithm):
     needs_query = True
+
+    def check_config(self):
+        if self.cfg.meta.inner_optimizer != "sgd":
+            raise ValueError(f"meta.inner_optimizer: metasgd adapts with plain SGD at its learned rates; must be 'sgd' (got {self.cfg.meta.inner_optimizer!r})")
 
     def extra_state(self, theta):
         return {PREFIX + k: torch.full_like(v, self.cfg.meta.inner_lr) for k, v in theta.items()}
