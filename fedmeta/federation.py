@@ -184,6 +184,12 @@ def run_federation(
     train_pop, heldout_pop = backend.populations()
     if not train_pop:
         raise RunError("no training clients are available (every node is held out or failed to describe itself)")
+    if cfg.simulation.sampling == "fixed" and cfg.simulation.clients_per_round > len(train_pop):
+        # a user's dataset has its own split, and a deployment may have lost nodes: say so, never shrink silently
+        log.warning(
+            "simulation.clients_per_round=%d exceeds the %d training clients available; each round samples all %d",
+            cfg.simulation.clients_per_round, len(train_pop), len(train_pop),
+        )
     algorithm = algorithm_for(cfg)
     extra = algorithm.extra_state(model_params(theta0))  # e.g. Meta-SGD's learning rates, if theta0 lacks them
     theta0 = {k: v.detach().clone() for k, v in extra.items() if k not in theta0} | dict(theta0)

@@ -226,3 +226,22 @@ def test_the_models_own_loss_drives_the_inner_loop_and_the_reported_losses(user_
         for key in ("train_loss", "loss_before", "loss_after", "heldout_loss_before", "heldout_loss_after"):
             assert a[key] == pytest.approx(2 * b[key], rel=1e-5), key
         assert a["acc_after"] == pytest.approx(b["acc_after"])
+
+
+def test_a_cohort_larger_than_the_datasets_training_clients_is_said_not_silently_shrunk(tmp_path, caplog):
+    """A user's dataset has its own train split, which the config's cross-check cannot see."""
+    import logging
+
+    from fedmeta.api import simulate
+    from fedmeta.data.synthetic import SyntheticMultimodal
+
+    ds = SyntheticMultimodal(num_clients=10, examples_per_client=20, num_classes=5, support_fraction=0.5,
+                             heldout_fraction=0.5, missing_modality_fraction=0.0, missing_modality="", seed=0)
+    assert len(ds.train_clients) == 5
+    with caplog.at_level(logging.WARNING, logger="fedmeta"):
+        summary = simulate({"data": {"num_clients": 10}, "simulation": {"engine": "sequential", "rounds": 1, "clients_per_round": 8},
+                            "output": {"progress": False}}, dataset=ds, out=tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert "simulation.clients_per_round=8 exceeds the 5 training clients available" in caplog.text
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["clients"] == 5
