@@ -120,6 +120,26 @@ def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float) 
     return good, rejected
 
 
+MAX_CLIENT_METRICS = 32
+
+
+def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any]) -> dict[str, float]:
+    """The cohort's weighted mean of each metric the algorithm reports (``train_loss``, MAML's ``query_loss``...).
+
+    Only keys that *every* update carries are kept, never one the round loop writes itself
+    (``reserved``, ``epsilon``, evaluation keys...), and at most :data:`MAX_CLIENT_METRICS`:
+    one client cannot add, overwrite or flood the round's record.
+    """
+    if not updates:
+        return {}
+    common = set.intersection(*(set(u.metrics) for u in updates)) - {"num-examples"} - set(reserved)
+    loop_keys = {"failures", "rejected", "skipped", "time_s", "stopped", "epsilon", "delta", "clip_norm",
+                 "noise_multiplier", "sample_rate", "accountant", *EVAL_KEYS}
+    keys = sorted(k for k in common - loop_keys if not k.startswith("heldout_"))[:MAX_CLIENT_METRICS]
+    weighted = [u.metrics | {"num-examples": u.num_examples} for u in updates]
+    return {k: _mean(weighted, k) for k in keys}
+
+
 class Server:
     """Server state and the outer step: theta, the privacy mechanism and the accountant."""
 
@@ -242,9 +262,7 @@ def run_federation(
             record.update({"clients": len(cohort), "replies": len(replies.results)})
             if len(replies.results) >= cfg.simulation.min_clients:
                 record.update(server.step(replies.results, rnd))
-                weighted = [u.metrics | {"num-examples": u.num_examples} for u in replies.results]
-                for key in sorted({k for u in replies.results for k in u.metrics} - {"num-examples"}):
-                    record[key] = _mean(weighted, key)  # train_loss and whatever else the algorithm reports
+                record.update(client_metrics(replies.results, reserved=record))
                 applied = True
                 break
         if "stopped" in record:

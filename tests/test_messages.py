@@ -380,3 +380,17 @@ def test_robust_aggregation_is_refused_with_dp_in_one_line():
         make_cfg("meta.trim_fraction=0.5")
     with pytest.raises(ConfigError, match=r"simulation.max_weight: must be >= 0"):
         make_cfg("simulation.max_weight=-1")
+
+
+def test_one_client_cannot_add_overwrite_or_flood_the_rounds_metrics():
+    from fedmeta.federation import MAX_CLIENT_METRICS, ClientUpdate, client_metrics
+
+    theta = {"w": torch.zeros(2)}
+    honest = [ClientUpdate(i, theta, 10, {"train_loss": 1.0, "query_loss": 2.0, "num-examples": 10}) for i in range(3)]
+    evil = ClientUpdate(9, theta, 10, {"train_loss": 1.0, "query_loss": 2.0, "round": 99.0, "beta": 5.0, "epsilon": 0.0,
+                                       "heldout_acc_after": 1.0} | {f"junk{i}": 0.0 for i in range(1000)})
+    record = {"round": 3, "beta": 0.5, "clients": 4, "replies": 4}
+    out = client_metrics(honest + [evil], reserved=record)
+    assert out == {"query_loss": 2.0, "train_loss": 1.0}  # only keys every update carries, none the loop writes
+    flood = [ClientUpdate(i, theta, 1, {f"m{j}": 1.0 for j in range(100)} | {"round": 1.0}) for i in range(2)]
+    assert len(client_metrics(flood, reserved=record)) == MAX_CLIENT_METRICS and "round" not in client_metrics(flood, reserved=record)
