@@ -41,33 +41,32 @@ def _note(err: Exception) -> None:
 
 
 def cmd_epsilon(args: argparse.Namespace) -> int:
-    from fedmeta.privacy.accountant import NOISE_MULTIPLIER_FLOOR, PLDTooLargeError, compute_epsilon
+    from fedmeta.privacy.accountant import NOISE_MULTIPLIER_FLOOR, compute_epsilon
 
-    kind = args.accountant
     if 0 < args.noise_multiplier < NOISE_MULTIPLIER_FLOOR:
         print(f"fedmeta: note: a noise multiplier below {NOISE_MULTIPLIER_FLOOR:g} gives no meaningful privacy: epsilon = inf",
               file=sys.stderr)
-    try:
-        eps = compute_epsilon(args.noise_multiplier, args.sample_rate, args.rounds, args.delta, kind)
-    except PLDTooLargeError as err:
-        _note(err)
-        kind = "rdp"
-        eps = compute_epsilon(args.noise_multiplier, args.sample_rate, args.rounds, args.delta, kind)
+    kind, eps = _pld_or_rdp(args.accountant, lambda k: compute_epsilon(args.noise_multiplier, args.sample_rate, args.rounds, args.delta, k))
     print(f"accountant={kind} z={args.noise_multiplier} q={args.sample_rate} T={args.rounds} delta={args.delta}")
     print(_fmt(eps))
     return 0
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from fedmeta.privacy.accountant import PLDTooLargeError, calibrate_noise
+def _pld_or_rdp(kind: str, compute):
+    """``(kind used, compute(kind))``; a PLD too large to build falls back to RDP, said on stderr."""
+    from fedmeta.privacy.accountant import PLDTooLargeError
 
-    kind = args.accountant
     try:
-        z = calibrate_noise(args.target_epsilon, args.sample_rate, args.rounds, args.delta, kind)
+        return kind, compute(kind)
     except PLDTooLargeError as err:
         _note(err)
-        kind = "rdp"
-        z = calibrate_noise(args.target_epsilon, args.sample_rate, args.rounds, args.delta, kind)
+        return "rdp", compute("rdp")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fedmeta.privacy.accountant import calibrate_noise
+
+    kind, z = _pld_or_rdp(args.accountant, lambda k: calibrate_noise(args.target_epsilon, args.sample_rate, args.rounds, args.delta, k))
     print(f"accountant={kind} target_epsilon={args.target_epsilon} q={args.sample_rate} T={args.rounds} delta={args.delta}")
     print(_fmt(z))
     return 0
