@@ -25,10 +25,10 @@ app = ClientApp()
 def _setup(msg: Message, context: Context):
     cfg: Config = config_from_json(str(msg.content["config"]["fedmeta-config"]))
     work.configure_torch(1)
-    cid, data, spec, heldout = work.resolve_client(cfg, dict(context.node_config))
+    cid, data, spec, group = work.resolve_client(cfg, dict(context.node_config))
     device = work.resolve_device(str(context.node_config.get("device", cfg.simulation.device)))
     model = work.model_for(cfg, spec).to(device)
-    return cfg, cid, data.to(device), spec, heldout, model, device
+    return cfg, cid, data.to(device), spec, group, model, device
 
 
 def _theta(msg: Message, device):
@@ -37,10 +37,11 @@ def _theta(msg: Message, device):
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Describe this node's client: id, held out or not, size and data spec."""
+    """Describe this node's client: id, group (``heldout`` for any reader; ``group`` names validation), size, spec."""
     cfg = config_from_json(str(msg.content["config"]["fedmeta-config"]))
-    cid, data, spec, heldout = work.resolve_client(cfg, dict(context.node_config))
-    info = ConfigRecord({"partition-id": cid, "heldout": heldout, "num-examples": data.n, "spec": json.dumps(spec_to_dict(spec))})
+    cid, data, spec, group = work.resolve_client(cfg, dict(context.node_config))
+    info = ConfigRecord({"partition-id": cid, "heldout": group != "train", "group": group, "num-examples": data.n,
+                         "spec": json.dumps(spec_to_dict(spec))})
     return Message(RecordDict({"config": info}), reply_to=msg)
 
 

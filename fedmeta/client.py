@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from fedmeta.config import Config
 from fedmeta.data import ClientData, DatasetSpec, build_dataset
+from fedmeta.data.base import client_group
 from fedmeta.meta import InnerConfig, Params, adapt_and_evaluate, batch_schedule, client_seed
 from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for
 from fedmeta.meta.maml import split_support
@@ -147,8 +148,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_client(cfg: Config, node_config: dict) -> tuple[int, ClientData, DatasetSpec, bool]:
-    """This node's client: (client id, data, spec, held out?).
+def resolve_client(cfg: Config, node_config: dict) -> tuple[int, ClientData, DatasetSpec, str]:
+    """This node's client: (client id, data, spec, group: ``"train"``, ``"validation"`` or ``"test"``).
 
     A deployed SuperNode names its partition directory (``partition-dir``); a
     simulated one gets ``partition-id`` into the config's dataset.
@@ -159,15 +160,15 @@ def resolve_client(cfg: Config, node_config: dict) -> tuple[int, ClientData, Dat
     ds = dataset_for(cfg)
     if not 0 <= pid < ds.num_clients:
         raise ValueError(f"partition-id {pid} is outside the dataset's {ds.num_clients} clients")
-    return pid, client_data_for(cfg, pid), ds.spec, pid in set(ds.heldout_clients)
+    return pid, client_data_for(cfg, pid), ds.spec, client_group(ds, pid)
 
 
 @lru_cache(maxsize=2)
 def _load_dir(path: str):
     from fedmeta.data.disk import load_client_with_id
 
-    data, spec, heldout, cid = load_client_with_id(path)
-    return cid, data, spec, heldout
+    data, spec, group, cid = load_client_with_id(path)
+    return cid, data, spec, group
 
 
 def client_side_clip(cfg: Config, theta: Params, phi: Params) -> Params:

@@ -60,7 +60,13 @@ class DataConfig(_Section):
     support_fraction: float = Field(0.5, gt=0, lt=1)
     num_classes: int = Field(5, ge=2, le=10_000)
     missing_modality_fraction: float = Field(0.2, ge=0, le=1)
-    missing_modality: str = ""  # "" = a random modality per affected client
+    missing_modality: str = ""  # "" = a random modality per affected client (per example: each modality)
+    # client: that fraction of clients lacks the modality for all its examples; sample: FedMultimodal's
+    # protocol, every example drops each modality (or only missing_modality) independently with that probability
+    missing_modality_mode: Literal["client", "sample"] = "client"
+    # clients carved out of the training clients to choose hyper-parameters on (never train, never reported);
+    # the held-out (test) clients are unchanged. 0 = none. A dataset with its own validation group keeps it.
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
     dirichlet_alpha: float = Field(0.5, gt=0)
     audio_domain: Literal["espeak", "flite", "both"] = "espeak"
     k_shot: int = Field(5, ge=1, le=100_000)
@@ -176,13 +182,21 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        from fedmeta.data.base import split_clients  # light import, no torch model code
+        from fedmeta.data.base import split_clients, validation_count  # light import, no torch model code
 
         n_train = len(split_clients(self.data.num_clients, self.data.heldout_fraction, self.data.seed).train)
+        n_val = validation_count(self.data.num_clients, self.data.validation_fraction)
+        if n_val >= n_train:
+            raise ValueError(
+                f"data.validation_fraction: leaves no training clients ({n_val} validation of {n_train} "
+                f"non-test clients) (got {self.data.validation_fraction})"
+            )
+        n_train -= n_val
         if self.simulation.clients_per_round > n_train:
             raise ValueError(
                 f"simulation.clients_per_round: must be <= the {n_train} training clients "
-                f"(data.num_clients={self.data.num_clients}, data.heldout_fraction={self.data.heldout_fraction}) "
+                f"(data.num_clients={self.data.num_clients}, data.heldout_fraction={self.data.heldout_fraction}, "
+                f"data.validation_fraction={self.data.validation_fraction}) "
                 f"(got {self.simulation.clients_per_round})"
             )
         if self.simulation.min_clients > self.simulation.clients_per_round:

@@ -29,7 +29,7 @@ from fedmeta.meta.outer import ServerAdam, apply_step, difference
 from fedmeta.results import CHECKPOINT, CONFIG, RunWriter, check_resume, read_run_config
 
 log = logging.getLogger("fedmeta")
-SAMPLE_STREAM, NOISE_STREAM, HELDOUT_STREAM = 11, 12, 13
+SAMPLE_STREAM, NOISE_STREAM, HELDOUT_STREAM, VALIDATION_STREAM = 11, 12, 13, 14
 
 
 @dataclass
@@ -135,7 +135,7 @@ def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any]) -> dic
     common = set.intersection(*(set(u.metrics) for u in updates)) - {"num-examples"} - set(reserved)
     loop_keys = {"failures", "rejected", "skipped", "time_s", "stopped", "epsilon", "delta", "clip_norm",
                  "noise_multiplier", "sample_rate", "accountant", *EVAL_KEYS}
-    keys = sorted(k for k in common - loop_keys if not k.startswith("heldout_"))[:MAX_CLIENT_METRICS]
+    keys = sorted(k for k in common - loop_keys if not k.startswith(("heldout_", "val_")))[:MAX_CLIENT_METRICS]
     weighted = [u.metrics | {"num-examples": u.num_examples} for u in updates]
     return {k: _mean(weighted, k) for k in keys}
 
@@ -202,6 +202,8 @@ def run_federation(
 ) -> dict[str, Any]:
     """Drive ``cfg.simulation.rounds`` rounds on ``backend``; returns the summary (also written to disk)."""
     train_pop, heldout_pop = backend.populations()
+    # validation clients (optional): evaluated beside the test clients under "val_" keys, to choose settings on
+    val_pop = list(getattr(backend, "validation_population", list)())
     if not train_pop:
         raise RunError("no training clients are available (every node is held out or failed to describe itself)")
     if cfg.simulation.sampling == "fixed" and cfg.simulation.clients_per_round > len(train_pop):
@@ -276,14 +278,16 @@ def run_federation(
         if rnd % cfg.simulation.eval_every == 0 or rnd == R:
             if applied:
                 record.update(summarise_eval(backend.evaluate(server.theta, cohort, rnd)))
-            held = heldout_pop
-            if cfg.simulation.eval_clients and cfg.simulation.eval_clients < len(held):
-                picks = _rng(cfg, HELDOUT_STREAM, rnd).choice(len(held), cfg.simulation.eval_clients, replace=False)
-                held = sorted(held[i] for i in picks)
-            held_replies = backend.evaluate(server.theta, held, rnd)
-            record.update(summarise_eval(held_replies, "heldout_"))
-            record["failures"] += held_replies.failures
-            record["rejected"] += len(held_replies.rejected)
+            for prefix, group, stream in (("heldout_", heldout_pop, HELDOUT_STREAM), ("val_", val_pop, VALIDATION_STREAM)):
+                if not group:
+                    continue
+                if cfg.simulation.eval_clients and cfg.simulation.eval_clients < len(group):
+                    picks = _rng(cfg, stream, rnd).choice(len(group), cfg.simulation.eval_clients, replace=False)
+                    group = sorted(group[i] for i in picks)
+                group_replies = backend.evaluate(server.theta, group, rnd)
+                record.update(summarise_eval(group_replies, prefix))
+                record["failures"] += group_replies.failures
+                record["rejected"] += len(group_replies.rejected)
             last_eval = record
         record["time_s"] = time.time() - t0
         writer.append_metrics(record)
@@ -300,7 +304,7 @@ def run_federation(
 
 
 def build_summary(cfg: Config, backend: Backend, server: Server, history: list[dict], last_eval: dict, wall: float) -> dict[str, Any]:
-    final = {k: v for k, v in last_eval.items() if k.startswith(("heldout_", "loss_", "acc_"))}
+    final = {k: v for k, v in last_eval.items() if k.startswith(("heldout_", "val_", "loss_", "acc_"))}
     summary: dict[str, Any] = {
         "status": "completed",
         "engine": backend.name,

@@ -40,9 +40,9 @@ def test_roundtrip_avdigits_with_missing_modality(av, av_root):
         assert_same(disk.client(cid), av.client(cid))
     # a SuperNode with only its own directory
     cid = missing[0]
-    data, spec, heldout, file_cid = load_client_with_id(av_root / f"client_{cid:05d}")
+    data, spec, group, file_cid = load_client_with_id(av_root / f"client_{cid:05d}")
     assert_same(data, av.client(cid))
-    assert spec == av.spec and heldout == (cid in av.heldout_clients) and file_cid == cid
+    assert spec == av.spec and group == ("test" if cid in av.heldout_clients else "train") and file_cid == cid
     assert not bool(data.present[:, 1].any()) and float(data.x["audio"].abs().sum()) == 0.0
 
 
@@ -73,7 +73,7 @@ def test_tokens_roundtrip_and_files(tmp_path):
     assert meta["client_id"] == 3 and meta["n"] == 5 and meta["n_support"] == 2 and meta["heldout"] is False
     assert meta["files"]["text"] == {**meta["files"]["text"], "dtype": "int64", "shape": [5, 6]}
     data, spec2, heldout, file_cid = load_client_with_id(d)
-    assert spec2 == spec and not heldout and file_cid == 3
+    assert spec2 == spec and heldout == "train" and file_cid == 3
     assert_same(data, cd)
 
 

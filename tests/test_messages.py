@@ -276,6 +276,9 @@ BAD_QUERIES = {
     "partition-id out of range": {"partition-id": 10},
     "partition-id missing": {"partition-id": None},
     "heldout not a bool": {"heldout": "yes"},
+    "group unknown": {"group": "admin"},
+    "group validation but heldout false (would train)": {"group": "validation"},
+    "group train but heldout true": {"group": "train", "heldout": True},
     "num-examples zero": {"num-examples": 0},
     "spec not JSON": {"spec": "{nope"},
     "spec not a spec": {"spec": json.dumps({"modalities": 5})},
@@ -288,6 +291,16 @@ def test_a_malformed_description_is_rejected(case):
     [req] = strategy.configure_query([NODE])
     with pytest.raises(ValueError):
         strategy.parse_query(query_reply(req, **BAD_QUERIES[case]))
+
+
+@pytest.mark.parametrize("fields, group", [
+    ({}, "train"), ({"heldout": True}, "test"),  # a client that predates "group": heldout decides
+    ({"heldout": True, "group": "validation"}, "validation"), ({"heldout": True, "group": "test"}, "test"),
+])
+def test_a_description_names_the_clients_group(fields, group):
+    strategy = MetaStrategy(make_cfg())
+    [req] = strategy.configure_query([NODE])
+    assert strategy.parse_query(query_reply(req, **fields))["group"] == group
 
 
 class FakeGrid:

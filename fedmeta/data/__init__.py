@@ -39,14 +39,17 @@ def _check_dataset(dataset, name: str) -> FederatedDataset:
         raise ComponentError(f"config error: data.dataset: {name!r} returned {type(dataset).__name__} without {missing} (see fedmeta.data.FederatedDataset)")
     if not isinstance(dataset.spec, DatasetSpec):
         raise ComponentError(f"config error: data.dataset: {name!r}: .spec must be a fedmeta.data.DatasetSpec (got {type(dataset.spec).__name__})")
-    train, held = list(dataset.train_clients), list(dataset.heldout_clients)
+    from fedmeta.data.base import validation_clients
+
+    train, held, val = list(dataset.train_clients), list(dataset.heldout_clients), validation_clients(dataset)
     if not train:
         raise ComponentError(f"config error: data.dataset: {name!r} has no training clients")
-    bad = [c for c in train + held if not (isinstance(c, int) and 0 <= c < int(dataset.num_clients))]
-    if bad or set(train) & set(held):
+    bad = [c for c in train + held + val if not (isinstance(c, int) and 0 <= c < int(dataset.num_clients))]
+    shared = sorted((set(train) & set(held)) | (set(train) & set(val)) | (set(held) & set(val)))
+    if bad or shared:
         raise ComponentError(
             f"config error: data.dataset: {name!r}: client ids must be distinct ints in [0, num_clients={dataset.num_clients}) "
-            f"split between train_clients and heldout_clients (bad: {(bad or sorted(set(train) & set(held)))[:3]})"
+            f"split between train_clients, validation_clients and heldout_clients (bad: {(bad or shared)[:3]})"
         )
     return dataset
 
@@ -55,13 +58,32 @@ def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
     """The dataset a config names, restricted to ``modalities`` (comma-separated; "" = all).
 
     Pass ``cfg.model.modalities`` as ``modalities``. Construction is cheap: clients are built on demand.
+    Then, for any dataset (built-in or a user's): ``data.missing_modality_mode = "sample"`` drops
+    modalities per example (:class:`~fedmeta.data.subset.SampleDropout`), and
+    ``data.validation_fraction`` carves validation clients out of the training clients of a dataset
+    that has no validation group of its own.
     """
+    from fedmeta.data.base import carve_validation, validation_clients, validation_count
+    from fedmeta.data.subset import SampleDropout, WithValidation
+
     dataset = _build(cfg)
+    if cfg.missing_modality_mode == "sample" and cfg.missing_modality_fraction > 0:
+        dataset = SampleDropout(dataset, cfg.missing_modality_fraction, cfg.missing_modality, cfg.seed)
+    if cfg.validation_fraction > 0 and not validation_clients(dataset):
+        train, val = carve_validation(
+            list(dataset.train_clients), validation_count(int(dataset.num_clients), cfg.validation_fraction), cfg.seed
+        )
+        dataset = WithValidation(dataset, train, val)
     if modalities:
         from fedmeta.data.subset import select_modalities
 
         return select_modalities(dataset, modalities)
     return dataset
+
+
+def _per_client_missing(cfg: "DataConfig") -> float:
+    """The built-in datasets' own (per-client) drop; off when examples drop modalities instead."""
+    return cfg.missing_modality_fraction if cfg.missing_modality_mode == "client" else 0.0
 
 
 def _build(cfg: "DataConfig") -> FederatedDataset:
@@ -85,7 +107,7 @@ def _build(cfg: "DataConfig") -> FederatedDataset:
             num_classes=cfg.num_classes,
             support_fraction=cfg.support_fraction,
             heldout_fraction=cfg.heldout_fraction,
-            missing_modality_fraction=cfg.missing_modality_fraction,
+            missing_modality_fraction=_per_client_missing(cfg),
             missing_modality=cfg.missing_modality,
             seed=cfg.seed,
         )
@@ -98,7 +120,7 @@ def _build(cfg: "DataConfig") -> FederatedDataset:
             support_fraction=cfg.support_fraction,
             examples_per_client=cfg.examples_per_client,
             num_classes=cfg.num_classes,
-            missing_modality_fraction=cfg.missing_modality_fraction,
+            missing_modality_fraction=_per_client_missing(cfg),
             missing_modality=cfg.missing_modality or None,
             dirichlet_alpha=cfg.dirichlet_alpha,
             seed=cfg.seed,

@@ -125,14 +125,59 @@ class Batch:
 
 
 class FederatedDataset(Protocol):
-    """A population of clients, built lazily."""
+    """A population of clients, built lazily.
+
+    Three disjoint client groups: ``train_clients`` train; ``heldout_clients`` are the *test*
+    clients, which neither train nor choose anything; an optional ``validation_clients`` list
+    (a dataset without the attribute has none) is what hyper-parameters are chosen on. A dataset
+    without its own validation group gets one carved from its training clients by
+    ``data.validation_fraction`` (:func:`carve_validation`).
+    """
 
     spec: DatasetSpec
     num_clients: int
     train_clients: list[int]
     heldout_clients: list[int]
+    # optional: validation_clients: list[int]
 
     def client(self, cid: int) -> ClientData: ...
+
+
+#: The client groups: ``train`` (trains), ``validation`` (chooses hyper-parameters), ``test`` (reports).
+GROUPS = ("train", "validation", "test")
+
+
+def validation_clients(dataset) -> list[int]:
+    """A dataset's validation clients; ``[]`` for a dataset without the optional attribute."""
+    return list(getattr(dataset, "validation_clients", None) or [])
+
+
+def client_group(dataset, cid: int) -> str:
+    """``"train"``, ``"validation"`` or ``"test"`` (held out) for client ``cid`` of ``dataset``."""
+    if cid in set(dataset.heldout_clients):
+        return "test"
+    return "validation" if cid in set(validation_clients(dataset)) else "train"
+
+
+def validation_count(num_clients: int, fraction: float) -> int:
+    """How many clients ``data.validation_fraction`` names: ``round(fraction * num_clients)``, >= 1 if > 0."""
+    return 0 if fraction <= 0 else max(1, int(round(fraction * num_clients)))
+
+
+def carve_validation(train: list[int], count: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split ``count`` validation clients off ``train`` (deterministic in ``seed``); ``(train, validation)``.
+
+    The test (held-out) group is untouched, so a run with validation clients is scored on exactly
+    the test clients of the same run without them.
+    """
+    if count <= 0:
+        return sorted(train), []
+    if count >= len(train):
+        raise DataError(
+            f"data.validation_fraction: leaves no training clients ({count} validation of {len(train)} non-test clients)"
+        )
+    perm = np.random.default_rng([seed, 0x7A11D]).permutation(sorted(train))
+    return sorted(perm[count:].tolist()), sorted(perm[:count].tolist())
 
 
 @dataclass

@@ -65,11 +65,13 @@ def cmd_partition(args: argparse.Namespace) -> int:
         raise ConfigError(f"partition --out {out}: is data.path, the dataset being read")
     _prepare_target(out, args.overwrite)
     dataset = build_dataset(data, model.modalities)  # may raise DataError: still nothing written
-    clients = sorted(dataset.train_clients + dataset.heldout_clients)
+    from fedmeta.data.base import validation_clients
+
+    clients = sorted(dataset.train_clients + dataset.heldout_clients + validation_clients(dataset))
     if args.overwrite:
         _clear_partition(out)
     root = write_partitions(dataset, out, clients=clients)
-    print(f"wrote {len(clients)} client directories ({len(dataset.heldout_clients)} held out) to {root}")
+    print(f"wrote {len(clients)} client directories ({len(dataset.heldout_clients)} test, {len(validation_clients(dataset))} validation) to {root}")
     return 0
 
 

@@ -21,6 +21,9 @@ Layout (``write_partitions`` writes it, ``DiskDataset`` / ``load_client_with_id`
       "clients": [{"id": 0, "dir": "client_00000", "heldout": false}, ...]
     }
 
+A validation client (``data.validation_fraction``) is written ``"heldout": true, "group": "validation"``
+in both files: held out from training for any reader, chosen on, never reported as a test client.
+
 Only the listed clients exist (a deployment may ship a subset); iterate ``train_clients`` and
 ``heldout_clients``, not ``range(num_clients)``. A run on a disk dataset (``data.dataset = "disk"``)
 needs ``data.num_clients`` equal to the number of clients listed (what every config-level check,
@@ -173,7 +176,7 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 
 def write_client_dir(
-    data: ClientData, spec: DatasetSpec, path: str | Path, client_id: int, heldout: bool = False
+    data: ClientData, spec: DatasetSpec, path: str | Path, client_id: int, heldout: bool = False, group: str = ""
 ) -> Path:
     """Write one client to directory ``path`` (created); returns it. ``meta.json`` is written last."""
     path = Path(path)
@@ -205,7 +208,8 @@ def write_client_dir(
         "format": "fedmeta-client",
         "version": FORMAT_VERSION,
         "client_id": int(client_id),
-        "heldout": bool(heldout),
+        "heldout": bool(heldout) or group == "validation",
+        **({"group": "validation"} if group == "validation" else {}),
         "n": n,
         "n_support": int(data.n_support),
         "spec": spec_to_dict(spec),
@@ -227,8 +231,11 @@ def write_partitions(
     Returns ``out_dir``. ``dataset.json`` is written last, listing exactly the clients written.
     """
     out = Path(out_dir)
+    from fedmeta.data.base import client_group, validation_clients
+
     heldout = set(int(c) for c in dataset.heldout_clients)
-    ids = sorted(set(int(c) for c in dataset.train_clients) | heldout) if clients is None else [int(c) for c in clients]
+    every = set(int(c) for c in dataset.train_clients) | heldout | set(validation_clients(dataset))
+    ids = sorted(every) if clients is None else [int(c) for c in clients]
     if len(set(ids)) != len(ids):
         raise DataError("write_partitions: duplicate client ids")
     out.mkdir(parents=True, exist_ok=True)
@@ -238,8 +245,9 @@ def write_partitions(
         if not 0 <= cid < dataset.num_clients:
             raise DataError(f"write_partitions: client id {cid} out of range [0, {dataset.num_clients})")
         d = client_dir_name(cid)
-        write_client_dir(dataset.client(cid), dataset.spec, out / d, cid, cid in heldout)
-        entries.append({"id": cid, "dir": d, "heldout": cid in heldout})
+        group = client_group(dataset, cid)
+        write_client_dir(dataset.client(cid), dataset.spec, out / d, cid, cid in heldout, group)
+        entries.append({"id": cid, "dir": d, "heldout": group != "train"} | ({"group": group} if group == "validation" else {}))
     index = {
         "format": "fedmeta-dataset",
         "version": FORMAT_VERSION,
@@ -284,7 +292,7 @@ def _load_npy(path: Path, dtype: str, shape: tuple[int, ...], sha256: str | None
     return a
 
 
-def _load_client(path: Path, verify: bool) -> tuple[ClientData, DatasetSpec, bool, int]:
+def _load_client(path: Path, verify: bool) -> tuple[ClientData, DatasetSpec, str, int]:
     meta_path = path / META_FILE
     if not path.is_dir():
         raise DataError(f"{path}: client directory not found")
@@ -292,9 +300,7 @@ def _load_client(path: Path, verify: bool) -> tuple[ClientData, DatasetSpec, boo
     _check_version(meta, "fedmeta-client", meta_path)
     spec = spec_from_json(_get(meta, "spec", meta_path), meta_path)
     cid = _int(_get(meta, "client_id", meta_path), "client_id", meta_path)
-    heldout = _get(meta, "heldout", meta_path)
-    if not isinstance(heldout, bool):
-        raise DataError(f"{meta_path}: 'heldout' must be true or false")
+    heldout = _group(meta, meta_path, "")
     n = _int(_get(meta, "n", meta_path), "n", meta_path)
     n_support = _int(_get(meta, "n_support", meta_path), "n_support", meta_path)
     if n_support > n:
@@ -345,8 +351,20 @@ def _load_client(path: Path, verify: bool) -> tuple[ClientData, DatasetSpec, boo
     return data, spec, heldout, cid
 
 
-def load_client_with_id(path: str | Path, verify: bool = True) -> tuple[ClientData, DatasetSpec, bool, int]:
-    """Load one client directory (all a SuperNode needs): ``(data, spec, heldout, client id)``."""
+def _group(doc: Any, where: Path, prefix: str) -> str:
+    """``"train"``, ``"test"`` or ``"validation"`` from an entry's ``heldout`` and optional ``group``."""
+    heldout = _get(doc, "heldout", where, prefix)
+    if not isinstance(heldout, bool):
+        raise DataError(f"{where}: '{prefix}heldout' must be true or false")
+    group = doc.get("group", "") if isinstance(doc, dict) else ""
+    if group not in ("", "validation") or (group == "validation" and not heldout):
+        raise DataError(f"{where}: '{prefix}group' may only be \"validation\", with heldout true (got {str(group)[:40]!r})")
+    return "validation" if group else "test" if heldout else "train"
+
+
+def load_client_with_id(path: str | Path, verify: bool = True) -> tuple[ClientData, DatasetSpec, str, int]:
+    """Load one client directory (all a SuperNode needs): ``(data, spec, group, client id)``;
+    group is ``"train"``, ``"validation"`` or ``"test"`` (held out)."""
     return _load_client(Path(path), verify)
 
 
@@ -369,23 +387,22 @@ class DiskDataset:
         if not isinstance(clients, list) or not clients:
             raise DataError(f"{index_path}: 'clients' must be a non-empty list")
         self._dirs: dict[int, str] = {}
-        self._heldout: dict[int, bool] = {}
+        self._heldout: dict[int, str] = {}  # client id -> group
         for i, c in enumerate(clients):
             p = f"clients[{i}]."
             cid = _int(_get(c, "id", index_path, p), p + "id", index_path)
             d = _get(c, "dir", index_path, p)
-            h = _get(c, "heldout", index_path, p)
+            h = _group(c, index_path, p)
             if cid >= self.num_clients:
                 raise DataError(f"{index_path}: '{p}id' {cid} is not below num_clients {self.num_clients}")
             if cid in self._dirs:
                 raise DataError(f"{index_path}: client id {cid} listed twice")
             if not isinstance(d, str) or not d or "/" in d or "\\" in d or d in (".", ".."):
                 raise DataError(f"{index_path}: '{p}dir' must be a plain directory name, got {d!r}")
-            if not isinstance(h, bool):
-                raise DataError(f"{index_path}: '{p}heldout' must be true or false")
             self._dirs[cid], self._heldout[cid] = d, h
-        self.train_clients = sorted(c for c, h in self._heldout.items() if not h)
-        self.heldout_clients = sorted(c for c, h in self._heldout.items() if h)
+        self.train_clients = sorted(c for c, g in self._heldout.items() if g == "train")
+        self.validation_clients = sorted(c for c, g in self._heldout.items() if g == "validation")
+        self.heldout_clients = sorted(c for c, g in self._heldout.items() if g == "test")
         if num_clients is not None and num_clients != len(self._dirs):
             raise DataError(
                 f"data.num_clients: is {num_clients}, but {index_path} lists {len(self._dirs)} clients "
@@ -407,5 +424,5 @@ class DiskDataset:
         if file_cid != int(cid):
             raise DataError(f"{meta_path}: client_id {file_cid}, but dataset.json lists this directory as client {cid}")
         if heldout != self._heldout[int(cid)]:
-            raise DataError(f"{meta_path}: 'heldout' is {heldout}, dataset.json says {self._heldout[int(cid)]}")
+            raise DataError(f"{meta_path}: the client is a {heldout!r} client, dataset.json says {self._heldout[int(cid)]!r}")
         return data

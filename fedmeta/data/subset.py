@@ -48,3 +48,63 @@ def select_modalities(dataset: FederatedDataset, modalities: str) -> FederatedDa
     if not names or names == dataset.spec.modality_names:
         return dataset
     return ModalitySubset(dataset, names)
+
+
+class WithValidation:
+    """``dataset`` with ``validation`` clients taken out of its training clients (``data.validation_fraction``)."""
+
+    def __init__(self, dataset: FederatedDataset, train: list[int], validation: list[int]) -> None:
+        self.base = dataset
+        self.spec = dataset.spec
+        self.num_clients = dataset.num_clients
+        self.train_clients = train
+        self.validation_clients = validation
+        self.heldout_clients = dataset.heldout_clients
+
+    def client(self, cid: int) -> ClientData:
+        return self.base.client(cid)
+
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)
+
+
+class SampleDropout:
+    """FedMultimodal's missing-modality protocol: every example drops each modality independently.
+
+    With probability ``p`` per example and modality (only ``modality``'s column when one is named),
+    the modality is marked absent and its data zeroed. Deterministic in ``(seed, client id)``, so
+    every engine and every process sees the same examples dropped.
+    """
+
+    def __init__(self, dataset: FederatedDataset, p: float, modality: str, seed: int) -> None:
+        names = dataset.spec.modality_names
+        if modality and modality not in names:
+            raise DataError(f"data.missing_modality: {modality!r} is not one of {names}")
+        if len(names) < 2:
+            raise DataError("data.missing_modality_fraction: needs at least two modalities (or set it to 0)")
+        self.base = dataset
+        self.spec = dataset.spec
+        self.num_clients = dataset.num_clients
+        self.train_clients = dataset.train_clients
+        self.heldout_clients = dataset.heldout_clients
+        self.p, self.seed = p, seed
+        self.columns = [names.index(modality)] if modality else list(range(len(names)))
+
+    def client(self, cid: int) -> ClientData:
+        import numpy as np
+        import torch
+
+        d = self.base.client(cid)
+        rng = np.random.default_rng([self.seed, 0xD209, int(cid)])
+        drop = np.zeros(tuple(d.present.shape), dtype=bool)
+        drop[:, self.columns] = rng.random((d.n, len(self.columns))) < self.p
+        present = d.present & ~torch.from_numpy(drop)
+        x = {}
+        for j, name in enumerate(self.spec.modality_names):
+            v = d.x[name]
+            gone = ~present[:, j]
+            x[name] = v.masked_fill(gone.view(-1, *([1] * (v.dim() - 1))), 0) if bool(gone.any()) else v
+        return ClientData(x=x, y=d.y, present=present, n_support=d.n_support)
+
+    def __getattr__(self, name: str):
+        return getattr(self.base, name)

@@ -52,6 +52,7 @@ class FlowerBackend:
         self.node_of: dict[int, int] = {}
         self.train_pop: list[int] = []
         self.heldout_pop: list[int] = []
+        self.validation_pop: list[int] = []
         self.spec = None
         self.discovery_rejected: list[str] = []  # counted as rejected in the first round this process runs
 
@@ -98,13 +99,14 @@ class FlowerBackend:
                 self._reject(node, f"partition-id {cid} is claimed by {claims[cid]} nodes; none of them is used")
                 continue
             self.node_of[cid] = node
-            (self.heldout_pop if info["heldout"] else self.train_pop).append(cid)
+            {"train": self.train_pop, "validation": self.validation_pop, "test": self.heldout_pop}[info["group"]].append(cid)
             if info["num-examples"] is not None:
                 self.strategy.announced[node] = info["num-examples"]
             if self.spec is None and info["spec"] is not None:
                 self.spec = info["spec"]
         self.train_pop.sort()
         self.heldout_pop.sort()
+        self.validation_pop.sort()
 
     def _reject(self, node: int, why: str) -> None:
         reason = f"discovery: node {node}: {why}"
@@ -113,6 +115,9 @@ class FlowerBackend:
 
     def populations(self) -> tuple[list[int], list[int]]:
         return self.train_pop, self.heldout_pop
+
+    def validation_population(self) -> list[int]:
+        return self.validation_pop
 
     def _targets(self, cids: list[int]) -> list[tuple[int, int]]:
         return [(c, self.node_of[c]) for c in cids if c in self.node_of]

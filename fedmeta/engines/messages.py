@@ -24,7 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedmeta.config import Config
-from fedmeta.data.base import spec_from_dict, spec_to_dict
+from fedmeta.data.base import GROUPS, spec_from_dict, spec_to_dict
 from fedmeta.federation import ClientUpdate, Params, Replies
 from fedmeta.meta.aggregate import cohort_cap, valid_count
 
@@ -249,7 +249,7 @@ class MetaStrategy:
         return out
 
     def parse_query(self, reply: Message) -> dict[str, Any] | None:
-        """A node's description: ``partition-id``, ``heldout``, ``num-examples`` (None if not announced)
+        """A node's description: ``partition-id``, ``heldout``, ``group``, ``num-examples`` (None if not announced)
         and ``spec`` (a ``DatasetSpec``, None if not sent); None for an error reply (a stock Flower client
         has no query handler). A malformed description raises :class:`ReplyError`."""
         if reply.has_error():
@@ -264,6 +264,9 @@ class MetaStrategy:
         heldout = info.get("heldout", False)
         if not isinstance(heldout, bool):
             raise ReplyError(f"heldout must be a bool (got {str(heldout)[:40]!r})")
+        group = info.get("group", "test" if heldout else "train")  # a client without "group": heldout decides
+        if group not in GROUPS or (group == "train") == heldout:
+            raise ReplyError(f"group must be one of {GROUPS}, 'train' exactly when heldout is false (got {str(group)[:40]!r})")
         n = None
         if "num-examples" in info:
             try:
@@ -277,4 +280,4 @@ class MetaStrategy:
                 spec_to_dict(spec)
             except Exception as err:  # noqa: BLE001 - bad JSON, bad structure
                 raise ReplyError(f"spec: {_why(err)}") from None
-        return {"partition-id": pid, "heldout": heldout, "num-examples": n, "spec": spec}
+        return {"partition-id": pid, "heldout": heldout, "group": group, "num-examples": n, "spec": spec}

@@ -7,6 +7,7 @@ It is the reference the other engines are checked against, and the
 from __future__ import annotations
 
 from fedmeta.config import Config
+from fedmeta.data.base import validation_clients
 from fedmeta.client import configure_torch, evaluate_client, model_for, train_client
 from fedmeta.federation import ClientUpdate, Params, Replies
 
@@ -23,6 +24,9 @@ class SequentialBackend:
 
     def populations(self) -> tuple[list[int], list[int]]:
         return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
+
+    def validation_population(self) -> list[int]:
+        return validation_clients(self.dataset)
 
     def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
         out = Replies()

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from fedmeta.config import Config
+from fedmeta.data.base import validation_clients
 from fedmeta.data.base import ClientData
 from fedmeta.client import (
     CURVE_STEPS,
@@ -224,6 +225,9 @@ class VectorizedBackend:
 
     def populations(self) -> tuple[list[int], list[int]]:
         return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
+
+    def validation_population(self) -> list[int]:
+        return validation_clients(self.dataset)
 
     def prefetch(self, cids: Sequence[int] | None = None) -> None:
         """Build clients ahead of the rounds (default: the whole population)."""
