@@ -1,0 +1,430 @@
+"""The learning-quality protocol: tune on validation clients, report on test clients, with confidence intervals.
+
+    python -m experiments.protocol avdigits-methods          # one command per table
+    python -m experiments.protocol --list                    # the studies and what they compare
+
+For every *arm* of a study (a method, or a method on a data/model variant):
+
+1. **Tune** on validation clients only. Optuna's TPE sampler (seeded) proposes ``--trials`` settings
+   from the arm's search space (inner learning rate and steps, server step size and schedule); each
+   is one run on the tuning seed (``TUNE_SEED``: a population, split and θ₀ none of the reported
+   seeds uses) scored by its **validation** clients' metric after adaptation. Every arm gets the
+   same number of trials: equal tuning budgets.
+2. **Report** on test clients: the best setting, re-run on ``--seeds`` fresh seeds (seed = population,
+   client split, θ₀ and batch order). Test clients neither train nor choose anything.
+3. **Compare**: mean ± std and a 95 % t confidence interval per arm; for each pair of arms named by
+   the study, the paired difference over seeds (same seed = same population and split), its 95 %
+   CI and a paired t-test. "no difference" wherever the CI contains 0.
+4. **Converged?** Test metric vs round (curves, mean ± std), and the change over the last 20 % of
+   rounds, so a reader sees whether the budget was enough.
+
+Runs are cached by their full config (``runs/protocol/cache/<hash>``), so a study that stops
+continues where it was, and two studies that share an arm share its runs. Writes
+``docs/results/<study>.json`` (every trial and run), ``docs/results/<study>.md`` (the table) and
+``docs/img/<study>.png`` (curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmeta.config import load_config
+
+TUNE_SEED = 100  # the tuning population/split/θ₀; reported seeds are 0..n-1
+ROOT = Path(__file__).resolve().parent.parent  # study configs are relative to the repository
+DOCS = Path("docs")  # where tables, JSON and curves go (--docs)
+SECOND_ORDER = ("maml", "fomaml", "metasgd")  # meta-gradient methods: β is a meta learning rate
+
+
+@dataclass
+class Arm:
+    name: str
+    algorithm: str
+    overrides: list[str] = field(default_factory=list)  # the variant: modalities, fusion, missing data ...
+    fixed_from: str = ""  # "study/arm": no tuning here, use that arm's chosen setting
+
+
+@dataclass
+class Study:
+    name: str
+    config: str
+    arms: list[Arm]
+    pairs: list[tuple[str, str]]  # (a, b): report a − b
+    regression: bool = False
+    rounds: int = 150
+    trials: int = 6
+    seeds: int = 5
+    eval_points: int = 6  # test evaluations along a reported run (curves)
+    note: str = ""
+
+
+def _fusion_arms() -> list[Arm]:
+    """Per algorithm, the two arms the question turns on (concat fusion, image only) are tuned with equal
+    budgets; gated / attention fusion take concat's setting and audio only takes image's (no tuning of
+    their own, which can only handicap them: the table says so)."""
+    arms = []
+    for alg in ("reptile", "maml", "metasgd"):
+        arms += [Arm(f"{alg}/concat", alg), Arm(f"{alg}/image", alg, ["model.modalities=image"]),
+                 Arm(f"{alg}/gated", alg, ["model.fusion=gated"], fixed_from=f"avdigits-fusion/{alg}/concat"),
+                 Arm(f"{alg}/attention", alg, ["model.fusion=attention"], fixed_from=f"avdigits-fusion/{alg}/concat"),
+                 Arm(f"{alg}/audio", alg, ["model.modalities=audio"], fixed_from=f"avdigits-fusion/{alg}/image")]
+    return arms
+
+
+def _missing_arms() -> list[Arm]:
+    arms = []
+    for alg in ("reptile", "maml"):
+        arms.append(Arm(f"{alg}/p0", alg, [], fixed_from=f"avdigits-fusion/{alg}/concat"))
+        for p in (0.1, 0.3, 0.5):
+            drop = ["data.missing_modality_mode=sample", f"data.missing_modality_fraction={p}", "data.missing_modality=audio"]
+            arms.append(Arm(f"{alg}/p{p}", alg, drop, fixed_from=f"avdigits-fusion/{alg}/concat"))
+    return arms
+
+
+METHODS = ("reptile", "fedavg_ft", "maml", "fomaml", "local")
+STUDIES = {
+    s.name: s
+    for s in [
+        Study("avdigits-methods", "experiments/configs/avdigits_protocol.toml",
+              [Arm(m, m) for m in METHODS],
+              [("reptile", "fedavg_ft"), ("maml", "fedavg_ft"), ("fomaml", "fedavg_ft"), ("maml", "reptile"),
+               ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")]),
+        Study("avdigits-fusion", "experiments/configs/avdigits_protocol.toml", _fusion_arms(),
+              [(f"{a}/{f}", f"{a}/{s}") for a in ("reptile", "maml", "metasgd") for f in ("concat", "gated", "attention")
+               for s in ("image",)] + [(f"{a}/image", f"{a}/audio") for a in ("reptile", "maml", "metasgd")],
+              note="fused (concat / gated / attention) against image only; image against audio"),
+        Study("avdigits-missing", "experiments/configs/avdigits_protocol.toml", _missing_arms(),
+              [(f"{a}/p{p}", f"{a}/p0") for a in ("reptile", "maml") for p in (0.1, 0.3, 0.5)],
+              note="the fusion study's tuned concat setting, per-example audio drop (FedMultimodal) on every client"),
+        Study("synthetic-methods", "experiments/configs/default_protocol.toml",
+              [Arm(m, m) for m in METHODS],
+              [("reptile", "fedavg_ft"), ("maml", "fedavg_ft"), ("fomaml", "fedavg_ft"), ("maml", "reptile"),
+               ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")]),
+    ]
+}
+
+
+# -- search space ---------------------------------------------------------------------------------
+
+
+def suggest(trial, algorithm: str, regression: bool) -> list[str]:
+    """One setting from the arm's space: the same dimensions (and ranges) for every method where they apply."""
+    lo, hi = (1e-3, 0.1) if regression else (1e-2, 1.0)
+    out = [f"meta.inner_lr={trial.suggest_float('inner_lr', lo, hi, log=True)}"]
+    if algorithm == "local":  # no training: only the adaptation learning rate matters
+        return out
+    out.append(f"meta.inner_steps={trial.suggest_int('inner_steps', 1, 10)}")
+    if algorithm in SECOND_ORDER:
+        beta = trial.suggest_float("outer_lr", 1e-3 if regression else 1e-2, 1.0, log=True)
+    else:
+        beta = trial.suggest_float("outer_lr", 0.1, 1.0)
+    final = trial.suggest_categorical("outer_lr_final_ratio", [0.0, 0.1, 1.0])
+    return out + [f"meta.outer_lr={beta}", f"meta.outer_lr_final={beta * final}"]
+
+
+def params_to_overrides(params: dict, algorithm: str) -> list[str]:
+    """The chosen Optuna params back to ``--set`` overrides (same mapping as :func:`suggest`)."""
+    out = [f"meta.inner_lr={params['inner_lr']}"]
+    if algorithm != "local":
+        beta = params["outer_lr"]
+        out += [f"meta.inner_steps={params['inner_steps']}", f"meta.outer_lr={beta}",
+                f"meta.outer_lr_final={beta * params['outer_lr_final_ratio']}"]
+    return out
+
+
+# -- runs -----------------------------------------------------------------------------------------
+
+
+def _run(study: Study, arm: Arm, overrides: list[str], seed: int, cache: Path, eval_every: int) -> dict:
+    """One cached run: its summary plus the test curve."""
+    import fedmeta
+    from fedmeta.results import SUMMARY
+
+    sets = [*arm.overrides, *overrides, f"meta.algorithm={arm.algorithm}", f"data.seed={seed}", f"simulation.seed={seed}",
+            f"simulation.rounds={study.rounds}", f"simulation.eval_every={eval_every}", "output.progress=false"]
+    cfg = load_config(ROOT / study.config, sets)
+    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    out = cache / key
+    if not (out / SUMMARY).exists():
+        fedmeta.simulate(cfg, out=out, overwrite=True)
+    summary = json.loads((out / SUMMARY).read_text())
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metric = "loss_at_10" if study.regression else "acc_after"
+    summary["curve"] = [(r["round"], r.get(f"heldout_{metric}")) for r in curve if f"heldout_{metric}" in r]
+    summary["run_dir"] = str(out)
+    return summary
+
+
+def _score(summary: dict, regression: bool) -> float:
+    """The validation objective (higher is better); a diverged run scores worst."""
+    v = summary.get("val_loss_at_10" if regression else "val_acc_after")
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return -1e9
+    return -v if regression else v
+
+
+def tune_and_report(study_name: str, arm_name: str, trials: int, seeds: list[int], cache: str, chosen: dict | None,
+                    rounds: int) -> dict:
+    """Tune one arm on validation clients (unless it takes a setting from another study), then run its seeds."""
+    import optuna
+    import torch
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from dataclasses import replace
+
+    study, cache_dir = replace(STUDIES[study_name], rounds=rounds), Path(cache)
+    arm = next(a for a in study.arms if a.name == arm_name)
+    t0 = time.time()
+    history = []
+    if chosen is None:
+        # seeded by what is tuned (algorithm + variant), so two studies sharing an arm share its trials' runs
+        what = json.dumps([study.config, arm.algorithm, sorted(arm.overrides)])
+        sampler = optuna.samplers.TPESampler(seed=int(hashlib.sha256(what.encode()).hexdigest()[:8], 16) % 2**31,
+                                             n_startup_trials=max(3, trials // 3))
+        opt = optuna.create_study(direction="maximize", sampler=sampler)
+
+        def objective(trial):
+            summary = _run(study, arm, suggest(trial, arm.algorithm, study.regression), TUNE_SEED, cache_dir, study.rounds)
+            score = _score(summary, study.regression)
+            history.append({"params": dict(trial.params), "val": score if not study.regression else -score,
+                            "test_not_used_for_choice": summary.get("heldout_acc_after" if not study.regression else "heldout_loss_at_10")})
+            return score
+
+        opt.optimize(objective, n_trials=trials)
+        chosen = dict(opt.best_params)
+    tune_s = time.time() - t0
+    overrides = params_to_overrides(chosen, arm.algorithm)
+    every = max(1, study.rounds // study.eval_points)
+    runs = [{"seed": s, **_run(study, arm, overrides, s, cache_dir, every)} for s in seeds]
+    return {"arm": arm.name, "algorithm": arm.algorithm, "variant": arm.overrides, "fixed_from": arm.fixed_from,
+            "chosen": chosen, "overrides": overrides, "trials": history, "tune_s": tune_s,
+            "report_s": time.time() - t0 - tune_s, "runs": runs}
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): a t confidence interval for the mean."""
+    from scipy import stats
+
+    m = statistics.mean(values)
+    if len(values) < 2:
+        return m, math.nan, math.nan
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return m, m - half, m + half
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """a − b over matched seeds: mean, 95 % CI, paired t-test p and the verdict."""
+    from scipy import stats
+
+    d = [x - y for x, y in zip(a, b)]
+    m, lo, hi = t_interval(d)
+    p = float(stats.ttest_rel(a, b).pvalue) if len(d) > 1 and statistics.pstdev(d) > 0 else math.nan
+    verdict = "no difference" if not (lo > 0 or hi < 0) else ("a > b" if lo > 0 else "a < b")
+    return {"mean": m, "ci95": [lo, hi], "p": p, "n": len(d), "verdict": verdict}
+
+
+def _metric_keys(regression: bool) -> list[tuple[str, str]]:
+    if regression:
+        return [("before", "heldout_loss_before"), ("1 step", "heldout_loss_at_1"), ("5 steps", "heldout_loss_at_5"),
+                ("10 steps", "heldout_loss_at_10")]
+    return [("before", "heldout_acc_before"), ("1 step", "heldout_acc_at_1"), ("5 steps", "heldout_acc_at_5"),
+            ("after 10 steps", "heldout_acc_after")]
+
+
+def _values(result: dict, key: str) -> list[float]:
+    return [r.get(key) if isinstance(r.get(key), (int, float)) else math.nan for r in result["runs"]]
+
+
+def _flatness(result: dict) -> list[float]:
+    """Per seed: the test metric at the last evaluation minus the one at 80 % of the rounds."""
+    out = []
+    for r in result["runs"]:
+        pts = [(rnd, v) for rnd, v in r["curve"] if v is not None]
+        if len(pts) < 2:
+            continue
+        last_round = pts[-1][0]
+        earlier = [v for rnd, v in pts if rnd <= 0.8 * last_round]
+        if earlier:
+            out.append(pts[-1][1] - earlier[-1])
+    return out
+
+
+def _pm(values: list[float], digits: int = 3) -> str:
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return "diverged"
+    text = f"{statistics.mean(vals):.{digits}f}" + (f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else "")
+    return text + (f" ({len(vals)} of {len(values)} finite)" if len(vals) < len(values) else "")
+
+
+def write_report(study: Study, results: dict[str, dict], seeds: list[int], trials: int, wall: float, command: str) -> dict:
+    keys = _metric_keys(study.regression)
+    main_key = keys[-1][1]
+    lines = [f"# {study.name}", "", f"Command: `{command}`", "",
+             f"Config `{study.config}`, {study.rounds} rounds; tuning: {trials} Optuna TPE trials per arm on the "
+             f"validation clients of seed {TUNE_SEED}; reported: test clients of seeds {seeds[0]}..{seeds[-1]} "
+             f"(mean ± std; 95 % t-CI of the mean). {study.note}", "",
+             "| arm | " + " | ".join(k for k, _ in keys) + " | 95 % CI (last) | Δ over last 20 % rounds | chosen setting |",
+             "|---|" + "---|" * (len(keys) + 3)]
+    for name, res in results.items():
+        vals = _values(res, main_key)
+        finite = [v for v in vals if math.isfinite(v)]
+        _, lo, hi = t_interval(finite) if len(finite) > 1 else (0, math.nan, math.nan)
+        chosen = ", ".join(_short(o.replace("meta.", "")) for o in res["overrides"]) + (f" (from {res['fixed_from']})" if res["fixed_from"] else "")
+        lines.append(f"| {name} | " + " | ".join(_pm(_values(res, k)) for _, k in keys)
+                     + f" | [{lo:.3f}, {hi:.3f}] | {_pm(_flatness(res))} | {chosen} |")
+    lines += ["", "Paired differences on the last column (same seeds: same population and split):", "",
+              "| a − b | mean | 95 % CI | paired t p | reading |", "|---|---|---|---|---|"]
+    comparisons = {}
+    for a, b in study.pairs:
+        if a not in results or b not in results:
+            continue
+        va, vb = _values(results[a], main_key), _values(results[b], main_key)
+        ok = [i for i in range(min(len(va), len(vb))) if math.isfinite(va[i]) and math.isfinite(vb[i])]
+        if len(ok) < 2:
+            continue
+        c = paired([va[i] for i in ok], [vb[i] for i in ok])
+        better = "lower" if study.regression else "higher"
+        reading = "no difference" if c["verdict"] == "no difference" else (
+            f"{a} {better}" if (c["verdict"] == "a > b") != study.regression else f"{b} {better}")
+        comparisons[f"{a} - {b}"] = c
+        lines.append(f"| {a} − {b} | {c['mean']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {c['p']:.3g} | {reading} |")
+    lines += ["", f"Wall time {wall:.0f} s (cached runs count 0)."]
+    DOCS.joinpath("results").mkdir(parents=True, exist_ok=True)
+    payload = {"study": study.name, "command": command, "config": study.config, "rounds": study.rounds, "trials": trials,
+               "tune_seed": TUNE_SEED, "seeds": seeds, "metric": main_key, "arms": results, "comparisons": comparisons}
+    (DOCS / "results" / f"{study.name}.json").write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    (DOCS / "results" / f"{study.name}.md").write_text("\n".join(lines) + "\n")
+    _plot(study, results)
+    print("\n".join(lines))
+    return payload
+
+
+def _plot(study: Study, results: dict[str, dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups: dict[str, list[str]] = {}
+    for name in results:
+        groups.setdefault(name.split("/")[0] if "/" in name else "all", []).append(name)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, (group, names) in zip(axes[0], groups.items()):
+        for name in names:
+            series = [dict((rnd, v) for rnd, v in r["curve"] if v is not None) for r in results[name]["runs"]]
+            rounds = sorted(set.intersection(*(set(s) for s in series))) if series else []
+            if not rounds:
+                continue
+            vals = np.array([[s[x] for x in rounds] for s in series])
+            mean, std = vals.mean(0), vals.std(0, ddof=1) if len(series) > 1 else np.zeros(len(rounds))
+            ax.plot(rounds, mean, marker=".", label=name)
+            ax.fill_between(rounds, mean - std, mean + std, alpha=0.15)
+        ax.set_title(f"{study.name}: {group}")
+        ax.set_xlabel("round")
+        ax.set_ylabel("test MSE after 10 steps" if study.regression else "test accuracy after adaptation")
+        if study.regression:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    (DOCS / "img").mkdir(parents=True, exist_ok=True)
+    fig.savefig(DOCS / "img" / f"{study.name}.png", dpi=110)
+    plt.close(fig)
+
+
+def _short(kv: str) -> str:
+    key, _, value = kv.partition("=")
+    try:
+        return f"{key}={float(value):.3g}"
+    except ValueError:
+        return kv
+
+
+def _chosen_from(ref: str) -> dict:
+    study_name, _, arm_name = ref.partition("/")
+    path = DOCS / "results" / f"{study_name}.json"
+    if not path.exists():
+        raise SystemExit(f"{ref}: run `python -m experiments.protocol {study_name}` first (its chosen setting is used here)")
+    arms = json.loads(path.read_text())["arms"]
+    if arm_name not in arms:
+        raise SystemExit(f"{ref}: no such arm in {path}")
+    return arms[arm_name]["chosen"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("study", nargs="?", choices=sorted(STUDIES))
+    p.add_argument("--list", action="store_true", help="list the studies")
+    p.add_argument("--trials", type=int, default=None, help="Optuna trials per arm (default: the study's)")
+    p.add_argument("--seeds", type=int, default=None, help="reported seeds 0..N-1 (default: the study's)")
+    p.add_argument("--arms", nargs="+", default=None, help="only these arms (the table then lists only them)")
+    p.add_argument("--jobs", type=int, default=2, help="arms tuned in parallel (processes)")
+    p.add_argument("--cache", default="runs/protocol/cache")
+    p.add_argument("--docs", default="docs", help="directory for results/<study>.{json,md} and img/<study>.png")
+    p.add_argument("--rounds", type=int, default=None, help="override the study's rounds (smoke tests; recorded in the table)")
+    args = p.parse_args(argv)
+    if args.list or not args.study:
+        for s in STUDIES.values():
+            print(f"{s.name}: {s.config}, arms {[a.name for a in s.arms]}")
+        return 0
+    global DOCS
+    DOCS = Path(args.docs)
+    study = STUDIES[args.study]
+    if args.rounds:
+        if args.rounds < 1:
+            p.error("--rounds must be >= 1")
+        from dataclasses import replace
+
+        study = replace(study, rounds=args.rounds)
+    trials = args.trials or study.trials
+    seeds = list(range(args.seeds or study.seeds))
+    if trials < 1 or len(seeds) < 2:
+        p.error("--trials must be >= 1 and --seeds >= 2 (a confidence interval needs two seeds)")
+    arms = [a for a in study.arms if args.arms is None or a.name in args.arms]
+    load_config(ROOT / study.config, [])  # a bad config: one line before anything runs
+    start = time.time()
+    results: dict[str, dict] = {}
+    # phase 1: tuned arms and arms taking another study's setting; phase 2: arms taking a setting tuned here
+    here = f"{study.name}/"
+    for phase in ([a for a in arms if not a.fixed_from.startswith(here)], [a for a in arms if a.fixed_from.startswith(here)]):
+        jobs = []
+        for a in phase:
+            chosen = None
+            if a.fixed_from.startswith(here):
+                source = a.fixed_from[len(here):]
+                if source not in results:
+                    p.error(f"arm {a.name} takes the setting of {source}: run that arm too (--arms)")
+                chosen = results[source]["chosen"]
+            elif a.fixed_from:
+                chosen = _chosen_from(a.fixed_from)
+            jobs.append((study.name, a.name, trials, seeds, args.cache, chosen, study.rounds))
+        if not jobs:
+            continue
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for res in pool.map(tune_and_report, *zip(*jobs)):
+                results[res["arm"]] = res
+                print(f"{res['arm']}: chose {res['overrides']}, test {_pm(_values(res, _metric_keys(study.regression)[-1][1]))}"
+                      f" (tune {res['tune_s']:.0f} s, report {res['report_s']:.0f} s)", flush=True)
+    results = {a.name: results[a.name] for a in arms}  # the study's order
+    command = "python -m experiments.protocol " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_report(study, results, seeds, trials, time.time() - start, command)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
