@@ -50,7 +50,7 @@ class Arm:
     name: str
     algorithm: str
     overrides: list[str] = field(default_factory=list)  # the variant: modalities, fusion, missing data ...
-    fixed_from: str = ""  # "study/arm": no tuning here, use that arm's chosen setting
+    fixed_from: str = ""  # "study/arm": no tuning here, use that arm's chosen setting; "config": the config's own
 
 
 @dataclass
@@ -105,6 +105,11 @@ STUDIES = {
         Study("avdigits-missing", "experiments/configs/avdigits_protocol.toml", _missing_arms(),
               [(f"{a}/p{p}", f"{a}/p0") for a in ("reptile", "maml") for p in (0.1, 0.3, 0.5)],
               note="the fusion study's tuned concat setting, per-example audio drop (FedMultimodal) on every client"),
+        Study("sine-reptile", "experiments/configs/sine.toml",
+              [Arm("reptile", "reptile", ["meta.server_optimizer=sgd"]), Arm("maml", "maml", [], fixed_from="config")],
+              [("reptile", "maml")], regression=True, rounds=2000, trials=6, seeds=5, eval_points=4,
+              note="2,000 rounds x 25 tasks (a tenth of sine.toml's MAML budget, for tuning cost); MAML: sine.toml's own "
+                   "setting, untuned; Reptile: plain SGD server step (beta annealed), inner lr/steps and beta tuned."),
         Study("synthetic-methods", "experiments/configs/default_protocol.toml",
               [Arm(m, m) for m in METHODS],
               [("reptile", "fedavg_ft"), ("maml", "fedavg_ft"), ("fomaml", "fedavg_ft"), ("maml", "reptile"),
@@ -132,7 +137,9 @@ def suggest(trial, algorithm: str, regression: bool) -> list[str]:
 
 
 def params_to_overrides(params: dict, algorithm: str) -> list[str]:
-    """The chosen Optuna params back to ``--set`` overrides (same mapping as :func:`suggest`)."""
+    """The chosen Optuna params back to ``--set`` overrides (same mapping as :func:`suggest`); ``{}``: the config's own."""
+    if not params:
+        return []
     out = [f"meta.inner_lr={params['inner_lr']}"]
     if algorithm != "local":
         beta = params["outer_lr"]
@@ -410,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
                 if source not in results:
                     p.error(f"arm {a.name} takes the setting of {source}: run that arm too (--arms)")
                 chosen = results[source]["chosen"]
+            elif a.fixed_from == "config":
+                chosen = {}
             elif a.fixed_from:
                 chosen = _chosen_from(a.fixed_from)
             jobs.append((study.name, a.name, trials, seeds, args.cache, chosen, study.rounds))
