@@ -51,6 +51,7 @@ class Arm:
     algorithm: str
     overrides: list[str] = field(default_factory=list)  # the variant: modalities, fusion, missing data ...
     fixed_from: str = ""  # "study/arm": no tuning here, use that arm's chosen setting; "config": the config's own
+    space: str = "full"  # "full": inner lr and steps, server step and schedule; "inner_lr": the inner learning rate only
 
 
 @dataclass
@@ -90,6 +91,13 @@ def _missing_arms() -> list[Arm]:
     return arms
 
 
+def _privacy_arms() -> list[Arm]:
+    val = ["data.validation_fraction=0.08"]  # 200 of 2,500 clients
+    dp = lambda z, c: [*val, "privacy.enabled=true", f"privacy.noise_multiplier={z}", f"privacy.clip_norm={c}"]
+    return [Arm("nonprivate", "reptile", val, space="inner_lr"), Arm("z0.85-C1", "reptile", dp(0.85, 1), space="inner_lr"),
+            Arm("z0.85-C2", "reptile", dp(0.85, 2), space="inner_lr"), Arm("z3-C2", "reptile", dp(3, 2), space="inner_lr")]
+
+
 METHODS = ("reptile", "fedavg_ft", "maml", "fomaml", "local")
 STUDIES = {
     s.name: s
@@ -110,6 +118,12 @@ STUDIES = {
               [("reptile", "maml")], regression=True, rounds=2000, trials=6, seeds=5, eval_points=4,
               note="2,000 rounds x 25 tasks (a tenth of sine.toml's MAML budget, for tuning cost); MAML: sine.toml's own "
                    "setting, untuned; Reptile: plain SGD server step (beta annealed), inner lr/steps and beta tuned."),
+        Study("privacy-tuned", "experiments/configs/privacy.toml", _privacy_arms(),
+              [("z0.85-C1", "nonprivate"), ("z0.85-C2", "nonprivate"), ("z3-C2", "nonprivate"), ("z3-C2", "z0.85-C2")],
+              rounds=50, trials=4, seeds=3, eval_points=5,
+              note="section 4's population with 200 of its training clients made validation clients; Reptile; only "
+                   "the inner learning rate (training and adaptation) is tuned, per setting, on validation clients. "
+                   "The selection itself is not charged to ε (see docs/benchmarks.md)."),
         Study("synthetic-methods", "experiments/configs/default_protocol.toml",
               [Arm(m, m) for m in METHODS],
               [("reptile", "fedavg_ft"), ("maml", "fedavg_ft"), ("fomaml", "fedavg_ft"), ("maml", "reptile"),
@@ -121,11 +135,11 @@ STUDIES = {
 # -- search space ---------------------------------------------------------------------------------
 
 
-def suggest(trial, algorithm: str, regression: bool) -> list[str]:
+def suggest(trial, algorithm: str, regression: bool, space: str = "full") -> list[str]:
     """One setting from the arm's space: the same dimensions (and ranges) for every method where they apply."""
     lo, hi = (1e-3, 0.1) if regression else (1e-2, 1.0)
     out = [f"meta.inner_lr={trial.suggest_float('inner_lr', lo, hi, log=True)}"]
-    if algorithm == "local":  # no training: only the adaptation learning rate matters
+    if algorithm == "local" or space == "inner_lr":  # local: no training, only the adaptation learning rate matters
         return out
     out.append(f"meta.inner_steps={trial.suggest_int('inner_steps', 1, 10)}")
     if algorithm in SECOND_ORDER:
@@ -141,7 +155,7 @@ def params_to_overrides(params: dict, algorithm: str) -> list[str]:
     if not params:
         return []
     out = [f"meta.inner_lr={params['inner_lr']}"]
-    if algorithm != "local":
+    if algorithm != "local" and "outer_lr" in params:
         beta = params["outer_lr"]
         out += [f"meta.inner_steps={params['inner_steps']}", f"meta.outer_lr={beta}",
                 f"meta.outer_lr_final={beta * params['outer_lr_final_ratio']}"]
@@ -201,7 +215,7 @@ def tune_and_report(study_name: str, arm_name: str, trials: int, seeds: list[int
         opt = optuna.create_study(direction="maximize", sampler=sampler)
 
         def objective(trial):
-            summary = _run(study, arm, suggest(trial, arm.algorithm, study.regression), TUNE_SEED, cache_dir, study.rounds)
+            summary = _run(study, arm, suggest(trial, arm.algorithm, study.regression, arm.space), TUNE_SEED, cache_dir, study.rounds)
             score = _score(summary, study.regression)
             history.append({"params": dict(trial.params), "val": score if not study.regression else -score,
                             "test_not_used_for_choice": summary.get("heldout_acc_after" if not study.regression else "heldout_loss_at_10")})
@@ -290,6 +304,8 @@ def write_report(study: Study, results: dict[str, dict], seeds: list[int], trial
         vals = _values(res, main_key)
         finite = [v for v in vals if math.isfinite(v)]
         _, lo, hi = t_interval(finite) if len(finite) > 1 else (0, math.nan, math.nan)
+        eps = [r["epsilon"] for r in res["runs"] if isinstance(r.get("epsilon"), (int, float))]
+        name = f"{name} (ε = {statistics.mean(eps):.2f})" if eps else name
         chosen = ", ".join(_short(o.replace("meta.", "")) for o in res["overrides"]) + (f" (from {res['fixed_from']})" if res["fixed_from"] else "")
         lines.append(f"| {name} | " + " | ".join(_pm(_values(res, k)) for _, k in keys)
                      + f" | [{lo:.3f}, {hi:.3f}] | {_pm(_flatness(res))} | {chosen} |")
