@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BUILTIN_DATASETS = ("synthetic", "avdigits", "sine", "disk")
+BUILTIN_DATASETS = ("synthetic", "avdigits", "sine", "disk", "store")
 BUILTIN_ALGORITHMS = ("reptile", "fedavg", "fedavg_ft", "fomaml", "maml", "local", "metasgd")
 BUILTIN_MODEL = "fedmeta.models:multimodal_net"
 
@@ -64,7 +64,7 @@ class DataConfig(_Section):
     dirichlet_alpha: float = Field(0.5, gt=0)
     audio_domain: Literal["espeak", "flite", "both"] = "espeak"
     k_shot: int = Field(5, ge=1, le=100_000)
-    path: str = ""  # root of on-disk partitions when dataset = "disk"
+    path: str = ""  # root of on-disk partitions when dataset = "disk", or of a memory-mapped store when "store"
     seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @field_validator("dataset")
