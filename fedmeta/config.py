@@ -143,6 +143,20 @@ class SimulationConfig(_Section):
     device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda[:i]
     num_cpus_per_client: float = Field(1.0, gt=0, le=1024)
     chunk_size: int = Field(256, ge=1, le=COUNT_MAX)  # vectorized engine: clients per vmap chunk
+    # vectorized engine: 0 = in this process; N = N Ray actors (one per GPU with device cuda, else one CPU slot
+    # each), each holding its shard of the population (clients with cid % N == i); the server step stays here
+    workers: int = Field(0, ge=0, le=4096)
+    # the Ray cluster of the flower engine and of workers > 0: "" = a private local Ray instance (as before),
+    # "auto" = the cluster this host belongs to (`ray start` was run here), or "host:port" / "ray://host:port"
+    ray_address: str = ""
+    num_gpus_per_client: float = Field(0.0, ge=0, le=1024)  # flower engine: Ray GPU share per ClientApp (e.g. 0.25)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: str) -> str:
+        if v in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9._\[\]:-]+:\d{1,5}", v):
+            return v
+        raise ValueError(f"must be '' (a private local Ray instance), 'auto', 'host:port' or 'ray://host:port' (got {_short(v)})")
 
 
 class PrivacyConfig(_Section):
@@ -200,6 +214,13 @@ class Config(_Section):
                 "meta.aggregation: must be 'mean' when privacy.enabled "
                 f"(the DP sensitivity analysis assumes the clipped sum; got {self.meta.aggregation!r})"
             )
+        sim = self.simulation
+        if sim.workers and sim.engine != "vectorized":
+            raise ValueError(f"simulation.workers: Ray workers run the vectorized engine only; set simulation.engine = 'vectorized' or workers = 0 (got engine {sim.engine!r})")
+        if sim.ray_address and sim.engine != "flower" and not sim.workers:
+            raise ValueError(f"simulation.ray_address: used by engine 'flower' or by simulation.workers > 0 only (got engine {sim.engine!r} with workers = 0)")
+        if sim.num_gpus_per_client and sim.engine != "flower":
+            raise ValueError(f"simulation.num_gpus_per_client: Ray client resources of engine 'flower' only (got engine {sim.engine!r}; the vectorized engine's workers take one GPU each with device cuda)")
         if self.privacy.enabled and self.privacy.adaptive_clipping and self.privacy.mode == "client":
             raise ValueError("privacy.adaptive_clipping: supported with privacy.mode = 'server' only")
         return self
