@@ -101,6 +101,18 @@ def connect(address: str) -> bool:
     return True
 
 
+def actor_resources(device: str, workers: int, cluster_gpus: float) -> dict[str, float]:
+    """Ray resources of one worker: a CPU slot, plus one whole GPU with ``device = "cuda[:i]"``
+    (or ``"auto"`` when the cluster has a GPU for every worker)."""
+    if device.startswith("cuda"):
+        if cluster_gpus < workers:
+            raise RunError(f"simulation.device={device!r} with simulation.workers={workers}: one GPU per worker, but the Ray cluster has {cluster_gpus:g}")
+        return {"num_cpus": 1, "num_gpus": 1}
+    if device == "auto" and cluster_gpus >= workers:
+        return {"num_cpus": 1, "num_gpus": 1}
+    return {"num_cpus": 1, "num_gpus": 0}
+
+
 class RayVectorizedBackend:
     """The Backend of ``engine = "vectorized"`` with ``workers = N > 0`` (see the module docstring)."""
 
@@ -114,8 +126,15 @@ class RayVectorizedBackend:
         self.workers = cfg.simulation.workers
         self.timeout = cfg.simulation.round_timeout
         self.started_ray = connect(cfg.simulation.ray_address)
-        self.gpu = self._wants_gpu(ray)
-        resources = {"num_cpus": 1, "num_gpus": 1 if self.gpu else 0}
+        try:
+            have = ray.cluster_resources()
+            if have.get("CPU", 0) < self.workers:
+                raise RunError(f"simulation.workers={self.workers}: one CPU slot per worker, but the Ray cluster has {have.get('CPU', 0):g}")
+            resources = actor_resources(cfg.simulation.device, self.workers, have.get("GPU", 0))
+        except RunError:
+            self.close()
+            raise
+        self.gpu = resources["num_gpus"] > 0
         actor = ray.remote(**resources)(ShardWorker)
         cfg_json = cfg.model_dump_json()
         self.actors = [actor.options(scheduling_strategy="SPREAD").remote(cfg_json, self.gpu) for _ in range(self.workers)]
@@ -126,16 +145,6 @@ class RayVectorizedBackend:
             raise RunError(f"simulation.workers={self.workers}: the Ray workers did not start: {_first_line(err)}") from None
         nodes = len({p["node"] for p in self.placement})
         log.info("vectorized engine on %d Ray workers over %d node(s)%s", self.workers, nodes, " (one GPU each)" if self.gpu else "")
-
-    def _wants_gpu(self, ray) -> bool:
-        device = self.cfg.simulation.device
-        if device.startswith("cuda"):
-            have = ray.cluster_resources().get("GPU", 0)
-            if have < self.workers:
-                self.close()
-                raise RunError(f"simulation.device={device!r} with workers={self.workers}: one GPU per worker, but the Ray cluster has {have:g}")
-            return True
-        return device == "auto" and ray.cluster_resources().get("GPU", 0) >= self.workers
 
     def populations(self) -> tuple[list[int], list[int]]:
         return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
