@@ -69,6 +69,11 @@ class ShardWorker:
     def evaluate_chunks(self, theta: Params, cids: list[int], server_round: int):
         return self.backend.evaluate_chunks(theta, cids, server_round)
 
+    def prefetch(self, cids: list[int]) -> int:
+        """Build this worker's shard ahead of the rounds (``fedmeta bench``); returns how many clients it holds."""
+        self.backend.prefetch(cids)
+        return self.stored_clients()
+
     def stored_clients(self) -> int:
         """How many clients this actor's store holds (its shard, or what of it was sampled so far)."""
         return int(self.backend.store.built.sum())
@@ -148,6 +153,13 @@ class RayVectorizedBackend:
 
     def populations(self) -> tuple[list[int], list[int]]:
         return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
+
+    def prefetch(self, cids: list[int] | None = None) -> None:
+        """Each worker builds its shard of ``cids`` (default: the whole population) ahead of the rounds."""
+        import ray
+
+        cids = list(range(int(self.dataset.num_clients))) if cids is None else list(cids)
+        ray.get([a.prefetch.remote([cids[p] for p in pos]) for a, pos in zip(self.actors, self._shards(cids))])
 
     def _shards(self, cids: list[int]) -> list[list[int]]:
         """Cohort positions per worker: client ``cid`` lives on worker ``cid % N``."""
