@@ -341,13 +341,18 @@ def print_table(result: dict) -> None:
     settings = ", ".join(f"{k}={v}" for k, v in workload_settings().items())
     table = Table(title=f"{w['clients_per_round']} clients/round, {w['rounds']} timed rounds, population {w['population']}, {settings}")
     for col in ("engine", "updates/s", "start-up s", "s/round", "peak RSS MB", "peak PSS MB", "peak anon MB", "vec. ×"):
-        table.add_column(col, justify="left" if col == "engine" else "right")
+        table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
     vec = result["engines"].get("vectorized", {}).get("updates_per_s")
     for engine, r in result["engines"].items():
         if "error" in r:
             table.add_row(engine, f"[red]failed: {r['error']}[/red]", "", "", "", "", "", "")
             continue
-        ratio = "" if vec is None or engine == "vectorized" else f"{vec / r['updates_per_s']:.2f}"
+        if vec is None or engine == "vectorized":
+            ratio = ""
+        elif engine.startswith("vectorized-w"):  # Ray workers: speed-up over the in-process engine
+            ratio = f"{r['updates_per_s'] / vec:.2f} of in-process"
+        else:  # another engine: how many times faster the vectorised engine is
+            ratio = f"{vec / r['updates_per_s']:.1f}"
         table.add_row(engine, f"{r['updates_per_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['round_s']:.3f}", f"{r['peak_rss_mb']:.0f}",
                       f"{r['peak_pss_mb']:.0f}", f"{r.get('peak_anon_mb', 0):.0f}", ratio)
     console = Console(width=max(100, Console().width))
