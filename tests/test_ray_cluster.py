@@ -68,7 +68,7 @@ def test_flower_backend_config():
 
     local = ray_backend_config(build_config(None, []))
     assert local["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
-    assert "address" not in local["init_args"] and local["init_args"]["num_cpus"] >= 1
+    assert local["init_args"]["address"] == "local" and local["init_args"]["num_cpus"] >= 1  # never joins a cluster by accident
     joined = ray_backend_config(build_config(None, ["simulation.ray_address=auto", "simulation.num_gpus_per_client=0.25", "simulation.device=cuda"]))
     assert joined["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert joined["init_args"]["address"] == "auto" and "num_cpus" not in joined["init_args"]  # ray.init refuses num_cpus when joining

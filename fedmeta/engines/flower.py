@@ -193,7 +193,8 @@ def ray_backend_config(cfg: Config) -> dict[str, Any]:
     if cfg.simulation.ray_address:
         init_args = {"address": cfg.simulation.ray_address, **common}
     else:
-        init_args = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, **common}
+        # address="local": a new instance even where `ray start` (or RAY_ADDRESS) names a cluster ray.init() would join
+        init_args = {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False, **common}
     return {
         "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client, "num_gpus": cfg.simulation.num_gpus_per_client},
         "init_args": init_args,

@@ -99,7 +99,8 @@ def connect(address: str) -> bool:
         if address:
             ray.init(address=address, **common)
         else:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
+            # address="local": always a new instance, even where `ray start` left a cluster that ray.init() would join
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **common)
     except (ConnectionError, RuntimeError, ValueError) as err:
         where = f"the Ray cluster at simulation.ray_address={address!r}" if address else "a local Ray instance"
         raise RunError(f"cannot start or join {where}: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
