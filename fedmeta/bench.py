@@ -178,6 +178,7 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
     from fedmeta.config import build_config
 
     cfg = build_config({}, overrides + [f"simulation.engine={engine}"])
+    nodes = 0
     watcher = Watcher(out_dir / "metrics.jsonl")
     watcher.start()
     if engine == "flower":
@@ -200,6 +201,7 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
                 vectorized.THREADS = threads
             backend = make_backend(cfg, dataset)  # VectorizedBackend, or RayVectorizedBackend with simulation.workers
             watcher.extra = [p["pid"] for p in getattr(backend, "placement", [])]
+            nodes = len({p["node"] for p in getattr(backend, "placement", [])})
             backend.prefetch()
         else:
             from fedmeta.engines.sequential import SequentialBackend
@@ -230,6 +232,7 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
         "peak_pss_mb": max(watcher.peak_pss, 0.0),
         "peak_anon_mb": watcher.peak_anon,
         "workers": cfg.simulation.workers,
+        "worker_nodes": nodes if engine == "vectorized" else 0,
         "torch_threads": torch.get_num_threads(),
         "clients_per_round": cfg.simulation.clients_per_round,
         "timed_rounds": rounds,
@@ -350,13 +353,15 @@ def print_table(result: dict) -> None:
         if vec is None or engine == "vectorized":
             ratio = ""
         elif engine.startswith("vectorized-w"):  # Ray workers: speed-up over the in-process engine
-            ratio = f"{r['updates_per_s'] / vec:.2f} of in-process"
+            ratio = f"{r['updates_per_s'] / vec:.2f}"
         else:  # another engine: how many times faster the vectorised engine is
             ratio = f"{vec / r['updates_per_s']:.1f}"
         table.add_row(engine, f"{r['updates_per_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['round_s']:.3f}", f"{r['peak_rss_mb']:.0f}",
                       f"{r['peak_pss_mb']:.0f}", f"{r.get('peak_anon_mb', 0):.0f}", ratio)
     console = Console(width=max(100, Console().width))
     console.print(table)
+    if any(e.startswith("vectorized-w") for e in result["engines"]):
+        console.print("vec. ×: vectorized ÷ that engine; on vectorized-wN rows (N Ray workers): that row ÷ the in-process vectorized")
     console.print(f"load average before {result['load_avg_before'][0]:.2f}, after {result['load_avg_after'][0]:.2f} ({result['cpus']} CPUs)")
 
 
