@@ -93,8 +93,20 @@ def write_store(dataset, out: str | Path, rows: int | None = None, flush_every: 
     return out
 
 
+def _advise_random(a: np.memmap) -> None:
+    """Sampled clients are scattered: no read-ahead (which would read ~16x the rows a cohort needs)."""
+    import mmap
+
+    m = getattr(a, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            m.madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):
+            pass
+
+
 def _drop_pages(a: np.memmap) -> None:
-    """Tell the kernel the written pages are not needed again (keeps the writer's RSS bounded)."""
+    """Unmap the pages touched so far (``MADV_DONTNEED``; written pages were flushed first): RSS stays bounded."""
     import mmap
 
     m = getattr(a, "_mmap", None)
@@ -129,6 +141,7 @@ class StoreDataset:
         self.train_clients = self._load("train.npy").tolist()
         self.heldout_clients = self._load("heldout.npy").tolist()
         self._maps: dict | None = None
+        self._mapped: list[np.memmap] = []
 
     def _load(self, name: str, shape: tuple | None = None, mmap: bool = False) -> np.ndarray:
         path = self.root / name
@@ -138,6 +151,9 @@ class StoreDataset:
             raise DataError(f"{path}: unreadable ({err})") from None
         if shape is not None and a.shape[: len(shape)] != shape:
             raise DataError(f"{path}: shape {a.shape}, expected {shape} first")
+        if mmap:
+            _advise_random(a)
+            self._mapped.append(a)
         return a
 
     def arrays(self) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor]:
@@ -152,6 +168,16 @@ class StoreDataset:
             self._maps = {"x": x, "y": y, "present": present}
         m = self._maps
         return m["x"], m["y"], m["present"], torch.from_numpy(self._n.copy()), torch.from_numpy(self._n_support.copy())
+
+    def release(self) -> None:
+        """Unmap the pages read so far (``MADV_DONTNEED``): they stay in the page cache, but leave this process's RSS.
+
+        The kernel maps pages *around* each one read (fault-around), so without this a process's RSS
+        grows by ~25x the rows it gathered until it has mapped much of the file (measured: 1.9 GB for
+        10,000 clients' audio rows). The engine calls this after each chunk's rows are copied out.
+        """
+        for a in self._mapped:
+            _drop_pages(a)
 
     def client(self, cid: int) -> ClientData:
         if not 0 <= cid < self.num_clients:

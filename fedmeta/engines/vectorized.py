@@ -190,17 +190,26 @@ class ClientStore:
         Rows past a client's own support set are padding for the batch: its schedule never indexes them.
         """
         rows = int(self.n_support[cids].max()) if rows is None else rows
-        return (
+        out = (
             {k: v[cids, :rows].to(device) for k, v in self.x.items()},
             self.y[cids, :rows].to(device),
             self.present[cids, :rows].to(device),
         )
+        self._release()
+        return out
 
     def gather(self, cids: Tensor, start: Tensor, length: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Rows ``start[i] .. start[i] + length`` of each client ``cids[i]``, stacked (no padding)."""
         rows = start.unsqueeze(1) + torch.arange(length)  # [C, length]: each client's own rows
         c = cids.unsqueeze(1)
-        return {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
+        out = {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
+        self._release()
+        return out
+
+    def _release(self) -> None:
+        """A mapped store: the rows were copied out (indexing copies), so unmap the pages read (see StoreDataset.release)."""
+        if self.mapped and hasattr(self.dataset, "release"):
+            self.dataset.release()
 
     def query(self, cids: Tensor, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Stacked query rows of ``cids``; they must all have the same query size."""
