@@ -127,6 +127,10 @@ class RayVectorizedBackend:
     def __init__(self, cfg: Config, dataset) -> None:
         import ray
 
+        from fedmeta.client import configure_torch
+        from fedmeta.engines.vectorized import THREADS
+
+        configure_torch(THREADS)  # the driver screens and aggregates, as the in-process engine does, with its threads
         self.cfg = cfg
         self.dataset = dataset
         self.workers = cfg.simulation.workers
