@@ -65,7 +65,8 @@ def default_population(clients: int, heldout_fraction: float = 0.2) -> int:
     return p
 
 
-def bench_overrides(clients: int, rounds: int, population: int, chunk_size: int | None = None, store: str | None = None) -> list[str]:
+def bench_overrides(clients: int, rounds: int, population: int, chunk_size: int | None = None, store: str | None = None,
+                    device: str | None = None) -> list[str]:
     out = WORKLOAD + [
         f"data.num_clients={population}",
         f"simulation.clients_per_round={clients}",
@@ -79,6 +80,8 @@ def bench_overrides(clients: int, rounds: int, population: int, chunk_size: int 
         out.append(f"simulation.chunk_size={chunk_size}")
     if store:
         out += ["data.dataset=store", f"data.path={Path(store).resolve()}"]
+    if device:
+        out.append(f"simulation.device={device}")  # vectorized with workers: one GPU per worker with cuda
     return out
 
 
@@ -285,9 +288,10 @@ def stop_cluster(cluster, before: set[int]) -> None:
 
 
 def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_size: int | None = None, threads: int | None = None,
-          timeout: float = 3600, workers: list[int] | None = None, cluster_nodes: int = 0, store: str | None = None) -> dict:
+          timeout: float = 3600, workers: list[int] | None = None, cluster_nodes: int = 0, store: str | None = None,
+          device: str | None = None) -> dict:
     """Run each engine (the vectorised one once per ``workers`` value) in a fresh subprocess; returns the JSON document."""
-    overrides = bench_overrides(clients, rounds, population, chunk_size, store)
+    overrides = bench_overrides(clients, rounds, population, chunk_size, store, device)
     workers = workers or [0]
     result: dict = {
         "workload": {"clients_per_round": clients, "rounds": rounds, "population": population, "overrides": overrides,
@@ -396,8 +400,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if population < default_population(args.clients):
         print(f"fedmeta: --population: must be >= {default_population(args.clients)} for {args.clients} training clients per round (got {population})", file=sys.stderr)
         return 2
+    device = getattr(args, "device", None)
+    if device:
+        from fedmeta.config import ConfigError, build_config
+
+        try:
+            build_config({}, [f"simulation.device={device}"])
+        except ConfigError as err:
+            print(f"fedmeta: --device: {str(err).split(': ', 2)[-1]}", file=sys.stderr)
+            return 2
     result = bench(engines, args.clients, args.rounds, population, args.chunk_size, args.threads,
-                   workers=workers, cluster_nodes=cluster, store=store)
+                   workers=workers, cluster_nodes=cluster, store=store, device=device)
     print_table(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -419,6 +432,7 @@ def register(sub) -> None:
                    help="vectorized: run once per value; 0 = in-process, N = N Ray actors (simulation.workers)")
     p.add_argument("--cluster", type=int, default=0, metavar="K",
                    help="start a local K-node Ray cluster that the runs with workers join (stopped at the end)")
+    p.add_argument("--device", default=None, help="simulation.device for every engine (cpu, cuda, cuda:i, auto; default cpu)")
     p.add_argument("--store", metavar="DIR", help="the population is this store (fedmeta partition --format store); sets --population")
     p.set_defaults(func=cmd_bench)
 

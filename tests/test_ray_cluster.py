@@ -226,13 +226,14 @@ def test_flower_simulation_joins_the_cluster(cluster, tmp_path):
         ({"workers": [0, -1]}, "--workers: must be >= 0"),
         ({"cluster": 1}, "--cluster: the number of Ray nodes, >= 2"),
         ({"store": "/nonexistent/store"}, "--store /nonexistent/store: not a readable store"),
+        ({"device": "tpu"}, "--device: string should match pattern"),
     ],
 )
 def test_bench_refuses_bad_scale_out_options(changes, message, capsys):
     from fedmeta import bench
 
     args = bench.argparse.Namespace(engines="vectorized", clients=4, rounds=1, population=0, json=None, chunk_size=None, threads=None,
-                                    workers=[0], cluster=0, store=None)
+                                    workers=[0], cluster=0, store=None, device=None)
     for k, v in changes.items():
         setattr(args, k, v)
     assert bench.cmd_bench(args) == 2
