@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedmeta.config import ConfigError
 
-_PARTITION_ENTRY = re.compile(r"^(dataset\.json|client_\d{5,}|store\.json|x\.[\w-]+\.npy|(y|present|n|n_support|train|heldout)\.npy)$")
+_PARTITION_ENTRY = re.compile(r"^(dataset\.json|client_\d{5,}|store\.json|x\.[\w-]+\.npy|(y|present|n|n_support|train|heldout|validation)\.npy)$")
 
 
 def _prepare_target(out: Path, overwrite: bool) -> None:

@@ -10,7 +10,7 @@ the clients stacked on the first axis, opened with ``np.load(mmap_mode="r")``::
     y.npy               [P, R] int64 (classification) or [P, R, output_dim] float32
     present.npy         [P, R, M] bool
     n.npy, n_support.npy  [P] int64
-    train.npy, heldout.npy  the split (client ids, int64)
+    train.npy, heldout.npy  the split (client ids, int64); validation.npy too if the dataset has validation clients
 
 Opening a store reads ``store.json`` and the small per-client arrays (``n``,
 ``n_support``, the split: 8 bytes x P each); the big arrays are mapped, and a
@@ -87,6 +87,9 @@ def write_store(dataset, out: str | Path, rows: int | None = None, flush_every: 
     np.save(out / "n_support.npy", n_support)
     np.save(out / "train.npy", np.asarray(dataset.train_clients, dtype=np.int64))
     np.save(out / "heldout.npy", np.asarray(dataset.heldout_clients, dtype=np.int64))
+    validation = list(getattr(dataset, "validation_clients", None) or [])  # optional third group
+    if validation:
+        np.save(out / "validation.npy", np.asarray(validation, dtype=np.int64))
     doc = {"format": FORMAT, "version": VERSION, "num_clients": P, "rows": R, "spec": spec_to_dict(dataset.spec),
            "modalities": list(xs)}
     (out / STORE_FILE).write_text(json.dumps(doc, indent=1) + "\n")
@@ -140,6 +143,8 @@ class StoreDataset:
         self._n_support = self._load("n_support.npy", (self.num_clients,))
         self.train_clients = self._load("train.npy").tolist()
         self.heldout_clients = self._load("heldout.npy").tolist()
+        if (self.root / "validation.npy").exists():  # written only for datasets with validation clients
+            self.validation_clients = self._load("validation.npy").tolist()
         self._maps: dict | None = None
         self._mapped: list[np.memmap] = []
 

@@ -159,6 +159,10 @@ class RayVectorizedBackend:
     def populations(self) -> tuple[list[int], list[int]]:
         return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
 
+    def validation_population(self) -> list[int]:
+        """The dataset's validation clients, if it has any (the optional ``validation_clients``), as the in-process engine."""
+        return list(getattr(self.dataset, "validation_clients", None) or [])
+
     def prefetch(self, cids: list[int] | None = None) -> None:
         """Each worker builds its shard of ``cids`` (default: the whole population) ahead of the rounds."""
         import ray
