@@ -89,6 +89,11 @@ def simulate(
             f"config error: simulation.engine: 'flower' runs clients in other processes, which cannot import {local[0]!r}; "
             "define it in a module and pass 'package.module:attr', or use engine 'sequential' or 'vectorized'"
         )
+    if local and cfg.simulation.workers:
+        raise ConfigError(
+            f"config error: simulation.workers: Ray workers run in other processes, which cannot import {local[0]!r}; "
+            "define it in a module and pass 'package.module:attr', or set simulation.workers = 0"
+        )
     from fedmeta.components import check_components
 
     check_components(cfg)
@@ -101,6 +106,10 @@ def make_backend(cfg: Config, dataset):
     from fedmeta.engines.sequential import SequentialBackend
     from fedmeta.engines.vectorized import VectorizedBackend
 
+    if cfg.simulation.engine == "vectorized" and cfg.simulation.workers:
+        from fedmeta.engines.ray_cluster import RayVectorizedBackend
+
+        return RayVectorizedBackend(cfg, dataset)
     return {"sequential": SequentialBackend, "vectorized": VectorizedBackend}[cfg.simulation.engine](cfg, dataset)
 
 
@@ -125,4 +134,9 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True)
     configure_torch(1)
     theta0 = initial_meta_parameters(model_for(cfg, dataset.spec), algorithm_for(cfg))
     show = round_printer(cfg.simulation.rounds) if progress else None
-    return run_federation(cfg, backend, theta0, RunWriter(out_dir), resume=resume, progress=show)
+    try:
+        return run_federation(cfg, backend, theta0, RunWriter(out_dir), resume=resume, progress=show)
+    finally:
+        close = getattr(backend, "close", None)  # the Ray workers' backend stops its actors (and its private Ray)
+        if close is not None:
+            close()

@@ -1,6 +1,8 @@
 """``fedmeta bench``: the engines side by side on one workload.
 
     fedmeta bench --clients 100 --rounds 5 [--population P] [--json FILE] [--engines flower,vectorized,sequential]
+    fedmeta bench --engines vectorized --workers 0 1 2 --cluster 2      # the vectorised engine on Ray workers (issue 13)
+    fedmeta bench --engines vectorized --clients 10000 --store DIR       # a memory-mapped population (fedmeta partition --format store)
 
 Workload (the same for every engine): the default model, ``meta.inner_steps=5``,
 ``meta.inner_batch_size=16``, a synthetic population of P clients, N clients
@@ -18,9 +20,17 @@ round's line appears in ``metrics.jsonl``.
   including building the population (in-process engines build every client up front,
   so their rounds measure compute; Flower's clients build their data on first use);
 * ``peak_rss_mb``: the peak of the summed RSS of the worker and all its descendants
-  (Ray's GCS, raylet and workers for ``flower``), sampled every 0.25 s, and at least the
+  (Ray's GCS, raylet and workers for ``flower``; plus the Ray actors and their descendants for
+  ``vectorized`` with workers), sampled every 0.25 s, and at least the
   worker's own ``ru_maxrss``. Shared pages count once per process, so for ``flower`` it
-  over-states; ``peak_pss_mb`` (proportional set size) is the fairer sum.
+  over-states; ``peak_pss_mb`` (proportional set size) is the fairer sum. ``peak_anon_mb``: the same
+  for anonymous memory only (what cannot be dropped; a store's mapped file pages are page cache).
+
+``--workers 0 1 2``: the vectorised engine once per value (0: in-process, N: N Ray actors, each building its
+shard up front). ``--cluster K`` first starts a local K-node Ray cluster (``ray.cluster_utils.Cluster``,
+``cpu_count / K`` CPUs per node) that every run with workers joins, and stops it (by PID) at the end; without
+it each such run starts a private local Ray. ``--store DIR``: the population is the store in DIR
+(``data.dataset = "store"``), nothing is built up front.
 """
 
 from __future__ import annotations
@@ -55,7 +65,8 @@ def default_population(clients: int, heldout_fraction: float = 0.2) -> int:
     return p
 
 
-def bench_overrides(clients: int, rounds: int, population: int, chunk_size: int | None = None) -> list[str]:
+def bench_overrides(clients: int, rounds: int, population: int, chunk_size: int | None = None, store: str | None = None,
+                    device: str | None = None) -> list[str]:
     out = WORKLOAD + [
         f"data.num_clients={population}",
         f"simulation.clients_per_round={clients}",
@@ -67,7 +78,18 @@ def bench_overrides(clients: int, rounds: int, population: int, chunk_size: int 
     ]
     if chunk_size:
         out.append(f"simulation.chunk_size={chunk_size}")
+    if store:
+        out += ["data.dataset=store", f"data.path={Path(store).resolve()}"]
+    if device:
+        out.append(f"simulation.device={device}")  # vectorized with workers: one GPU per worker with cuda
     return out
+
+
+def store_population(store: str) -> int:
+    """The number of clients in a store directory (its ``store.json``)."""
+    from fedmeta.data.store import STORE_FILE
+
+    return int(json.loads((Path(store) / STORE_FILE).read_text())["num_clients"])
 
 
 # -- memory of a process tree ---------------------------------------------------------
@@ -86,11 +108,14 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def tree_memory_mb(root: int) -> tuple[float, float]:
-    """(summed RSS, summed PSS) in MiB of ``root`` and its descendants (Linux /proc)."""
-    kids, todo, rss, pss = _children(), [root], 0, 0
+def tree_memory_mb(root: int, *more: int) -> tuple[float, float, float]:
+    """(summed RSS, summed PSS, summed anonymous RSS) in MiB of ``root`` (and ``more``) and their descendants (Linux /proc)."""
+    kids, todo, rss, pss, anon, seen = _children(), [root, *more], 0, 0, 0, set()
     while todo:
         pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
         todo.extend(kids.get(pid, []))
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -99,9 +124,11 @@ def tree_memory_mb(root: int) -> tuple[float, float]:
                         rss += int(line.split()[1])
                     elif line.startswith("Pss:"):
                         pss += int(line.split()[1])
+                    elif line.startswith("Anonymous:"):
+                        anon += int(line.split()[1])
         except OSError:
             continue
-    return rss / 1024, pss / 1024
+    return rss / 1024, pss / 1024, anon / 1024
 
 
 class Watcher(threading.Thread):
@@ -111,7 +138,8 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.metrics, self.interval = metrics, interval
         self.round_done: dict[int, float] = {}
-        self.peak_rss = self.peak_pss = 0.0
+        self.peak_rss = self.peak_pss = self.peak_anon = 0.0
+        self.extra: list[int] = []  # more process trees to count (Ray actors outside this process's tree)
         self.stop = threading.Event()
 
     def poll(self) -> None:
@@ -122,8 +150,8 @@ class Watcher(threading.Thread):
                 except (ValueError, KeyError, TypeError):
                     continue
                 self.round_done.setdefault(rnd, time.perf_counter())
-        rss, pss = tree_memory_mb(os.getpid())
-        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        rss, pss, anon = tree_memory_mb(os.getpid(), *self.extra)
+        self.peak_rss, self.peak_pss, self.peak_anon = max(self.peak_rss, rss), max(self.peak_pss, pss), max(self.peak_anon, anon)
 
     def run(self) -> None:
         while not self.stop.wait(self.interval):
@@ -153,6 +181,7 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
     from fedmeta.config import build_config
 
     cfg = build_config({}, overrides + [f"simulation.engine={engine}"])
+    nodes = 0
     watcher = Watcher(out_dir / "metrics.jsonl")
     watcher.start()
     if engine == "flower":
@@ -168,11 +197,14 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
 
         dataset = build_dataset(cfg.data, cfg.model.modalities)
         if engine == "vectorized":
+            from fedmeta.api import make_backend
             from fedmeta.engines import vectorized
 
             if threads:
                 vectorized.THREADS = threads
-            backend = vectorized.VectorizedBackend(cfg, dataset)
+            backend = make_backend(cfg, dataset)  # VectorizedBackend, or RayVectorizedBackend with simulation.workers
+            watcher.extra = [p["pid"] for p in getattr(backend, "placement", [])]
+            nodes = len({p["node"] for p in getattr(backend, "placement", [])})
             backend.prefetch()
         else:
             from fedmeta.engines.sequential import SequentialBackend
@@ -181,7 +213,11 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
             if threads:
                 configure_torch(threads)
         theta0 = params_of(model_for(cfg, dataset.spec))
-        run_federation(cfg, backend, theta0, RunWriter(out_dir))
+        try:
+            run_federation(cfg, backend, theta0, RunWriter(out_dir))
+        finally:
+            if hasattr(backend, "close"):
+                backend.close()
     watcher.stop.set()
     watcher.join()
     watcher.poll()
@@ -197,6 +233,9 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
         "round_s": timed / rounds,
         "peak_rss_mb": max(watcher.peak_rss, own),
         "peak_pss_mb": max(watcher.peak_pss, 0.0),
+        "peak_anon_mb": watcher.peak_anon,
+        "workers": cfg.simulation.workers,
+        "worker_nodes": nodes if engine == "vectorized" else 0,
         "torch_threads": torch.get_num_threads(),
         "clients_per_round": cfg.simulation.clients_per_round,
         "timed_rounds": rounds,
@@ -207,32 +246,98 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
 # -- the command ------------------------------------------------------------------------
 
 
-def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_size: int | None = None, threads: int | None = None, timeout: float = 3600) -> dict:
-    """Run each engine in a fresh subprocess; returns the JSON document."""
-    overrides = bench_overrides(clients, rounds, population, chunk_size)
+def start_cluster(nodes: int):
+    """A local ``nodes``-node Ray cluster (``ray.cluster_utils.Cluster``); returns (cluster, the PIDs it started)."""
+    from ray.cluster_utils import Cluster
+
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    per_node = max(1, (os.cpu_count() or 1) // nodes)
+    before = set(_descendants(os.getpid()))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=per_node)
+    cluster.wait_for_nodes()
+    return cluster, before
+
+
+def _descendants(root: int) -> list[int]:
+    kids, todo, out = _children(), [root], []
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def stop_cluster(cluster, before: set[int]) -> None:
+    """Stop the cluster, then SIGKILL (by PID) any process it started that is still alive."""
+    import signal
+
+    started = set(_descendants(os.getpid())) - before
+    cluster.shutdown()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in started):
+        time.sleep(0.2)
+    for pid in started:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_size: int | None = None, threads: int | None = None,
+          timeout: float = 3600, workers: list[int] | None = None, cluster_nodes: int = 0, store: str | None = None,
+          device: str | None = None) -> dict:
+    """Run each engine (the vectorised one once per ``workers`` value) in a fresh subprocess; returns the JSON document."""
+    overrides = bench_overrides(clients, rounds, population, chunk_size, store, device)
+    workers = workers or [0]
     result: dict = {
         "workload": {"clients_per_round": clients, "rounds": rounds, "population": population, "overrides": overrides,
-                     "model": "default", **workload_settings()},
+                     "model": "default", "store": store, **workload_settings()},
         "load_avg_before": list(os.getloadavg()),
         "cpus": os.cpu_count(),
         "engines": {},
     }
+    runs = []  # (name, engine, extra overrides)
     for engine in engines:
-        with tempfile.TemporaryDirectory(prefix=f"fedmeta-bench-{engine}-") as tmp:
-            spec = {"engine": engine, "overrides": overrides, "out_dir": str(Path(tmp) / "run"), "threads": threads}
-            report = Path(tmp) / "report.json"
-            cmd = [sys.executable, "-m", "fedmeta.bench", "--worker", json.dumps(spec), str(report)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-            if proc.returncode != 0 or not report.exists():
-                tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-                result["engines"][engine] = {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
-                continue
-            result["engines"][engine] = json.loads(report.read_text())
+        if engine != "vectorized":
+            runs.append((engine, engine, []))
+            continue
+        for w in workers:
+            runs.append(("vectorized" if w == 0 else f"vectorized-w{w}", engine, [] if w == 0 else ["simulation.engine=vectorized", f"simulation.workers={w}"]))
+    cluster = before = None
+    if cluster_nodes and any(w for w in workers) and "vectorized" in engines:
+        cluster, before = start_cluster(cluster_nodes)
+        result["cluster"] = {"nodes": cluster_nodes, "cpus_per_node": max(1, (os.cpu_count() or 1) // cluster_nodes), "address": cluster.address}
+    try:
+        for name, engine, extra in runs:
+            if extra and cluster is not None:
+                extra = extra + [f"simulation.ray_address={cluster.address}"]
+            result["engines"][name] = _run_one(engine, overrides + extra, threads, timeout)
+    finally:
+        if cluster is not None:
+            stop_cluster(cluster, before)
     result["load_avg_after"] = list(os.getloadavg())
     ups = {e: r["updates_per_s"] for e, r in result["engines"].items() if "updates_per_s" in r}
     if "vectorized" in ups:
-        result["ratios"] = {f"vectorized/{e}": ups["vectorized"] / v for e, v in ups.items() if e != "vectorized"}
+        result["ratios"] = {f"vectorized/{e}": ups["vectorized"] / v for e, v in ups.items() if e != "vectorized" and not e.startswith("vectorized-w")}
+        result["ratios"].update({f"{e}/vectorized": v / ups["vectorized"] for e, v in ups.items() if e.startswith("vectorized-w")})
     return result
+
+
+def _run_one(engine: str, overrides: list[str], threads: int | None, timeout: float) -> dict:
+    """One engine in a fresh subprocess (so peak memory does not mix); its report, or ``{"error": ...}``."""
+    with tempfile.TemporaryDirectory(prefix=f"fedmeta-bench-{engine}-") as tmp:
+        spec = {"engine": engine, "overrides": overrides, "out_dir": str(Path(tmp) / "run"), "threads": threads}
+        report = Path(tmp) / "report.json"
+        cmd = [sys.executable, "-m", "fedmeta.bench", "--worker", json.dumps(spec), str(report)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not report.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+        return json.loads(report.read_text())
 
 
 def print_table(result: dict) -> None:
@@ -242,17 +347,25 @@ def print_table(result: dict) -> None:
     w = result["workload"]
     settings = ", ".join(f"{k}={v}" for k, v in workload_settings().items())
     table = Table(title=f"{w['clients_per_round']} clients/round, {w['rounds']} timed rounds, population {w['population']}, {settings}")
-    for col in ("engine", "updates/s", "start-up s", "s/round", "peak RSS MB", "peak PSS MB", "vec. ×"):
-        table.add_column(col, justify="left" if col == "engine" else "right")
+    for col in ("engine", "updates/s", "start-up s", "s/round", "peak RSS MB", "peak PSS MB", "peak anon MB", "vec. ×"):
+        table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
     vec = result["engines"].get("vectorized", {}).get("updates_per_s")
     for engine, r in result["engines"].items():
         if "error" in r:
-            table.add_row(engine, f"[red]failed: {r['error']}[/red]", "", "", "", "", "")
+            table.add_row(engine, f"[red]failed: {r['error']}[/red]", "", "", "", "", "", "")
             continue
-        ratio = "" if vec is None or engine == "vectorized" else f"{vec / r['updates_per_s']:.1f}"
-        table.add_row(engine, f"{r['updates_per_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['round_s']:.3f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_pss_mb']:.0f}", ratio)
+        if vec is None or engine == "vectorized":
+            ratio = ""
+        elif engine.startswith("vectorized-w"):  # Ray workers: speed-up over the in-process engine
+            ratio = f"{r['updates_per_s'] / vec:.2f}"
+        else:  # another engine: how many times faster the vectorised engine is
+            ratio = f"{vec / r['updates_per_s']:.1f}"
+        table.add_row(engine, f"{r['updates_per_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['round_s']:.3f}", f"{r['peak_rss_mb']:.0f}",
+                      f"{r['peak_pss_mb']:.0f}", f"{r.get('peak_anon_mb', 0):.0f}", ratio)
     console = Console(width=max(100, Console().width))
     console.print(table)
+    if any(e.startswith("vectorized-w") for e in result["engines"]):
+        console.print("vec. ×: vectorized ÷ that engine; on vectorized-wN rows (N Ray workers): that row ÷ the in-process vectorized")
     console.print(f"load average before {result['load_avg_before'][0]:.2f}, after {result['load_avg_after'][0]:.2f} ({result['cpus']} CPUs)")
 
 
@@ -266,11 +379,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"fedmeta: --{name}: must be >= 1 (got {getattr(args, name)})", file=sys.stderr)
             return 2
-    population = args.population or default_population(args.clients)
+    workers, cluster, store = getattr(args, "workers", None) or [0], getattr(args, "cluster", 0), getattr(args, "store", None)
+    if any(w < 0 for w in workers):
+        print(f"fedmeta: --workers: must be >= 0 (got {workers})", file=sys.stderr)
+        return 2
+    if cluster < 0 or cluster == 1:
+        print(f"fedmeta: --cluster: the number of Ray nodes, >= 2 (or 0: no cluster) (got {cluster})", file=sys.stderr)
+        return 2
+    if store:
+        try:
+            population = store_population(store)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"fedmeta: --store {store}: not a readable store ({err})", file=sys.stderr)
+            return 2
+        if args.population and args.population != population:
+            print(f"fedmeta: --population: the store holds {population} clients (got {args.population})", file=sys.stderr)
+            return 2
+    else:
+        population = args.population or default_population(args.clients)
     if population < default_population(args.clients):
         print(f"fedmeta: --population: must be >= {default_population(args.clients)} for {args.clients} training clients per round (got {population})", file=sys.stderr)
         return 2
-    result = bench(engines, args.clients, args.rounds, population, args.chunk_size, args.threads)
+    device = getattr(args, "device", None)
+    if device:
+        from fedmeta.config import ConfigError, build_config
+
+        try:
+            build_config({}, [f"simulation.device={device}"])
+        except ConfigError as err:
+            print(f"fedmeta: --device: {str(err).split(': ', 2)[-1]}", file=sys.stderr)
+            return 2
+    result = bench(engines, args.clients, args.rounds, population, args.chunk_size, args.threads,
+                   workers=workers, cluster_nodes=cluster, store=store, device=device)
     print_table(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -288,6 +428,12 @@ def register(sub) -> None:
     p.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
     p.add_argument("--chunk-size", type=int, default=None, help="vectorized: clients per vmap chunk (default: simulation.chunk_size)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the in-process engines (default: the engine's)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0], metavar="N",
+                   help="vectorized: run once per value; 0 = in-process, N = N Ray actors (simulation.workers)")
+    p.add_argument("--cluster", type=int, default=0, metavar="K",
+                   help="start a local K-node Ray cluster that the runs with workers join (stopped at the end)")
+    p.add_argument("--device", default=None, help="simulation.device for every engine (cpu, cuda, cuda:i, auto; default cpu)")
+    p.add_argument("--store", metavar="DIR", help="the population is this store (fedmeta partition --format store); sets --population")
     p.set_defaults(func=cmd_bench)
 
 

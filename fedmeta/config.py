@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BUILTIN_DATASETS = ("synthetic", "avdigits", "sine", "disk")
+BUILTIN_DATASETS = ("synthetic", "avdigits", "sine", "disk", "store")
 BUILTIN_ALGORITHMS = ("reptile", "fedavg", "fedavg_ft", "fomaml", "maml", "local", "metasgd")
 BUILTIN_MODEL = "fedmeta.models:multimodal_net"
 
@@ -70,7 +70,7 @@ class DataConfig(_Section):
     dirichlet_alpha: float = Field(0.5, gt=0)
     audio_domain: Literal["espeak", "flite", "both"] = "espeak"
     k_shot: int = Field(5, ge=1, le=100_000)
-    path: str = ""  # root of on-disk partitions when dataset = "disk"
+    path: str = ""  # root of on-disk partitions when dataset = "disk", or of a memory-mapped store when "store"
     seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @field_validator("dataset")
@@ -149,6 +149,20 @@ class SimulationConfig(_Section):
     device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda[:i]
     num_cpus_per_client: float = Field(1.0, gt=0, le=1024)
     chunk_size: int = Field(256, ge=1, le=COUNT_MAX)  # vectorized engine: clients per vmap chunk
+    # vectorized engine: 0 = in this process; N = N Ray actors (one per GPU with device cuda, else one CPU slot
+    # each), each holding its shard of the population (clients with cid % N == i); the server step stays here
+    workers: int = Field(0, ge=0, le=4096)
+    # the Ray cluster of the flower engine and of workers > 0: "" = a private local Ray instance (as before),
+    # "auto" = the cluster this host belongs to (`ray start` was run here), or "host:port" / "ray://host:port"
+    ray_address: str = ""
+    num_gpus_per_client: float = Field(0.0, ge=0, le=1024)  # flower engine: Ray GPU share per ClientApp (e.g. 0.25)
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: str) -> str:
+        if v in ("", "auto") or re.fullmatch(r"(ray://)?[A-Za-z0-9._\[\]:-]+:\d{1,5}", v):
+            return v
+        raise ValueError(f"must be '' (a private local Ray instance), 'auto', 'host:port' or 'ray://host:port' (got {_short(v)})")
 
 
 class PrivacyConfig(_Section):
@@ -214,6 +228,15 @@ class Config(_Section):
                 "meta.aggregation: must be 'mean' when privacy.enabled "
                 f"(the DP sensitivity analysis assumes the clipped sum; got {self.meta.aggregation!r})"
             )
+        sim = self.simulation
+        if sim.workers and sim.engine != "vectorized":
+            raise ValueError(f"simulation.workers: Ray workers run the vectorized engine only; set simulation.engine = 'vectorized' or workers = 0 (got engine {sim.engine!r})")
+        if sim.ray_address and sim.engine != "flower" and not sim.workers:
+            raise ValueError(f"simulation.ray_address: used by engine 'flower' or by simulation.workers > 0 only (got engine {sim.engine!r} with workers = 0)")
+        if sim.num_gpus_per_client and sim.engine != "flower":
+            raise ValueError(f"simulation.num_gpus_per_client: Ray client resources of engine 'flower' only (got engine {sim.engine!r}; the vectorized engine's workers take one GPU each with device cuda)")
+        if sim.num_gpus_per_client and sim.device == "cpu":
+            raise ValueError("simulation.num_gpus_per_client: the clients would hold a GPU and compute on the CPU; set simulation.device = 'cuda' or 'auto' (got device 'cpu')")
         if self.privacy.enabled and self.privacy.adaptive_clipping and self.privacy.mode == "client":
             raise ValueError("privacy.adaptive_clipping: supported with privacy.mode = 'server' only")
         return self

@@ -37,6 +37,8 @@ RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, META_STATE)  # everyth
 RESUMABLE = {
     "simulation.rounds": "raised only: more rounds after the checkpoint (the beta schedule is stretched over the new total)",
     "simulation.round_timeout": "how long the server waits for replies; not part of the maths",
+    "simulation.workers": "how many Ray actors run the vectorized cohort; the same maths (equal to float rounding)",
+    "simulation.ray_address": "which Ray cluster runs the clients; not part of the maths",
     "output.checkpoint_every": "when checkpoints are written, not what they hold",
     "output.progress": "the console progress line only",
     "output.dir": "where the run lives; the run directory itself is what is resumed",

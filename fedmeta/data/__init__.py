@@ -15,7 +15,7 @@ __all__ = [
     "resolve_dataset_factory", "split_clients",
 ]
 
-BUILTIN = ("synthetic", "avdigits", "sine", "disk")
+BUILTIN = ("synthetic", "avdigits", "sine", "disk", "store")
 
 
 def resolve_dataset_factory(name: str):
@@ -143,4 +143,10 @@ def _build(cfg: "DataConfig") -> FederatedDataset:
         from fedmeta.data.disk import DiskDataset
 
         return DiskDataset(cfg.path, num_clients=cfg.num_clients)
+    if cfg.dataset == "store":
+        if not cfg.path:
+            raise DataError("data.path: required when data.dataset = 'store' (a directory written by `fedmeta partition --format store`)")
+        from fedmeta.data.store import StoreDataset
+
+        return StoreDataset(cfg.path, num_clients=cfg.num_clients)
     raise DataError(f"data.dataset: unknown dataset {cfg.dataset!r}")

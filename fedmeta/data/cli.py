@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedmeta.config import ConfigError
 
-_PARTITION_ENTRY = re.compile(r"^(dataset\.json|client_\d{5,})$")
+_PARTITION_ENTRY = re.compile(r"^(dataset\.json|client_\d{5,}|store\.json|x\.[\w-]+\.npy|(y|present|n|n_support|train|heldout|validation)\.npy)$")
 
 
 def _prepare_target(out: Path, overwrite: bool) -> None:
@@ -38,7 +38,7 @@ def _prepare_target(out: Path, overwrite: bool) -> None:
     foreign = [name for name in entries if not _PARTITION_ENTRY.match(name)]
     if foreign:
         raise ConfigError(
-            f"partition --out {out}: --overwrite clears only a previous partition (dataset.json, client_NNNNN/), "
+            f"partition --out {out}: --overwrite clears only a previous partition (dataset.json, client_NNNNN/, or a store's files), "
             f"but the directory also holds {foreign[0]!r}"
         )
 
@@ -57,6 +57,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from fedmeta.config import load_sections
     from fedmeta.data import build_dataset
     from fedmeta.data.disk import write_partitions
+    from fedmeta.data.store import write_store
 
     sections = load_sections(args.config, args.set, ("data", "model"))
     data, model = sections["data"], sections["model"]
@@ -67,6 +68,13 @@ def cmd_partition(args: argparse.Namespace) -> int:
     dataset = build_dataset(data, model.modalities)  # may raise DataError: still nothing written
     from fedmeta.data.base import validation_clients
 
+    if args.format == "store":  # one .npy per array, written chunk by chunk (fedmeta/data/store.py)
+        if args.overwrite:
+            _clear_partition(out)
+        root = write_store(dataset, out)
+        print(f"wrote a store of {dataset.num_clients} clients ({len(dataset.heldout_clients)} test, "
+              f"{len(validation_clients(dataset))} validation) to {root}")
+        return 0
     clients = sorted(dataset.train_clients + dataset.heldout_clients + validation_clients(dataset))
     if args.overwrite:
         _clear_partition(out)
@@ -90,4 +98,7 @@ def register(sub) -> None:
                    help="root directory, absent or empty: dataset.json plus client_NNNNN/ per client")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous partition in --out (removes its dataset.json and client_NNNNN/ first)")
+    p.add_argument("--format", choices=("dirs", "store"), default="dirs",
+                   help="dirs: one directory per client (deployments; data.dataset='disk'); store: one memory-mapped "
+                        ".npy per array for populations larger than RAM (data.dataset='store', vectorized engine)")
     p.set_defaults(func=cmd_partition)

@@ -186,6 +186,26 @@ def _shutdown_ray() -> None:
         log.debug("ray.shutdown() failed", exc_info=True)
 
 
+def ray_backend_config(cfg: Config) -> dict[str, Any]:
+    """The Simulation Engine's Ray backend config: client resources, and which Ray to use.
+
+    ``simulation.num_gpus_per_client``: each ClientApp's GPU share (Ray places at most ``1 / share``
+    clients on a GPU at once). ``simulation.ray_address``: ``""`` starts a private local Ray instance with
+    every local CPU (GPUs are detected by Ray); ``"auto"`` / ``"host:port"`` / ``"ray://host:port"`` joins
+    a running cluster (whose size is then the cluster's: ``ray.init`` refuses ``num_cpus`` when joining).
+    """
+    common = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if cfg.simulation.ray_address:
+        init_args = {"address": cfg.simulation.ray_address, **common}
+    else:
+        # address="local": a new instance even where `ray start` (or RAY_ADDRESS) names a cluster ray.init() would join
+        init_args = {"address": "local", "num_cpus": os.cpu_count() or 1, "include_dashboard": False, **common}
+    return {
+        "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client, "num_gpus": cfg.simulation.num_gpus_per_client},
+        "init_args": init_args,
+    }
+
+
 def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run the ServerApp and ClientApp on Flower's Simulation Engine; one SuperNode per client."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -195,10 +215,7 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
     client_app = load_component(CLIENT_APP)
     result: dict[str, Any] = {}
     server_app = make_server_app(cfg, out_dir, resume=resume, progress=progress, result=result)
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.simulation.num_cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False},
-    }
+    backend_config = ray_backend_config(cfg)
     # Ctrl-C: Flower's ServerApp runs in a non-daemon thread that would wait (up to round_timeout per round) for
     # replies that never come once the Simulation Engine stops, and could log the round in flight as failed.
     # So on SIGINT the run directory is closed first (nothing more is written: the checkpoint stays at the last

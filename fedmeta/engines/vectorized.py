@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -107,7 +108,8 @@ def vmap_errors(cfg: Config) -> Iterator[None]:
 
 
 class ClientStore:
-    """A population held as stacked tensors, filled from ``dataset.client(cid)`` on first use.
+    """A population held as stacked tensors, filled from ``dataset.client(cid)`` on first use,
+    or mapped from disk when the dataset is a store (``data.dataset = "store"``, :mod:`fedmeta.data.store`).
 
     ``x[name]``: ``[P, rows, *shape]``; ``y``: ``[P, rows, ...]``; ``present``: ``[P, rows, M]``;
     ``n``/``n_support``: ``[P]``. Rows past a client's ``n`` are zero. ``rows`` grows if a
@@ -117,6 +119,13 @@ class ClientStore:
     def __init__(self, dataset) -> None:
         self.dataset = dataset
         self.size = int(dataset.num_clients)
+        # a memory-mapped store (fedmeta.data.store): the stacked arrays already exist on disk; read rows on use
+        self.mapped = callable(getattr(dataset, "arrays", None))
+        if self.mapped:
+            self.x, self.y, self.present, self.n, self.n_support = dataset.arrays()
+            self.rows = int(self.y.shape[1])
+            self.built = torch.ones(self.size, dtype=torch.bool)
+            return
         self.built = torch.zeros(self.size, dtype=torch.bool)
         self.n = torch.zeros(self.size, dtype=torch.long)
         self.n_support = torch.zeros(self.size, dtype=torch.long)
@@ -127,7 +136,9 @@ class ClientStore:
 
     # -- filling -----------------------------------------------------------------
     def ensure(self, cids: Sequence[int]) -> None:
-        """Build (once) every client in ``cids`` that is not stored yet."""
+        """Build (once) every client in ``cids`` that is not stored yet (a memory-mapped store has them all)."""
+        if self.mapped:
+            return
         for cid in cids:
             if not self.built[cid]:
                 self._put(int(cid), self.dataset.client(int(cid)))
@@ -180,17 +191,26 @@ class ClientStore:
         Rows past a client's own support set are padding for the batch: its schedule never indexes them.
         """
         rows = int(self.n_support[cids].max()) if rows is None else rows
-        return (
+        out = (
             {k: v[cids, :rows].to(device) for k, v in self.x.items()},
             self.y[cids, :rows].to(device),
             self.present[cids, :rows].to(device),
         )
+        self._release()
+        return out
 
     def gather(self, cids: Tensor, start: Tensor, length: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Rows ``start[i] .. start[i] + length`` of each client ``cids[i]``, stacked (no padding)."""
         rows = start.unsqueeze(1) + torch.arange(length)  # [C, length]: each client's own rows
         c = cids.unsqueeze(1)
-        return {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
+        out = {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
+        self._release()
+        return out
+
+    def _release(self) -> None:
+        """A mapped store: the rows were copied out (indexing copies), so unmap the pages read (see StoreDataset.release)."""
+        if self.mapped and hasattr(self.dataset, "release"):
+            self.dataset.release()
 
     def query(self, cids: Tensor, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Stacked query rows of ``cids``; they must all have the same query size."""
@@ -237,9 +257,10 @@ class VectorizedBackend:
         return {k: v.to(self.device) for k, v in params.items()}
 
     # -- training ----------------------------------------------------------------
-    def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
-        """``train_client`` for the whole cohort: the algorithm's ``client_update`` vmapped over chunks
-        of clients with equal-shaped batch schedules and meta-query sizes."""
+    def train_chunks(self, theta: Params, cids: list[int], server_round: int) -> list[TrainChunk]:
+        """The algorithm's ``client_update`` vmapped over chunks of clients with equal-shaped batch schedules
+        and meta-query sizes: the cohort's work, stacked per chunk (what a Ray worker returns, see
+        :mod:`fedmeta.engines.ray_cluster`). :meth:`train` turns it into one ``ClientUpdate`` per client."""
         cfg, store, algorithm = self.cfg, self.store, self.algorithm
         store.ensure(cids)
         icfg = inner_config(cfg, self.spec)
@@ -247,7 +268,7 @@ class VectorizedBackend:
         theta_d = self._on_device(theta)
         query_dim = 0 if algorithm.needs_query else None
         update = vmap(algorithm.client_update, in_dims=(None, None, 0, query_dim, 0, None), randomness="error")
-        updates: list[ClientUpdate | None] = [None] * len(cids)
+        out: list[TrainChunk] = []
         for chunk in _groups([(*plans[p][1].shape, plans[p][0].n_query) for p in range(len(cids))], self.chunk_size):
             idx = torch.tensor([cids[p] for p in chunk])
             support = store.support(idx, self.device, rows=max(plans[p][0].n_inner for p in chunk))
@@ -258,18 +279,21 @@ class VectorizedBackend:
                 query = store.gather(idx, start, plans[chunk[0]][0].n_query, self.device)
             with vmap_errors(self.cfg):
                 phi, metrics = update(self.model, theta_d, support, query, schedule, icfg)
-            phi = {k: v.detach().cpu() for k, v in phi.items()}
-            values = {k: v.detach().cpu().tolist() for k, v in metrics.items()}
-            for j, p in enumerate(chunk):
-                cid = cids[p]
-                phi_j = client_side_clip(cfg, theta, {k: v[j] for k, v in phi.items()})
-                n_support = int(store.n_support[cid])
-                updates[p] = ClientUpdate(cid, phi_j, n_support, {"num-examples": n_support} | {k: float(v[j]) for k, v in values.items()})
-        return Replies(results=updates)
+            out.append(TrainChunk(
+                positions=list(chunk),
+                phi={k: v.detach().cpu() for k, v in phi.items()},
+                metrics={k: v.detach().cpu().tolist() for k, v in metrics.items()},
+                num_examples=store.n_support[idx].tolist(),
+            ))
+        return out
+
+    def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
+        """``train_client`` for the whole cohort (see :meth:`train_chunks`)."""
+        return Replies(results=client_updates(self.cfg, theta, cids, self.train_chunks(theta, cids, server_round)))
 
     # -- evaluation --------------------------------------------------------------
-    def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
-        """``evaluate_client`` for the whole cohort: query loss/accuracy before, during and after adaptation."""
+    def evaluate_chunks(self, theta: Params, cids: list[int], server_round: int) -> list[EvalChunk]:
+        """``evaluate_client`` for the whole cohort, per chunk: query loss/accuracy before, during and after adaptation."""
         cfg, store = self.cfg, self.store
         store.ensure(cids)
         icfg = inner_config(cfg, self.spec, evaluation=True)
@@ -277,7 +301,7 @@ class VectorizedBackend:
         schedules = [eval_schedule(cfg, store.client(cid), server_round, cid, icfg.steps) for cid in cids]
         n_query = (store.n - store.n_support)[cids].tolist()
         theta_d = self._on_device(theta)
-        metrics: list[dict[str, float]] = [{} for _ in cids]
+        out: list[EvalChunk] = []
         keys = [(*s.shape, q) for s, q in zip(schedules, n_query)]
         for chunk in _groups(keys, self.chunk_size):
             idx = torch.tensor([cids[p] for p in chunk])
@@ -290,7 +314,56 @@ class VectorizedBackend:
                     in_dims=(None, 0, 0, 0),
                     randomness="error",
                 )(theta_d, (sx, sy, sp), (qx, qy, qp), schedule)
-            values = {k: v.detach().cpu().tolist() for k, v in columns.items()}
-            for j, p in enumerate(chunk):
-                metrics[p] = {k: float(v[j]) for k, v in values.items()} | {"num-examples": n_query[p]}
-        return Replies(results=list(zip(cids, metrics)))
+            out.append(EvalChunk(
+                positions=list(chunk),
+                metrics={k: v.detach().cpu().tolist() for k, v in columns.items()},
+                num_examples=[n_query[p] for p in chunk],
+            ))
+        return out
+
+    def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
+        """``evaluate_client`` for the whole cohort (see :meth:`evaluate_chunks`)."""
+        return Replies(results=eval_results(cids, self.evaluate_chunks(theta, cids, server_round)))
+
+
+# -- a chunk's results, and the per-client replies the round loop takes (shared with the Ray workers) -------------
+
+
+@dataclass
+class TrainChunk:
+    """One vmap chunk's training results: ``phi[k][j]`` is the client at cohort position ``positions[j]``."""
+
+    positions: list[int]
+    phi: dict[str, Tensor]
+    metrics: dict[str, list[float]]
+    num_examples: list[int]
+
+
+@dataclass
+class EvalChunk:
+    positions: list[int]
+    metrics: dict[str, list[float]]
+    num_examples: list[int]
+
+
+def client_updates(cfg: Config, theta: Params, cids: list[int], chunks: list[TrainChunk]) -> list[ClientUpdate]:
+    """One ``ClientUpdate`` per cohort position, in cohort order (client-mode DP clips each phi here, as a client would)."""
+    updates: list[ClientUpdate | None] = [None] * len(cids)
+    for ch in chunks:
+        for j, p in enumerate(ch.positions):
+            phi_j = client_side_clip(cfg, theta, {k: v[j] for k, v in ch.phi.items()})
+            n = int(ch.num_examples[j])
+            updates[p] = ClientUpdate(cids[p], phi_j, n, {"num-examples": n} | {k: float(v[j]) for k, v in ch.metrics.items()})
+    missing = [cids[p] for p, u in enumerate(updates) if u is None]
+    if missing:
+        raise RunError(f"vectorized engine: no result for clients {missing[:5]} (internal error)")
+    return updates
+
+
+def eval_results(cids: list[int], chunks: list[EvalChunk]) -> list[tuple[int, dict[str, float]]]:
+    """``(cid, metrics)`` per cohort position, in cohort order."""
+    metrics: list[dict[str, float]] = [{} for _ in cids]
+    for ch in chunks:
+        for j, p in enumerate(ch.positions):
+            metrics[p] = {k: float(v[j]) for k, v in ch.metrics.items()} | {"num-examples": int(ch.num_examples[j])}
+    return list(zip(cids, metrics))
