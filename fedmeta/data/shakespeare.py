@@ -225,7 +225,9 @@ def _cache_dir() -> Path:
 def load_parsed(path: str = "", cache: bool = True) -> dict:
     """The parse of :func:`find_texts` ``(path)``, from the cache when it matches the texts."""
     texts = find_texts(path)
-    digest = hashlib.sha256("\0".join(f"{k}\0{v}" for k, v in texts.items()).encode("latin-1", "replace")).hexdigest()[:16]
+    # keyed by the texts and by this parser's source, so a changed parser never reads an old parse
+    key = Path(__file__).read_bytes() + "\0".join(f"{k}\0{v}" for k, v in texts.items()).encode("latin-1", "replace")
+    digest = hashlib.sha256(key).hexdigest()[:16]
     file = _cache_dir() / f"{digest}-{CACHE_NAME}"
     if cache and file.exists():
         try:
