@@ -158,6 +158,8 @@ def test_caps_and_small_client_filter(full):
     c = ds.client(0)
     assert c.n == 50 and c.n_support == 10
     assert len(ds.heldout_clients) == len(ds.validation_clients) == 3 and len(ds.train_clients) == 24
+    with pytest.raises(DataError, match=r"^data.num_clients: Shakespeare has 1141 roles"):
+        shk.ShakespeareDataset(num_clients=1142)
 
 
 def test_nn_lstm_does_not_vmap_but_primitive_lstm_does():

