@@ -207,8 +207,9 @@ def test_two_rounds_on_real_data_vectorized_matches_sequential(cache_dir, tmp_pa
 
 @pytest.mark.slow
 @needs_texts
-def test_two_rounds_on_the_flower_engine(cache_dir, tmp_path):
+def test_two_rounds_on_the_flower_engine(cache_dir, tmp_path, monkeypatch):
     """The same tiny slice on Flower's Simulation Engine (Ray workers import the dataset and model by reference)."""
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # our own Ray instance, never another job's cluster on a shared host
     summary = _tiny("flower", tmp_path, algorithm="metasgd")
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     assert np.isfinite(summary["heldout_loss_after"])
