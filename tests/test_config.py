@@ -71,7 +71,8 @@ def test_pyproject_run_config_matches_builtin_defaults():
 
 
 # the configs docs/benchmarks.md and README.md run, with what each is for
-SHIPPED = {"default": ("synthetic", "reptile"), "avdigits": ("avdigits", "reptile"), "privacy": ("synthetic", "reptile"), "sine": ("sine", "maml")}
+SHIPPED = {"default": ("synthetic", "reptile"), "avdigits": ("avdigits", "reptile"), "privacy": ("synthetic", "reptile"), "sine": ("sine", "maml"),
+           "shakespeare": ("fedmeta.data.shakespeare:load", "maml"), "shakespeare_small": ("fedmeta.data.shakespeare:load", "maml")}
 
 
 def test_shipped_experiment_configs_are_valid():
