@@ -173,7 +173,7 @@ def _run(study: Study, arm: Arm, overrides: list[str], seed: int, cache: Path, e
     sets = [*arm.overrides, *overrides, f"meta.algorithm={arm.algorithm}", f"data.seed={seed}", f"simulation.seed={seed}",
             f"simulation.rounds={study.rounds}", f"simulation.eval_every={eval_every}", "output.progress=false"]
     cfg = load_config(ROOT / study.config, sets)
-    key = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    key = cache_key(cfg)
     out = cache / key
     if not (out / SUMMARY).exists():
         fedmeta.simulate(cfg, out=out, overwrite=True)
@@ -183,6 +183,12 @@ def _run(study: Study, arm: Arm, overrides: list[str], seed: int, cache: Path, e
     summary["curve"] = [(r["round"], r.get(f"heldout_{metric}")) for r in curve if f"heldout_{metric}" in r]
     summary["run_dir"] = str(out)
     return summary
+
+
+def cache_key(cfg) -> str:
+    """The run's identity: its config without default values, so a config field added later (at its default)
+    keeps every cached run valid."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _score(summary: dict, regression: bool) -> float:
