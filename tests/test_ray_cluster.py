@@ -185,8 +185,8 @@ def cluster():
 
 @pytest.mark.slow
 def test_vectorized_workers_on_two_nodes_equal_in_process_with_dp(cluster, tmp_path):
-    """workers = 2 on the two-node cluster: one actor per node, θ and the evaluation equal the in-process engine's."""
-    base = ["data.num_clients=40", "data.examples_per_client=20", "simulation.engine=vectorized", "simulation.clients_per_round=12",
+    """workers = 2 on the two-node cluster: one actor per node, θ and the evaluation (test and validation clients) equal the in-process engine's."""
+    base = ["data.num_clients=40", "data.validation_fraction=0.2", "data.examples_per_client=20", "simulation.engine=vectorized", "simulation.clients_per_round=12",
             "simulation.rounds=3", "simulation.eval_every=1", "simulation.chunk_size=4", "output.progress=false",
             "privacy.enabled=true", "privacy.mode=server", "simulation.sampling=poisson", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5"]
     theta_ref, metrics_ref, _ = _run_in_process(build_config(None, base), tmp_path / "in-process")
@@ -198,6 +198,7 @@ def test_vectorized_workers_on_two_nodes_equal_in_process_with_dp(cluster, tmp_p
     assert [m["clients"] for m in metrics] == [m["clients"] for m in metrics_ref]
     assert metrics[-1]["epsilon"] == metrics_ref[-1]["epsilon"]
     assert metrics[-1]["heldout_loss_after"] == pytest.approx(metrics_ref[-1]["heldout_loss_after"], abs=ATOL)
+    assert metrics[-1]["val_loss_after"] == pytest.approx(metrics_ref[-1]["val_loss_after"], abs=ATOL)  # validation clients too
 
 
 @pytest.mark.slow
