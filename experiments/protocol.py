@@ -106,6 +106,11 @@ STUDIES = {
               [Arm(m, m) for m in METHODS],
               [("reptile", "fedavg_ft"), ("maml", "fedavg_ft"), ("fomaml", "fedavg_ft"), ("maml", "reptile"),
                ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")]),
+        Study("avdigits-long", "experiments/configs/avdigits_protocol.toml",
+              [Arm("reptile", "reptile", [], fixed_from="avdigits-methods/reptile"),
+               Arm("fedavg_ft", "fedavg_ft", [], fixed_from="avdigits-methods/fedavg_ft")],
+              [("reptile", "fedavg_ft")], rounds=300,
+              note="the methods study's chosen settings at twice the rounds: Reptile was still rising at 150."),
         Study("avdigits-fusion", "experiments/configs/avdigits_protocol.toml", _fusion_arms(),
               [(f"{a}/{f}", f"{a}/{s}") for a in ("reptile", "maml", "metasgd") for f in ("concat", "gated", "attention")
                for s in ("image",)] + [(f"{a}/image", f"{a}/audio") for a in ("reptile", "maml", "metasgd")],
