@@ -37,6 +37,8 @@ def _load(run_dir: Path):
     ds = build_dataset(cfg.data, cfg.model.modalities)
     model = model_for(cfg, ds.spec)
     theta = torch.load(run_dir / "model.pt", weights_only=True)
+    if (run_dir / "meta_state.pt").exists():  # e.g. Meta-SGD's learned rates: evaluation adapts with them
+        theta |= torch.load(run_dir / "meta_state.pt", weights_only=True)
     return cfg, ds, model, theta
 
 
@@ -65,7 +67,7 @@ def diagnose(run_dir: Path) -> dict:
         acc.append(evaluate_client(model, theta, data, cfg, ds.spec, cfg.simulation.rounds, cid)["acc_after"])
         acc_no_audio.append(evaluate_client(model, theta, _without_audio(data), cfg, ds.spec, cfg.simulation.rounds, cid)["acc_after"])
         s = data.support()
-        params = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+        params = {k: v.clone().requires_grad_(True) for k, v in theta.items() if "/" not in k}  # the model's own
         loss = task_loss(model, functional_call(model, params, (s.x, s.present)), s.y, ds.spec.task)
         grads = torch.autograd.grad(loss, list(params.values()))
         sq = {p: 0.0 for p in shares}
@@ -86,6 +88,8 @@ def diagnose(run_dir: Path) -> dict:
                     gates.append(w[both].mean(0).tolist())
     counts: dict[str, int] = {}
     for name, v in theta.items():
+        if "/" in name:
+            continue
         counts[_part(name)] = counts.get(_part(name), 0) + v.numel()
     out = {"run_dir": str(run_dir), "fusion": cfg.model.fusion, "acc_after": statistics.mean(acc),
            "acc_after_audio_masked": statistics.mean(acc_no_audio),

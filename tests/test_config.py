@@ -72,7 +72,8 @@ def test_pyproject_run_config_matches_builtin_defaults():
 
 # the configs docs/benchmarks.md and README.md run, with what each is for
 SHIPPED = {"default": ("synthetic", "reptile"), "avdigits": ("avdigits", "reptile"), "privacy": ("synthetic", "reptile"), "sine": ("sine", "maml"),
-           "shakespeare": ("fedmeta.data.shakespeare:load", "maml"), "shakespeare_small": ("fedmeta.data.shakespeare:load", "maml")}
+           "shakespeare": ("fedmeta.data.shakespeare:load", "maml"), "shakespeare_small": ("fedmeta.data.shakespeare:load", "maml"),
+           "avdigits_protocol": ("avdigits", "reptile"), "default_protocol": ("synthetic", "reptile")}
 
 
 def test_shipped_experiment_configs_are_valid():
@@ -85,6 +86,11 @@ def test_shipped_experiment_configs_are_valid():
         check_components(cfg)  # model factory, dataset and algorithm all resolve
         if name in SHIPPED:
             assert (cfg.data.dataset, cfg.meta.algorithm) == SHIPPED[name], name
+    # docs/benchmarks.md 5.5 quotes `fedmeta simulate --config experiments/configs/sine.toml` by itself: these are its settings
+    sine = load_config(paths["sine"])
+    assert (sine.simulation.engine, sine.meta.server_optimizer, sine.simulation.rounds, sine.simulation.clients_per_round) == (
+        "vectorized", "adam", 20000, 25)
+    assert (sine.meta.outer_lr, sine.meta.outer_lr_final, sine.data.validation_fraction) == (0.001, 0.0001, 0.025)
     privacy = load_config(paths["privacy"])
     assert privacy.simulation.sampling == "poisson" and privacy.simulation.engine == "vectorized"
 
