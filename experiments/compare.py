@@ -99,12 +99,24 @@ def _table(variant: str, rows: dict[str, list[dict]], regression: bool, dataset:
     return lines + [""]
 
 
+def plot_band(ax, series: list[dict[int, float]], label: str, alpha: float = 0.15) -> None:
+    """Mean ± std over seeds (one ``{round: value}`` per seed) on the rounds every seed has."""
+    import numpy as np
+
+    rounds = sorted(set.intersection(*(set(s) for s in series))) if series else []
+    if not rounds:
+        return
+    vals = np.array([[s[r] for r in rounds] for s in series])
+    mean, std = vals.mean(0), vals.std(0, ddof=1) if len(series) > 1 else np.zeros(len(rounds))
+    ax.plot(rounds, mean, marker=".", label=label)
+    ax.fill_between(rounds, mean - std, mean + std, alpha=alpha)
+
+
 def _curves(out: Path, variants: list[str], methods: list[str], seeds: list[int], regression: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     key = "heldout_loss_after" if regression else "heldout_acc_after"
     fig, axes = plt.subplots(1, len(variants), figsize=(5.5 * len(variants), 4), squeeze=False)
@@ -117,15 +129,7 @@ def _curves(out: Path, variants: list[str], methods: list[str], seeds: list[int]
                     continue
                 recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
                 series.append({r["round"]: r[key] for r in recs if r.get(key) is not None})
-            if not series:
-                continue
-            rounds = sorted(set.intersection(*(set(s) for s in series)))
-            if not rounds:
-                continue
-            vals = np.array([[s[r] for r in rounds] for s in series])
-            mean, std = vals.mean(0), vals.std(0, ddof=1) if len(series) > 1 else np.zeros(len(rounds))
-            ax.plot(rounds, mean, marker=".", label=method)
-            ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+            plot_band(ax, series, method, alpha=0.2)
         ax.set_title(variant)
         ax.set_xlabel("round")
         ax.set_ylabel("held-out MSE after adaptation" if regression else "held-out accuracy after adaptation")

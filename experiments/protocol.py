@@ -353,7 +353,8 @@ def _plot(study: Study, results: dict[str, dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
+    from experiments.compare import plot_band
 
     groups: dict[str, list[str]] = {}
     for name in results:
@@ -361,14 +362,7 @@ def _plot(study: Study, results: dict[str, dict]) -> None:
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, (group, names) in zip(axes[0], groups.items()):
         for name in names:
-            series = [dict((rnd, v) for rnd, v in r["curve"] if v is not None) for r in results[name]["runs"]]
-            rounds = sorted(set.intersection(*(set(s) for s in series))) if series else []
-            if not rounds:
-                continue
-            vals = np.array([[s[x] for x in rounds] for s in series])
-            mean, std = vals.mean(0), vals.std(0, ddof=1) if len(series) > 1 else np.zeros(len(rounds))
-            ax.plot(rounds, mean, marker=".", label=name)
-            ax.fill_between(rounds, mean - std, mean + std, alpha=0.15)
+            plot_band(ax, [dict((rnd, v) for rnd, v in r["curve"] if v is not None) for r in results[name]["runs"]], name)
         ax.set_title(f"{study.name}: {group}")
         ax.set_xlabel("round")
         ax.set_ylabel("test MSE after 10 steps" if study.regression else "test accuracy after adaptation")
