@@ -177,6 +177,9 @@ class PrivacyConfig(_Section):
     target_quantile: float = Field(0.5, gt=0, lt=1)
     clip_lr: float = Field(0.2, gt=0)
     clipped_count_stddev: float = Field(0.0, ge=0)  # 0 = expected cohort / 20, as in Andrew et al.
+    # true = noise and cohorts seeded from simulation.seed (repeatable experiments): NOT private against anyone
+    # holding config.json; false = from a server-only secret (docs/design.md, "Threat model")
+    reproducible_noise: bool = False
 
 
 class OutputConfig(_Section):
@@ -239,7 +242,16 @@ class Config(_Section):
             raise ValueError("simulation.num_gpus_per_client: the clients would hold a GPU and compute on the CPU; set simulation.device = 'cuda' or 'auto' (got device 'cpu')")
         if self.privacy.enabled and self.privacy.adaptive_clipping and self.privacy.mode == "client":
             raise ValueError("privacy.adaptive_clipping: supported with privacy.mode = 'server' only")
+        if self.privacy.enabled and self.privacy.noise_multiplier == 0:
+            raise ValueError("privacy.noise_multiplier: must be > 0 when privacy.enabled (0 adds no noise: epsilon would be infinite) (got 0)")
         return self
+
+    def ignored_privacy_keys(self) -> list[str]:
+        """``privacy.*`` keys that differ from their defaults although ``privacy.enabled = false`` (they do nothing)."""
+        if self.privacy.enabled:
+            return []
+        default = PrivacyConfig().model_dump()
+        return [f"privacy.{k}" for k, v in self.privacy.model_dump().items() if k != "enabled" and v != default[k]]
 
     # -- conversions ---------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def sample_rate(cfg: Config, population_size: int) -> float:
     return min(1.0, cfg.simulation.clients_per_round / population_size)
 
 
-def sample_cohort(cfg: Config, population: list[int], server_round: int, attempt: int = 0) -> list[int]:
+def sample_cohort(cfg: Config, population: list[int], server_round: int, attempt: int = 0, seed: int | None = None) -> list[int]:
     """The cohort of one round's attempt: the only client sampler (every engine, private or not).
 
     ``simulation.sampling = "poisson"``: every client joins independently with
@@ -82,9 +82,12 @@ def sample_cohort(cfg: Config, population: list[int], server_round: int, attempt
     ``"fixed"``: ``clients_per_round`` distinct clients uniformly without
     replacement. Population order is kept. The draws depend only on
     (simulation.seed, round, attempt), so a resumed run samples what an
-    uninterrupted one would have.
+    uninterrupted one would have. A private run passes ``seed``, its
+    server-secret seed of this round and attempt
+    (:meth:`fedmeta.privacy.server.ServerPrivacy.sampling_seed`), so the cohort
+    cannot be recomputed from the config.
     """
-    rng = _rng(cfg, SAMPLE_STREAM, server_round, attempt)
+    rng = _rng(cfg, SAMPLE_STREAM, server_round, attempt) if seed is None else np.random.default_rng(seed)
     if cfg.simulation.sampling == "poisson":
         q = sample_rate(cfg, len(population))
         return [c for c in population if rng.random() < q]
@@ -157,7 +160,17 @@ class Server:
 
             self.privacy = ServerPrivacy(cfg, num_train_clients, sample_rate(cfg, num_train_clients))
 
-    def step(self, updates: list[ClientUpdate], server_round: int) -> dict[str, float]:
+    @property
+    def secret_noise(self) -> bool:
+        """A private run whose noise and cohorts come from the server's secret (not ``privacy.reproducible_noise``)."""
+        return self.privacy is not None and self.privacy.secret is not None
+
+    def cohort(self, population: list[int], server_round: int, attempt: int = 0) -> list[int]:
+        """This round's cohort: :func:`sample_cohort`, from the server's secret in a private run."""
+        seed = self.privacy.sampling_seed(SAMPLE_STREAM, server_round, attempt) if self.secret_noise else None
+        return sample_cohort(self.cfg, population, server_round, attempt, seed=seed)
+
+    def step(self, updates: list[ClientUpdate], server_round: int, attempt: int = 0) -> dict[str, float]:
         """Apply one outer step from the clients' phi; returns round info (beta, clip, ...)."""
         cfg = self.cfg
         beta = self.algorithm.step_size(server_round)
@@ -166,10 +179,14 @@ class Server:
         if self.privacy is None:
             mean = aggregate(deltas, [u.num_examples for u in updates], cfg.meta.aggregation, cfg.meta.trim_fraction, cfg.simulation.max_weight)
         else:
-            generator = torch.Generator().manual_seed(
-                client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
-            )
-            mean, dp_info = self.privacy.aggregate(deltas, generator)
+            if self.secret_noise:  # the same noise when a resume re-runs this round, and nobody else can draw it
+                generator = self.privacy.noise_generator(NOISE_STREAM, server_round, attempt)
+            else:  # privacy.reproducible_noise = true: anyone with the config can regenerate this noise
+                generator = torch.Generator().manual_seed(
+                    client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
+                )
+            like = {k: torch.zeros_like(v) for k, v in self.theta.items()}
+            mean, dp_info = self.privacy.aggregate(deltas, generator, like=like)
             info.update(dp_info)
         if self.optimizer is None:
             self.theta = apply_step(self.theta, mean, beta)
@@ -237,6 +254,10 @@ def run_federation(
         if (writer.dir / "metrics.jsonl").exists():
             (writer.dir / "metrics.jsonl").unlink()
 
+    private = server.secret_noise  # nothing computed from training clients' data leaves the server un-noised
+    ignored = cfg.ignored_privacy_keys()
+    if ignored:
+        log.warning("privacy.enabled = false: %s set but ignored (this run is not private)", ", ".join(ignored))
     last_eval: dict[str, float] = next((r for r in reversed(history) if "heldout_acc_after" in r or "heldout_loss_after" in r), {})
     R = cfg.simulation.rounds
     for rnd in range(start_round, R + 1):
@@ -251,7 +272,7 @@ def run_federation(
                 if stop:
                     record["stopped"] = stop
                     break
-            cohort = sample_cohort(cfg, train_pop, rnd, attempt)
+            cohort = server.cohort(train_pop, rnd, attempt)
             replies = backend.train(server.theta, cohort, rnd) if cohort else Replies()
             replies.results, screened = screen_updates(replies.results, server.theta, cfg.simulation.max_update_norm)
             replies.rejected += screened
@@ -261,22 +282,27 @@ def run_federation(
             rejected += len(replies.rejected)
             if server.privacy is not None:
                 server.privacy.account_round()  # every attempt releases (or could release) an output
-            record.update({"clients": len(cohort), "replies": len(replies.results)})
-            if len(replies.results) >= cfg.simulation.min_clients:
-                record.update(server.step(replies.results, rnd))
-                record.update(client_metrics(replies.results, reserved=record))
+            if not private:
+                record.update({"clients": len(cohort), "replies": len(replies.results)})
+            # a private run releases every attempt (an empty cohort releases noise alone): whether a round is
+            # skipped would depend on the secret cohort's replies, which no noise covers
+            if private or len(replies.results) >= cfg.simulation.min_clients:
+                record.update(server.step(replies.results, rnd, attempt))
+                if not private:  # un-noised statistics of the training cohort: never written in a private run
+                    record.update(client_metrics(replies.results, reserved=record))
                 applied = True
                 break
         if "stopped" in record:
             writer.append_metrics(record)
             history.append(record)
             break
-        record.update({"failures": failures, "rejected": rejected, "skipped": not applied})
+        # private: failures and rejected count held-out/validation evaluation only (the cohort's would reveal its size)
+        record.update({"failures": 0 if private else failures, "rejected": 0 if private else rejected, "skipped": not applied})
         if server.privacy is not None:
             record.update(server.privacy.report())
 
         if rnd % cfg.simulation.eval_every == 0 or rnd == R:
-            if applied:
+            if applied and not private:  # the training cohort's own loss/accuracy: un-noised, so not in a private run
                 record.update(summarise_eval(backend.evaluate(server.theta, cohort, rnd)))
             for prefix, group, stream in (("heldout_", heldout_pop, HELDOUT_STREAM), ("val_", val_pop, VALIDATION_STREAM)):
                 if not group:

@@ -173,7 +173,7 @@ def test_server_step_learns_alpha_and_evaluation_adapts_with_it(small_cfg):
 
 
 DP_SERVER = ["privacy.enabled=true", "simulation.sampling=poisson", "privacy.mode=server", "privacy.noise_multiplier=0.5",
-             "privacy.clip_norm=0.5", "simulation.deterministic=true"]
+             "privacy.clip_norm=0.5", "simulation.deterministic=true", "privacy.reproducible_noise=true"]  # same noise in both engines
 
 
 @pytest.mark.parametrize("extra", [[], DP_SERVER], ids=["plain", "dp-server"])
@@ -212,8 +212,9 @@ def _cohort_updates(cfg, n=4):
 
 def test_dp_server_mode_clips_and_noises_alpha_with_theta(small_cfg):
     base = ["meta.algorithm=metasgd", "meta.inner_lr=0.1", "meta.outer_lr=0.7", "meta.outer_lr_final=0.7",
-            "privacy.enabled=true", "simulation.sampling=poisson", "privacy.mode=server", "simulation.deterministic=true"]
-    cfg0 = small_cfg(*base, "privacy.noise_multiplier=0", "privacy.clip_norm=0.05")
+            "privacy.enabled=true", "simulation.sampling=poisson", "privacy.mode=server", "simulation.deterministic=true",
+            "privacy.reproducible_noise=true"]  # the test regenerates the noise from the config's stream
+    cfg0 = small_cfg(*base, "privacy.noise_multiplier=1e-9", "privacy.clip_norm=0.05")  # 0 is refused with DP on
     ds, model, params, ups = _cohort_updates(cfg0)
     deltas = [{k: u.phi[k] - params[k] for k in params} for u in ups]
     full = [float(global_norm(d)) for d in deltas]

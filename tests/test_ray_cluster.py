@@ -188,7 +188,8 @@ def test_vectorized_workers_on_two_nodes_equal_in_process_with_dp(cluster, tmp_p
     """workers = 2 on the two-node cluster: one actor per node, θ and the evaluation (test and validation clients) equal the in-process engine's."""
     base = ["data.num_clients=40", "data.validation_fraction=0.2", "data.examples_per_client=20", "simulation.engine=vectorized", "simulation.clients_per_round=12",
             "simulation.rounds=3", "simulation.eval_every=1", "simulation.chunk_size=4", "output.progress=false",
-            "privacy.enabled=true", "privacy.mode=server", "simulation.sampling=poisson", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5"]
+            "privacy.enabled=true", "privacy.mode=server", "simulation.sampling=poisson", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5",
+            "privacy.reproducible_noise=true"]  # the same noise and cohorts in both runs
     theta_ref, metrics_ref, _ = _run_in_process(build_config(None, base), tmp_path / "in-process")
     cfg = build_config(None, base + ["simulation.workers=2", f"simulation.ray_address={cluster.address}"])
     theta, metrics, backend = _run_in_process(cfg, tmp_path / "workers")

@@ -199,7 +199,8 @@ def test_same_meta_parameters_with_dp(tmp_path, mode):
     cfg = build_config(
         {},
         SMALL
-        + ["privacy.enabled=true", "simulation.sampling=poisson", f"privacy.mode={mode}", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5", "simulation.deterministic=true"],
+        + ["privacy.enabled=true", "simulation.sampling=poisson", f"privacy.mode={mode}", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.5", "simulation.deterministic=true",
+           "privacy.reproducible_noise=true"],  # the same noise in both engines
     )
     sum_seq, sum_vec = _assert_same(cfg, build_dataset(cfg.data), tmp_path)
     assert math.isfinite(sum_seq["epsilon"]) and sum_seq["epsilon"] > 0

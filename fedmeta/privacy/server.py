@@ -11,17 +11,31 @@ enough clients replied (conservative: a skipped round still reveals that it
 was skipped). ``mode = "client"`` means clients clip before sending (the
 server re-checks the norms); ``adaptive_clipping`` follows Andrew et al. 2021,
 with the update's noise multiplier raised so the combined mechanism keeps z.
+
+Randomness: the Gaussian noise and the Poisson cohorts of a private run come
+from a 128-bit secret drawn from the OS (:func:`new_secret`) when the run
+starts. It lives in :class:`ServerPrivacy` and the server checkpoint only
+(never in ``config.json``, never in a Flower message); each round's generator
+seed is a keyed BLAKE2b hash of (stream, round, attempt) under the secret
+(:func:`secret_seed`), so a resumed run regenerates the very noise and cohort
+of a re-run round. ``privacy.reproducible_noise = true`` keeps the old
+config-seeded draws instead (anyone holding the config can regenerate and
+subtract the noise; the run is then reported as not private against them).
+See docs/design.md, "Threat model".
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import secrets
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fedmeta.config import Config
-from fedmeta.privacy.accountant import Accountant
+from fedmeta.privacy.accountant import Accountant, PrivacyError
 from fedmeta.privacy.mechanism import (
     AdaptiveClipper,
     adjusted_noise_multiplier,
@@ -30,6 +44,26 @@ from fedmeta.privacy.mechanism import (
     noisy_mean_of_clipped,
     private_mean,
 )
+
+
+SECRET_BITS = 128
+
+
+def new_secret() -> int:
+    """A fresh 128-bit secret from the OS's entropy (:mod:`secrets`), drawn once when a private run starts."""
+    return secrets.randbits(SECRET_BITS)
+
+
+def secret_seed(secret: int, *keys: int, bits: int = 63) -> int:
+    """A ``bits``-bit seed for one generator: keyed BLAKE2b of the integer ``keys`` under ``secret`` (a PRF).
+
+    Knowing some rounds' seeds tells nothing about other rounds' or about the secret.
+    """
+    if not 0 < bits <= 256:
+        raise ValueError(f"bits: must be in 1..256 (got {bits})")
+    msg = b"".join(int(k).to_bytes(16, "little", signed=True) for k in keys)
+    digest = hashlib.blake2b(msg, key=int(secret).to_bytes(SECRET_BITS // 8, "little"), digest_size=32).digest()
+    return int.from_bytes(digest, "little") >> (256 - bits)
 
 
 class ServerPrivacy:
@@ -56,6 +90,20 @@ class ServerPrivacy:
             self.clipper = AdaptiveClipper(p.clip_norm, p.target_quantile, p.clip_lr, sigma_b)
             self.update_noise_multiplier = adjusted_noise_multiplier(p.noise_multiplier, sigma_b)
         self._epsilon_cache: tuple[int, float] | None = None
+        # None: privacy.reproducible_noise = true, draws seeded from the config (fedmeta.federation does that)
+        self.secret: int | None = None if p.reproducible_noise else new_secret()
+
+    def noise_generator(self, stream: int, server_round: int, attempt: int = 0) -> torch.Generator:
+        """The CPU generator of one round's noise, seeded from the secret (a Mersenne Twister: see docs/design.md)."""
+        if self.secret is None:
+            raise PrivacyError("noise_generator: this run has no secret (privacy.reproducible_noise = true)")
+        return torch.Generator().manual_seed(secret_seed(self.secret, stream, server_round, attempt))
+
+    def sampling_seed(self, stream: int, server_round: int, attempt: int = 0) -> int:
+        """A 128-bit seed for one round's cohort draw (numpy's PCG64), from the secret."""
+        if self.secret is None:
+            raise PrivacyError("sampling_seed: this run has no secret (privacy.reproducible_noise = true)")
+        return secret_seed(self.secret, stream, server_round, attempt, bits=128)
 
     def budget_exhausted(self) -> str | None:
         """A reason to stop if one more round would exceed ``privacy.target_epsilon``."""
@@ -67,12 +115,14 @@ class ServerPrivacy:
     def account_round(self) -> None:
         self.accountant.step(self.noise_multiplier, self.sample_rate)
 
-    def aggregate(self, deltas: list[dict[str, Tensor]], generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, float]]:
+    def aggregate(self, deltas: list[dict[str, Tensor]], generator: torch.Generator,
+                  like: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """The noisy mean update; ``like`` (zeros shaped as theta) lets an empty cohort release noise / D."""
         clip = self.clip_norm
         if self.cfg.privacy.mode == "client":
-            mean = noisy_mean_of_clipped(deltas, clip, self.update_noise_multiplier, self.denominator, generator)
+            mean = noisy_mean_of_clipped(deltas, clip, self.update_noise_multiplier, self.denominator, generator, like=like)
         else:
-            mean = private_mean(deltas, clip, self.update_noise_multiplier, self.denominator, generator)
+            mean = private_mean(deltas, clip, self.update_noise_multiplier, self.denominator, generator, like=like)
         info = {"clip_norm": clip}
         if self.clipper is not None:
             norms = [float(global_norm(d)) for d in deltas]
@@ -85,8 +135,10 @@ class ServerPrivacy:
             self._epsilon_cache = (rounds, self.accountant.epsilon(self.cfg.privacy.delta))
         return self._epsilon_cache[1]
 
-    def report(self) -> dict[str, float]:
-        return {
+    def report(self) -> dict[str, Any]:
+        noise = {} if self.secret is not None else {
+            "noise": "reproducible: NOT private against anyone holding config.json (privacy.reproducible_noise = true)"}
+        return noise | {
             "epsilon": self.epsilon(),
             "delta": self.cfg.privacy.delta,
             "noise_multiplier": self.noise_multiplier,
@@ -99,10 +151,18 @@ class ServerPrivacy:
             "accountant": self.accountant.state_dict(),
             "clip_norm": self.clip_norm,
             "clipper": None if self.clipper is None else vars(self.clipper).copy(),
+            # server-side only: the checkpoint is the one place the secret is written (hex: a plain string)
+            "secret": None if self.secret is None else format(self.secret, "032x"),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.accountant.load_state_dict(state["accountant"])
+        if self.secret is not None:  # a resume must redraw the noise and cohorts of the rounds it re-runs
+            secret = state.get("secret")
+            if not isinstance(secret, str) or not re.fullmatch(r"[0-9a-f]{32}", secret):
+                raise PrivacyError("checkpoint: has no noise secret (written with privacy.reproducible_noise = true "
+                                 "or by an older fedmeta); a private run cannot be resumed from it")
+            self.secret = int(secret, 16)
         self.clip_norm = state["clip_norm"]
         if self.clipper is not None and state.get("clipper"):
             vars(self.clipper).update(state["clipper"])

@@ -1,0 +1,179 @@
+"""Issue 17: a private run's noise and cohorts come from a server-only secret; nothing un-noised is written.
+
+The attacks here use only what a client or a reader of the run directory holds
+(config.json, the broadcast theta) and the project's own functions.
+"""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from fedmeta.client import model_for
+from fedmeta.config import ConfigError
+from fedmeta.data import build_dataset
+from fedmeta.engines.sequential import SequentialBackend
+from fedmeta.federation import EVAL_KEYS, NOISE_STREAM, run_federation, sample_cohort
+from fedmeta.meta import params_of
+from fedmeta.meta.inner import client_seed
+from fedmeta.privacy import compute_epsilon
+from fedmeta.privacy.mechanism import noise_like
+from fedmeta.privacy.server import secret_seed
+from fedmeta.results import RunWriter, load_checkpoint
+
+DP = ["privacy.enabled=true", "simulation.sampling=poisson", "privacy.noise_multiplier=1.0", "privacy.clip_norm=1.0",
+      "meta.outer_lr=1.0", "meta.outer_lr_final=1.0"]
+
+
+class Recording(SequentialBackend):
+    """Records the theta and cohort of every training call (what the clients see); can crash in one round."""
+
+    def __init__(self, cfg, ds, crash_round=None):
+        super().__init__(cfg, ds)
+        self.sent: dict[int, dict] = {}
+        self.cohorts: dict[int, list[int]] = {}
+        self.crash_round = crash_round
+
+    def train(self, theta, cids, server_round):
+        if server_round == self.crash_round:
+            raise RuntimeError(f"simulated crash in round {server_round}")
+        self.sent[server_round] = {k: v.clone() for k, v in theta.items()}
+        self.cohorts[server_round] = list(cids)
+        return super().train(theta, cids, server_round)
+
+
+def run(cfg, out, resume=False, crash_round=None):
+    ds = build_dataset(cfg.data)
+    backend = Recording(cfg, ds, crash_round)
+    theta0 = params_of(model_for(cfg, ds.spec))
+    summary = run_federation(cfg, backend, theta0, RunWriter(out), resume=resume)
+    return summary, backend, theta0
+
+
+def regenerate_and_subtract(cfg, theta0, theta1, num_train):
+    """The attack of issue 17 item 1: D * (theta1 - theta0) / beta minus the noise regenerated from config.json."""
+    q = min(1.0, cfg.simulation.clients_per_round / num_train)
+    released = {k: (theta1[k] - theta0[k]) * (q * num_train) / cfg.meta.outer_lr for k in theta0}
+    gen = torch.Generator().manual_seed(client_seed(cfg.simulation.seed, NOISE_STREAM, 1))
+    noise = noise_like({k: torch.zeros_like(v) for k, v in theta0.items()}, cfg.privacy.noise_multiplier * cfg.privacy.clip_norm, gen)
+    return float(torch.cat([(released[k] - noise[k]).flatten() for k in theta0]).norm())
+
+
+@pytest.mark.parametrize("reproducible", [True, False], ids=["reproducible_noise", "default"])
+def test_regenerating_the_noise_from_the_config_no_longer_recovers_the_clipped_sum(small_cfg, tmp_path, reproducible):
+    cfg = small_cfg(*DP, "simulation.rounds=1", f"privacy.reproducible_noise={str(reproducible).lower()}")
+    _, backend, theta0 = run(cfg, tmp_path / "r")
+    theta1 = torch.load(tmp_path / "r" / "model.pt")
+    cohort = backend.cohorts[1]
+    residual = regenerate_and_subtract(cfg, theta0, theta1, len(backend.dataset.train_clients))
+    if reproducible:  # the opt-in: the residual is the exact sum of <= |cohort| clipped updates
+        assert residual <= len(cohort) * cfg.privacy.clip_norm + 1e-3
+    else:  # the noise (norm ~ z*C*sqrt(d), d in the thousands) is still there
+        d = sum(v.numel() for v in theta0.values())
+        assert residual > 0.5 * (d ** 0.5) > 10 * cfg.privacy.clip_norm * max(1, len(cohort))
+
+
+def test_two_private_runs_with_the_same_config_draw_different_noise_and_the_secret_stays_in_the_checkpoint(small_cfg, tmp_path):
+    cfg = small_cfg(*DP, "simulation.rounds=2")
+    run(cfg, tmp_path / "a")
+    run(cfg, tmp_path / "b")
+    assert (tmp_path / "a" / "config.json").read_text() == (tmp_path / "b" / "config.json").read_text()
+    a, b = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    secrets_ = [load_checkpoint(tmp_path / r / "checkpoint.pt")["server"]["privacy"]["secret"] for r in "ab"]
+    assert secrets_[0] != secrets_[1] and all(len(s) == 32 for s in secrets_)
+    for r, s in zip("ab", secrets_):
+        for name in ("config.json", "metrics.jsonl", "summary.json"):
+            assert s not in (tmp_path / r / name).read_text()
+
+
+def test_private_cohorts_cannot_be_recomputed_from_the_config(small_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr("fedmeta.privacy.server.new_secret", lambda: 0x1234_5678_9ABC_DEF0_1122_3344_5566_7788)
+    cfg = small_cfg(*DP, "simulation.rounds=8", "simulation.eval_every=8")
+    _, backend, _ = run(cfg, tmp_path / "r")
+    pop = list(backend.dataset.train_clients)
+    from_config = {r: sample_cohort(cfg, pop, r) for r in backend.cohorts}
+    assert backend.cohorts != from_config
+    # they are the secret's draws: the server can redo them, nobody without the secret can
+    secret = 0x1234_5678_9ABC_DEF0_1122_3344_5566_7788
+    from fedmeta.federation import SAMPLE_STREAM
+    assert backend.cohorts == {r: sample_cohort(cfg, pop, r, seed=secret_seed(secret, SAMPLE_STREAM, r, 0, bits=128)) for r in backend.cohorts}
+
+
+def test_crash_and_resume_reruns_rounds_with_the_same_noise_bit_identical_and_epsilon_counts_each_release(small_cfg, tmp_path, monkeypatch):
+    monkeypatch.setattr("fedmeta.privacy.server.new_secret", lambda: 0xFEED_FACE_CAFE_BEEF_0000_1111_2222_3333)
+    cfg = small_cfg(*DP, "simulation.rounds=7", "simulation.eval_every=2", "output.checkpoint_every=3",
+                    "privacy.noise_multiplier=3.0", "privacy.clip_norm=0.1")
+    straight, _, _ = run(cfg, tmp_path / "straight")
+    ds = build_dataset(cfg.data)
+    first = Recording(cfg, ds, crash_round=6)  # rounds 4 and 5 are released after the checkpoint of round 3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_federation(cfg, first, params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "crashed"))
+    assert load_checkpoint(tmp_path / "crashed" / "checkpoint.pt")["round"] == 3
+    resumed, again, _ = run(cfg, tmp_path / "crashed", resume=True)
+    assert sorted(again.sent) == [4, 5, 6, 7]
+    for rnd in (4, 5):  # the re-run rounds: the same cohort and the same theta went out (no new release)
+        assert again.cohorts[rnd] == first.cohorts[rnd]
+        assert all(torch.equal(again.sent[rnd][k], first.sent[rnd][k]) for k in first.sent[rnd])
+    a, b = torch.load(tmp_path / "straight" / "model.pt"), torch.load(tmp_path / "crashed" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    q = 3 / 8  # 7 distinct releases, each counted once
+    eps7 = compute_epsilon(3.0, q, 7, 1e-5, "pld")
+    assert resumed["epsilon"] == pytest.approx(eps7, rel=1e-9) and straight["epsilon"] == pytest.approx(eps7, rel=1e-9)
+
+
+#: what a private run may write per round: config-derived numbers, noised outputs, held-out/validation evaluation
+RELEASABLE = {"round", "beta", "clip_norm", "epsilon", "delta", "noise_multiplier", "sample_rate", "accountant",
+              "failures", "rejected", "skipped", "time_s", "stopped"}
+
+
+def test_a_private_run_writes_no_un_noised_training_client_statistic(small_cfg, tmp_path, capsys):
+    from fedmeta.progress import round_printer
+
+    cfg = small_cfg(*DP, "meta.algorithm=maml", "simulation.rounds=3", "simulation.eval_every=1", "data.validation_fraction=0.2")
+    ds = build_dataset(cfg.data)
+    lines = []
+    run_federation(cfg, SequentialBackend(cfg, ds), params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"),
+                   progress=lambda r: lines.append(r) or round_printer(3)(r))
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    for rec in records:
+        leaked = {k for k in rec if k not in RELEASABLE and not k.startswith(("heldout_", "val_"))}
+        assert not leaked, leaked  # no train_loss, query_loss, clients, replies, loss_before/after ...
+        assert any(k.startswith("heldout_") for k in rec) and any(k.startswith("val_") for k in rec)
+    assert not {"train_loss", "query_loss", "clients", "replies", *EVAL_KEYS} & set(summary)
+    assert summary["epsilon"] > 0 and "heldout_loss_after" in summary
+    err = capsys.readouterr().err
+    assert "replies" not in err and "loss -" not in err and "ε" in err
+    # the same run without DP does write them (the test would notice if they were renamed)
+    plain = small_cfg("meta.algorithm=maml", "simulation.rounds=1", "data.validation_fraction=0.2")
+    run_federation(plain, SequentialBackend(plain, ds), params_of(model_for(plain, ds.spec)), RunWriter(tmp_path / "p"))
+    rec = json.loads((tmp_path / "p" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_loss", "query_loss", "clients", "replies", "loss_after"} <= set(rec)
+
+
+def test_reproducible_noise_says_it_is_not_private_in_summary_and_progress(small_cfg, tmp_path, capsys):
+    from fedmeta.progress import round_printer
+
+    cfg = small_cfg(*DP, "simulation.rounds=1", "privacy.reproducible_noise=true")
+    ds = build_dataset(cfg.data)
+    summary = run_federation(cfg, SequentialBackend(cfg, ds), params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"),
+                             progress=round_printer(1))
+    assert "NOT private against anyone holding config.json" in summary["noise"]
+    assert "NOT private against anyone holding config.json" in json.loads((tmp_path / "r" / "summary.json").read_text())["noise"]
+    assert "NOT private against anyone holding config.json" in " ".join(capsys.readouterr().err.split())  # rich may wrap
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["server"]["privacy"]["secret"] is None
+
+
+def test_dp_with_zero_noise_is_refused_and_ignored_privacy_keys_are_named(small_cfg, tmp_path, caplog):
+    with pytest.raises(ConfigError, match=r"^config error: privacy.noise_multiplier: must be > 0 when privacy.enabled"):
+        small_cfg(*DP, "privacy.noise_multiplier=0")
+    cfg = small_cfg("privacy.noise_multiplier=3", "privacy.target_epsilon=1", "simulation.rounds=1")
+    assert cfg.ignored_privacy_keys() == ["privacy.noise_multiplier", "privacy.target_epsilon"]
+    assert small_cfg().ignored_privacy_keys() == [] and small_cfg(*DP).ignored_privacy_keys() == []
+    ds = build_dataset(cfg.data)
+    with caplog.at_level(logging.WARNING, logger="fedmeta"):
+        run_federation(cfg, SequentialBackend(cfg, ds), params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"))
+    warned = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert warned == ["privacy.enabled = false: privacy.noise_multiplier, privacy.target_epsilon set but ignored (this run is not private)"]
