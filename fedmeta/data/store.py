@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta.data.base import ClientData, DataError, spec_from_dict, spec_to_dict
+from fedmeta.data.base import ClientData, DataError, spec_to_dict
 
 STORE_FILE = "store.json"
 FORMAT, VERSION = "fedmeta-store", 1
