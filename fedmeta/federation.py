@@ -104,9 +104,45 @@ def _mean(results: list[dict[str, float]], key: str, weight: str = "num-examples
 EVAL_KEYS = ("loss_before", "loss_after", "acc_before", "acc_after", "loss_at_1", "loss_at_5", "loss_at_10", "acc_at_1", "acc_at_5", "acc_at_10")
 
 
+def _unusable(m: dict[str, Any], keys: list[str], weight: str = "num-examples") -> str:
+    """Why one client's reply cannot enter the means over ``keys`` ("" if it can)."""
+    w = m.get(weight, 1)
+    if not (_finite_number(w) and w > 0):
+        return f"{weight} {w!r} (an empty query set?)"
+    for k in keys:
+        if not _finite_number(m.get(k)):
+            return f"{k} {m.get(k)!r}"
+    return ""
+
+
+def _finite_number(x: object) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def summarise_eval(replies: Replies, prefix: str = "") -> dict[str, float]:
-    metrics = [m for _, m in replies.results]
-    return {f"{prefix}{k}": _mean(metrics, k) for k in EVAL_KEYS if any(k in m for m in metrics)}
+    """The weighted mean of every evaluation key, every mean over the *same* clients.
+
+    A client whose weight is not a positive number (e.g. an empty query set) or whose value of a
+    key is missing or non-finite is left out of *all* the means and its reason appended to
+    ``replies.rejected`` (the round loop counts and logs it). Keys no client reports finite (the
+    accuracies of a regression task) are means of nothing: NaN, and no reason to drop anyone.
+    """
+    metrics = [(cid, m) for cid, m in replies.results]
+    keys = [k for k in EVAL_KEYS if any(k in m for _, m in metrics)]
+    checked = [k for k in keys if any(_finite_number(m.get(k)) for _, m in metrics)]
+    kept = []
+    for cid, m in metrics:
+        why = _unusable(m, checked)
+        if why:
+            replies.rejected.append(f"client {cid}: evaluation reply left out of every mean: {why}")
+        else:
+            kept.append(m)
+    return {f"{prefix}{k}": _mean(kept, k) for k in keys}
 
 
 def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float) -> tuple[list[ClientUpdate], list[str]]:
@@ -126,12 +162,14 @@ def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float) 
 MAX_CLIENT_METRICS = 32
 
 
-def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any]) -> dict[str, float]:
+def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any], dropped: list[str] | None = None) -> dict[str, float]:
     """The cohort's weighted mean of each metric the algorithm reports (``train_loss``, MAML's ``query_loss``...).
 
     Only keys that *every* update carries are kept, never one the round loop writes itself
     (``reserved``, ``epsilon``, evaluation keys...), and at most :data:`MAX_CLIENT_METRICS`:
-    one client cannot add, overwrite or flood the round's record.
+    one client cannot add, overwrite or flood the round's record. Every mean is over the same
+    updates: one with a non-finite value of a kept key is left out of all of them, its reason
+    appended to ``dropped`` (the round loop counts it in ``rejected``; its update was still applied).
     """
     if not updates:
         return {}
@@ -139,7 +177,15 @@ def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any]) -> dic
     loop_keys = {"failures", "rejected", "skipped", "time_s", "stopped", "epsilon", "delta", "clip_norm",
                  "noise_multiplier", "sample_rate", "accountant", *EVAL_KEYS}
     keys = sorted(k for k in common - loop_keys if not k.startswith(("heldout_", "val_")))[:MAX_CLIENT_METRICS]
-    weighted = [u.metrics | {"num-examples": u.num_examples} for u in updates]
+    weighted = []
+    for u in updates:
+        m = u.metrics | {"num-examples": u.num_examples}
+        why = _unusable(m, keys)
+        if why:
+            if dropped is not None:
+                dropped.append(f"client {u.cid}: training metrics left out of every mean: {why}")
+        else:
+            weighted.append(m)
     return {k: _mean(weighted, k) for k in keys}
 
 
@@ -289,7 +335,11 @@ def run_federation(
             if private or len(replies.results) >= cfg.simulation.min_clients:
                 record.update(server.step(replies.results, rnd, attempt))
                 if not private:  # un-noised statistics of the training cohort: never written in a private run
-                    record.update(client_metrics(replies.results, reserved=record))
+                    dropped: list[str] = []
+                    record.update(client_metrics(replies.results, reserved=record, dropped=dropped))
+                    for reason in dropped:
+                        log.warning("round %s: %s", rnd, reason)
+                    rejected += len(dropped)
                 applied = True
                 break
         if "stopped" in record:
@@ -303,7 +353,8 @@ def run_federation(
 
         if rnd % cfg.simulation.eval_every == 0 or rnd == R:
             if applied and not private:  # the training cohort's own loss/accuracy: un-noised, so not in a private run
-                record.update(summarise_eval(backend.evaluate(server.theta, cohort, rnd)))
+                cohort_replies = backend.evaluate(server.theta, cohort, rnd)
+                record.update(_counted(record, rnd, cohort_replies, summarise_eval(cohort_replies)))
             for prefix, group, stream in (("heldout_", heldout_pop, HELDOUT_STREAM), ("val_", val_pop, VALIDATION_STREAM)):
                 if not group:
                     continue
@@ -311,9 +362,7 @@ def run_federation(
                     picks = _rng(cfg, stream, rnd).choice(len(group), cfg.simulation.eval_clients, replace=False)
                     group = sorted(group[i] for i in picks)
                 group_replies = backend.evaluate(server.theta, group, rnd)
-                record.update(summarise_eval(group_replies, prefix))
-                record["failures"] += group_replies.failures
-                record["rejected"] += len(group_replies.rejected)
+                record.update(_counted(record, rnd, group_replies, summarise_eval(group_replies, prefix)))
             last_eval = record
         record["time_s"] = time.time() - t0
         writer.append_metrics(record)
@@ -326,6 +375,15 @@ def run_federation(
     summary = build_summary(cfg, backend, server, history, last_eval, time.time() - started)
     writer.save_model(model_params(server.theta), extra_params(server.theta))
     writer.write_summary(summary)
+    return summary
+
+
+def _counted(record: dict[str, Any], rnd: int, replies: Replies, summary: dict[str, float]) -> dict[str, float]:
+    """Count an evaluation's failures and rejected (or left-out) replies in ``record`` and log each; returns ``summary``."""
+    for reason in replies.rejected:
+        log.warning("round %s: evaluation: %s", rnd, reason)
+    record["failures"] += replies.failures
+    record["rejected"] += len(replies.rejected)
     return summary
 
 

@@ -127,6 +127,18 @@ def test_corrupted_meta_names_file(av_root, tmp_path):
         DiskDataset(root)
 
 
+@pytest.mark.parametrize("name", ["dataset.json", "client_00004/meta.json"])
+def test_deeply_nested_json_is_one_line(av_root, tmp_path, name):
+    """[[[[...]]]] 100,000 deep: the JSON parser's RecursionError becomes a DataError naming the file."""
+    root = _copy(av_root, tmp_path)
+    (root / name).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply") as e:
+        DiskDataset(root).client(4)
+    assert str(root / name) in str(e.value) and len(str(e.value).splitlines()) == 1
+    with pytest.raises(DataError, match="nested too deeply"):
+        load_client_with_id(root / "client_00004") if "meta" in name else DiskDataset(root)
+
+
 def test_shape_and_dtype_mismatch(av_root, tmp_path):
     root = _copy(av_root, tmp_path)
     f = root / "client_00006" / "y.npy"

@@ -95,3 +95,18 @@ def test_every_option_has_help(command):
     assert options and all(a.help for a in options), [a.dest for a in options if not a.help]
     text = sub.format_help()
     assert all(a.help.split("(")[0].strip()[:20] in " ".join(text.split()) for a in options)
+
+
+@pytest.mark.parametrize("fmt, dataset", [("dirs", "disk"), ("store", "store"), ("dirs", "store"), ("store", "disk")])
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_partition_never_writes_over_its_own_source(tmp_path, capsys, fmt, dataset, where):
+    src = tmp_path / "outer" / "src"
+    made = run(capsys, "partition", *SMALL, "--format", "dirs" if dataset == "disk" else "store", "--out", str(src))
+    assert made[0] == 0, made[2]
+    before = {p.relative_to(src): p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    out = {"same": src, "inside": src / "sub", "around": tmp_path / "outer"}[where]
+    code, _, err = run(capsys, "partition", *SMALL, "--format", fmt, "--set", f"data.dataset={dataset}",
+                       "--set", f"data.path={src}", "--out", str(out), "--overwrite")
+    assert code == 2 and one_line(err, "data.path", "the dataset being read"), err
+    assert {p.relative_to(src): p.read_bytes() for p in src.rglob("*") if p.is_file()} == before  # source intact
+    assert not (src / "sub").exists()

@@ -213,3 +213,78 @@ def test_two_rounds_on_the_flower_engine(cache_dir, tmp_path, monkeypatch):
     summary = _tiny("flower", tmp_path, algorithm="metasgd")
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     assert np.isfinite(summary["heldout_loss_after"])
+
+
+# -- the parse cache: rebuilt on any read error, verified against its digest -------------------------------
+
+
+@pytest.fixture
+def tiny_texts(tmp_path, monkeypatch):
+    """A one-play texts directory and an empty cache: the cache round trip without the real corpus."""
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "hamlet_gut.txt").write_text(PLAY * 20, encoding="latin-1")
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
+    return str(texts)
+
+
+def _same(a, b):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+
+
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(f):
+    """16 bytes flipped early in the first member's deflate stream (the zip structure intact)."""
+    import zipfile
+
+    first = zipfile.ZipFile(f).infolist()[0]
+    at = first.header_offset + 80  # past the local header (30 + name + zip64 extra), early in the stream
+    raw = bytearray(f.read_bytes())
+    for i in range(at, at + 16):
+        raw[i] ^= 0xFF
+    f.write_bytes(bytes(raw))
+
+
+def _alter(f):
+    """A valid npz under the cache key, its digest kept, one character of the text changed."""
+    with np.load(f, allow_pickle=False) as z:
+        parts = {k: z[k] for k in z.files}
+    parts["text"] = parts["text"].copy()
+    parts["text"][0] = (parts["text"][0] + 1) % 80
+    np.savez_compressed(f, **parts)
+
+
+def _undigested(f):
+    """A valid npz of the right arrays without the digest recorded at write time."""
+    with np.load(f, allow_pickle=False) as z:
+        parts = {k: z[k] for k in z.files if k != shk.DIGEST_KEY}
+    np.savez_compressed(f, **parts)
+
+
+def _raw_error(f):
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            {k: z[k] for k in z.files}
+    except Exception as err:  # noqa: BLE001 - which error numpy/zipfile/zlib raise is the point
+        return f"{type(err).__module__}.{type(err).__name__}"
+    return ""
+
+
+@pytest.mark.parametrize("damage, raw_error", [(_truncate, "zipfile.BadZipFile"), (_flip, "zlib.error"), (_alter, ""),
+                                               (_undigested, ""), (lambda f: f.write_bytes(b""), "")])
+def test_a_damaged_or_altered_parse_cache_is_rebuilt(tiny_texts, damage, raw_error):
+    truth = shk.parse_all(shk.find_texts(tiny_texts))
+    _same(shk.load_parsed(tiny_texts), truth)  # writes the cache
+    (file,) = shk._cache_dir().glob(f"*-{shk.CACHE_NAME}")
+    assert shk._read_cache(file) is not None  # the cache as written verifies
+    damage(file)
+    if raw_error:  # the failure a plain np.load meets (what used to escape as a traceback)
+        assert _raw_error(file) == raw_error
+    assert shk._read_cache(file) is None  # detected: not used
+    _same(shk.load_parsed(tiny_texts), truth)  # rebuilt from the texts, never an exception or the altered parse
+    _same(shk._read_cache(file), truth)  # and written back, verified

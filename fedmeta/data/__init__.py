@@ -39,19 +39,35 @@ def _check_dataset(dataset, name: str) -> FederatedDataset:
         raise ComponentError(f"config error: data.dataset: {name!r} returned {type(dataset).__name__} without {missing} (see fedmeta.data.FederatedDataset)")
     if not isinstance(dataset.spec, DatasetSpec):
         raise ComponentError(f"config error: data.dataset: {name!r}: .spec must be a fedmeta.data.DatasetSpec (got {type(dataset.spec).__name__})")
-    from fedmeta.data.base import validation_clients
+    from fedmeta.data.base import check_population
 
-    train, held, val = list(dataset.train_clients), list(dataset.heldout_clients), validation_clients(dataset)
-    if not train:
-        raise ComponentError(f"config error: data.dataset: {name!r} has no training clients")
-    bad = [c for c in train + held + val if not (isinstance(c, int) and 0 <= c < int(dataset.num_clients))]
-    shared = sorted((set(train) & set(held)) | (set(train) & set(val)) | (set(held) & set(val)))
-    if bad or shared:
-        raise ComponentError(
-            f"config error: data.dataset: {name!r}: client ids must be distinct ints in [0, num_clients={dataset.num_clients}) "
-            f"split between train_clients, validation_clients and heldout_clients (bad: {(bad or shared)[:3]})"
-        )
+    check_population(dataset, f"config error: data.dataset: {name!r}", ComponentError)
     return dataset
+
+
+class CheckedClients:
+    """Every client a dataset returns, checked against its spec (:func:`fedmeta.data.base.check_client`)
+    before any engine uses it: the same one-line ``DataError`` for the same bad client on every engine."""
+
+    def __init__(self, dataset: FederatedDataset, where: str) -> None:
+        self.base = dataset
+        self.where = where
+        self.spec = dataset.spec
+        self.num_clients = dataset.num_clients
+        self.train_clients = dataset.train_clients
+        self.heldout_clients = dataset.heldout_clients
+        if hasattr(dataset, "validation_clients"):
+            self.validation_clients = dataset.validation_clients
+
+    def client(self, cid: int) -> ClientData:
+        from fedmeta.data.base import check_client
+
+        return check_client(self.base.client(cid), self.spec, cid, self.where)
+
+    def __getattr__(self, name: str):  # client_info(), examples_per_client ... of the wrapped dataset
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
 
 
 def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
@@ -66,7 +82,14 @@ def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
     from fedmeta.data.base import carve_validation, validation_clients, validation_count
     from fedmeta.data.subset import SampleDropout, WithValidation
 
+    from fedmeta.data.base import check_population
+
     dataset = _build(cfg)
+    local = ":LOCAL." in cfg.dataset  # an object passed to fedmeta.simulate(dataset=...): its generated name says nothing
+    where = ("data.dataset" if local else f"data.dataset={cfg.dataset!r}") + (f" (data.path={cfg.path})" if cfg.path else "")
+    check_population(dataset, where)  # every dataset: built-in, disk, store, a user's
+    if not _validated_on_open(dataset):
+        dataset = CheckedClients(dataset, where)
     if cfg.missing_modality_mode == "sample" and cfg.missing_modality_fraction > 0:
         dataset = SampleDropout(dataset, cfg.missing_modality_fraction, cfg.missing_modality, cfg.seed)
     if cfg.validation_fraction > 0 and not validation_clients(dataset):
@@ -79,6 +102,14 @@ def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
 
         return select_modalities(dataset, modalities)
     return dataset
+
+
+def _validated_on_open(dataset) -> bool:
+    """A store checks every array (dtypes, shapes, sizes, value ranges) when it is opened, and the
+    vectorised engine reads its memory maps directly: it is not wrapped."""
+    from fedmeta.data.store import StoreDataset
+
+    return isinstance(dataset, StoreDataset)
 
 
 def _per_client_missing(cfg: "DataConfig") -> float:

@@ -220,3 +220,87 @@ def spec_from_dict(d: dict) -> DatasetSpec:
         return DatasetSpec(mods, d.get("task", "classification"), int(d.get("num_classes", 0)), int(d.get("output_dim", 1)))
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"dataset spec: malformed ({err})") from None
+
+
+# --------------------------------------------------------------------------- the checks every dataset goes through
+def _is_id(c: object) -> bool:
+    return isinstance(c, (int, np.integer)) and not isinstance(c, (bool, np.bool_))
+
+
+def check_population(dataset, where: str, error: type[Exception] = DataError) -> None:
+    """The client groups of any dataset (built-in, disk, store, a user's): ids are ints in
+    ``[0, num_clients)``, none listed twice, the train / validation / test groups disjoint, at least
+    one training client. Raises ``error`` with one line starting with ``where``."""
+    num = dataset.num_clients
+    if not _is_id(num) or int(num) < 1:
+        raise error(f"{where}: num_clients must be an integer >= 1 (got {num!r})")
+    groups = {"train_clients": list(dataset.train_clients), "validation_clients": validation_clients(dataset),
+              "heldout_clients": list(dataset.heldout_clients)}
+    if not groups["train_clients"]:
+        raise error(f"{where}: has no training clients")
+    seen: dict[int, str] = {}
+    for name, ids in groups.items():
+        for c in ids:
+            if not _is_id(c) or not 0 <= int(c) < int(num):
+                raise error(
+                    f"{where}: {name}: client ids must be distinct ints in [0, num_clients={num}) "
+                    f"split between train_clients, validation_clients and heldout_clients (bad: {c!r})"
+                )
+            if int(c) in seen:
+                both = name if seen[int(c)] == name else f"{seen[int(c)]} and {name}"
+                raise error(
+                    f"{where}: client {int(c)} is listed twice ({both}); client ids must be distinct "
+                    "and split between train_clients, validation_clients and heldout_clients"
+                )
+            seen[int(c)] = name
+
+
+def check_client(data: object, spec: DatasetSpec, cid: int, where: str = "") -> ClientData:
+    """One client against its dataset's spec (every engine calls this on what ``dataset.client(cid)`` returns):
+    exactly the spec's modalities, their dtypes and trailing shapes, ``y`` and ``present`` for ``n``
+    rows, labels in ``[0, num_classes)``, token ids in ``[0, vocab_size)``, finite floats, and
+    ``n_support`` in ``[1, n - 1]`` (a support set to adapt on and a query set to score). ``DataError``
+    (one line naming the client) otherwise; returns ``data``."""
+    at = f"{where}: client {cid}" if where else f"client {cid}"
+    if not isinstance(data, ClientData):
+        raise DataError(f"{at}: client() must return a fedmeta.data.ClientData (got {type(data).__name__})")
+    if not isinstance(data.y, Tensor) or data.y.dim() < 1:
+        raise DataError(f"{at}: y must be a tensor [n, ...] (got {type(data.y).__name__})")
+    n = data.n
+    names = spec.modality_names
+    x = data.x if isinstance(data.x, dict) else {}
+    missing = [m for m in names if m not in x]
+    extra = [k for k in x if k not in names]
+    if missing or extra or not isinstance(data.x, dict):
+        what = f"no data for modality {missing[0]!r}" if missing else f"modality {str(extra[0])[:40]!r} is not in the spec"
+        raise DataError(f"{at}: {what} (x must hold exactly the spec's modalities {list(names)})")
+
+    def need(t: object, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor:
+        if not isinstance(t, Tensor):
+            raise DataError(f"{at}: {name} must be a tensor (got {type(t).__name__})")
+        if t.dtype != dtype:
+            raise DataError(f"{at}: {name} has dtype {str(t.dtype).removeprefix('torch.')}, the spec needs {str(dtype).removeprefix('torch.')}")
+        if tuple(t.shape) != shape:
+            raise DataError(f"{at}: {name} has shape {list(t.shape)}, the spec and n={n} need {list(shape)}")
+        return t
+
+    for m in spec.modalities:
+        v = need(x[m.name], f"x[{m.name!r}]", m.dtype, (n, *m.shape))
+        if m.kind == "tokens":
+            if v.numel() and (int(v.min()) < 0 or int(v.max()) >= m.vocab_size):
+                raise DataError(f"{at}: x[{m.name!r}] holds token ids outside [0, {m.vocab_size})")
+        elif not bool(torch.isfinite(v).all()):
+            raise DataError(f"{at}: x[{m.name!r}] holds non-finite values")
+    if spec.task == "classification":
+        y = need(data.y, "y", torch.int64, (n,))
+        if n and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
+            raise DataError(f"{at}: labels outside [0, {spec.num_classes})")
+    else:
+        y = need(data.y, "y", torch.float32, (n, spec.output_dim))
+        if not bool(torch.isfinite(y).all()):
+            raise DataError(f"{at}: non-finite targets")
+    need(data.present, "present", torch.bool, (n, len(names)))
+    k = data.n_support
+    if not _is_id(k) or not 1 <= int(k) <= n - 1:
+        raise DataError(f"{at}: n_support must be an integer in [1, n - 1] = [1, {n - 1}] (a support and a query set), got {k!r}")
+    return data

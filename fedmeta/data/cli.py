@@ -43,6 +43,20 @@ def _prepare_target(out: Path, overwrite: bool) -> None:
         )
 
 
+def _check_not_source(out: Path, source: str) -> None:
+    """Refuse an ``--out`` that is ``data.path``, lies inside it, or contains it (any format, any dataset):
+    clearing or writing it would destroy the data being read."""
+    if not source:
+        return
+    src, dst = Path(source).resolve(), out.resolve()
+    if dst == src:
+        raise ConfigError(f"partition --out {out}: is data.path, the dataset being read")
+    if src in dst.parents:
+        raise ConfigError(f"partition --out {out}: lies inside data.path={source}, the dataset being read")
+    if dst in src.parents:
+        raise ConfigError(f"partition --out {out}: contains data.path={source}, the dataset being read")
+
+
 def _clear_partition(out: Path) -> None:
     if not out.is_dir():
         return
@@ -62,8 +76,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     sections = load_sections(args.config, args.set, ("data", "model"))
     data, model = sections["data"], sections["model"]
     out = Path(args.out)
-    if data.dataset == "disk" and data.path and Path(data.path).resolve() == out.resolve():
-        raise ConfigError(f"partition --out {out}: is data.path, the dataset being read")
+    _check_not_source(out, data.path)
     _prepare_target(out, args.overwrite)
     dataset = build_dataset(data, model.modalities)  # may raise DataError: still nothing written
     from fedmeta.data.base import validation_clients

@@ -148,6 +148,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:  # e.g. [[[[...]]]] a hundred thousand deep: the parser's recursion, not a traceback
+        raise DataError(f"{path}: invalid JSON (nested too deeply)") from None
 
 
 # --------------------------------------------------------------------------- expected arrays

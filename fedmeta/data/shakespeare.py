@@ -28,8 +28,9 @@ padding id, never used here); labels ``y`` are LEAF indices ``0..79`` (``num_cla
 
 Cache: the parse (a few seconds) is stored once as ``shakespeare-v1.npz`` (all clients' text as
 uint8 LEAF indices plus offsets and names; 1.8 MB compressed) in ``$FEDMETA_CACHE`` or
-``~/.cache/fedmeta/shakespeare``. Windows are built per client on demand by ``client(cid)``;
-nothing per-sample is held for the population.
+``~/.cache/fedmeta/shakespeare``, with a sha256 of its arrays recorded at write time: a cache that
+cannot be read (truncated, flipped bytes) or whose content does not match the digest is rebuilt.
+Windows are built per client on demand by ``client(cid)``; nothing per-sample is held for the population.
 
 Config keys used (no new ones):
 
@@ -223,6 +224,35 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("FEDMETA_CACHE", "~/.cache/fedmeta")).expanduser() / "shakespeare"
 
 
+DIGEST_KEY = "sha256"  # the cache's content digest, written with it (:func:`_content_digest`)
+PARSED_KEYS = ("lines", "names", "offsets", "plays", "text")
+
+
+def _content_digest(parsed: dict) -> str:
+    """sha256 over every array of a parse: name, dtype, shape and bytes, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(parsed):
+        a = np.ascontiguousarray(parsed[k])
+        h.update(f"{k}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _read_cache(file: Path) -> dict | None:
+    """The parse stored in ``file``, or None (then it is rebuilt) if it cannot be read for any reason
+    (truncated: ``BadZipFile``; flipped bytes: ``zlib.error``, ...) or its content does not match the
+    digest recorded when it was written (a valid npz altered under the cache key)."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            got = {k: z[k] for k in z.files}
+    except Exception:  # noqa: BLE001 - any unreadable cache is rebuilt, whatever the zip/zlib/numpy layer raised
+        return None
+    recorded = got.pop(DIGEST_KEY, None)
+    if tuple(sorted(got)) != PARSED_KEYS or recorded is None or recorded.shape != () or str(recorded) != _content_digest(got):
+        return None
+    return got
+
+
 def load_parsed(path: str = "", cache: bool = True) -> dict:
     """The parse of :func:`find_texts` ``(path)``, from the cache when it matches the texts."""
     texts = find_texts(path)
@@ -231,17 +261,15 @@ def load_parsed(path: str = "", cache: bool = True) -> dict:
     digest = hashlib.sha256(key).hexdigest()[:16]
     file = _cache_dir() / f"{digest}-{CACHE_NAME}"
     if cache and file.exists():
-        try:
-            with np.load(file, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        except (OSError, ValueError):
-            pass  # a broken cache file is rebuilt
+        cached = _read_cache(file)
+        if cached is not None:
+            return cached
     parsed = parse_all(texts)
     if cache:
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
-            np.savez_compressed(buf, **parsed)
+            np.savez_compressed(buf, **parsed, **{DIGEST_KEY: np.asarray(_content_digest(parsed))})
             tmp = file.with_suffix(f".tmp{os.getpid()}")
             tmp.write_bytes(buf.getvalue())
             tmp.replace(file)

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta.data.base import ClientData, DataError, spec_from_dict, spec_to_dict
+from fedmeta.data.base import ClientData, DataError, spec_to_dict
 
 STORE_FILE = "store.json"
 FORMAT, VERSION = "fedmeta-store", 1
+CHECK_CHUNK = 4096  # clients per pass of the value checks on open
 
 
 def _np_dtype(t: torch.dtype) -> np.dtype:
@@ -121,55 +122,136 @@ def _drop_pages(a: np.memmap) -> None:
 
 
 class StoreDataset:
-    """A ``FederatedDataset`` over a store directory; ``arrays()`` exposes the memory maps to the vectorised engine."""
+    """A ``FederatedDataset`` over a store directory; ``arrays()`` exposes the memory maps to the vectorised engine.
+
+    Opening validates the store as :mod:`fedmeta.data.disk` validates a partition, each problem one
+    ``DataError`` line naming the file: ``store.json`` (keys, types, the spec), every array's
+    ``.npy`` header (dtype, shape, trailing shape from the spec) and its declared size against the
+    file's size *before* anything is read or mapped, the split (ids in ``[0, num_clients)``, none
+    twice, disjoint groups), ``n`` in ``[2, rows]`` and ``n_support`` in ``[1, n - 1]`` for every
+    listed client, labels in ``[0, num_classes)`` (finite targets for regression) and token ids in
+    ``[0, vocab_size)`` (one pass over ``y`` and the token arrays, ``CHECK_CHUNK`` clients at a time).
+    """
 
     def __init__(self, path: str | Path, num_clients: int | None = None) -> None:
+        from fedmeta.data.disk import _get, _int, _read_json, spec_from_json
+
         self.root = Path(path)
         index = self.root / STORE_FILE
         if not index.is_file():
             raise DataError(f"{self.root}: not a fedmeta store (no {STORE_FILE}; write one with `fedmeta partition --format store`)")
-        try:
-            doc = json.loads(index.read_text())
-        except (OSError, ValueError) as err:
-            raise DataError(f"{index}: unreadable ({err})") from None
+        doc = _read_json(index)  # one line for unreadable, invalid or too deeply nested JSON
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
             raise DataError(f"{index}: not a {FORMAT} version {VERSION} index")
-        self.spec = spec_from_dict(doc["spec"])
-        self.num_clients = int(doc["num_clients"])
-        self.rows = int(doc["rows"])
+        self.spec = spec_from_json(_get(doc, "spec", index), index)
+        self.num_clients = _int(_get(doc, "num_clients", index), "num_clients", index, lo=1)
+        self.rows = _int(_get(doc, "rows", index), "rows", index, lo=1)
+        mods = doc.get("modalities", list(self.spec.modality_names))
+        if mods != list(self.spec.modality_names):
+            raise DataError(f"{index}: 'modalities' {str(mods)[:80]} differ from the spec's {list(self.spec.modality_names)}")
         if num_clients is not None and num_clients != self.num_clients:
             raise DataError(f"data.num_clients: is {num_clients}, but {index} holds {self.num_clients} clients; set data.num_clients={self.num_clients}")
-        self._n = self._load("n.npy", (self.num_clients,))
-        self._n_support = self._load("n_support.npy", (self.num_clients,))
+        P, R, spec = self.num_clients, self.rows, self.spec
+        self._layout = {f"x.{m.name}.npy": (_np_dtype(m.dtype), (P, R, *m.shape)) for m in spec.modalities}
+        self._layout["y.npy"] = (np.dtype(np.int64), (P, R)) if spec.task == "classification" else (np.dtype(np.float32), (P, R, spec.output_dim))
+        self._layout["present.npy"] = (np.dtype(np.bool_), (P, R, len(spec.modalities)))
+        for name in self._layout:  # headers and sizes of the big arrays now, before anything is mapped
+            self._header(name)
+        self._n = self._load("n.npy", (P,))
+        self._n_support = self._load("n_support.npy", (P,))
         self.train_clients = self._load("train.npy").tolist()
         self.heldout_clients = self._load("heldout.npy").tolist()
         if (self.root / "validation.npy").exists():  # written only for datasets with validation clients
             self.validation_clients = self._load("validation.npy").tolist()
         self._maps: dict | None = None
         self._mapped: list[np.memmap] = []
+        self._check_clients()
+        self._check_values()
+
+    def _header(self, name: str, shape: tuple | None = None) -> tuple[np.dtype, tuple]:
+        """The ``.npy`` header of ``name``, checked against the layout (or a 1-D int64 of ``shape``)
+        and its declared size against the file's size; reads only the header."""
+        path = self.root / name
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape_, fortran, dtype = read(f, max_header_size=10_000)
+                offset = f.tell()
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DataError(f"{path}: file not found") from None
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: unreadable .npy header ({' '.join(str(err).split())[:160]})") from None
+        want_dtype, want_shape = self._layout.get(name, (np.dtype(np.int64), shape))
+        if dtype != want_dtype or fortran:
+            raise DataError(f"{path}: dtype {dtype}{' (Fortran order)' if fortran else ''}, the store needs {want_dtype}")
+        if want_shape is None:
+            if len(shape_) != 1:
+                raise DataError(f"{path}: shape {list(shape_)}, the store needs a 1-D list of client ids")
+        elif tuple(shape_) != tuple(want_shape):
+            raise DataError(f"{path}: shape {list(shape_)}, the store needs {list(want_shape)} (num_clients, rows and the spec in {STORE_FILE})")
+        declared = offset + int(np.prod(shape_, dtype=object)) * dtype.itemsize
+        if declared != size:
+            raise DataError(f"{path}: its header declares {declared} bytes, the file holds {size} (truncated or corrupt)")
+        return dtype, tuple(shape_)
 
     def _load(self, name: str, shape: tuple | None = None, mmap: bool = False) -> np.ndarray:
         path = self.root / name
+        self._header(name, shape)  # before np.load allocates or maps what the header declares
         try:
             a = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise DataError(f"{path}: unreadable ({err})") from None
-        if shape is not None and a.shape[: len(shape)] != shape:
-            raise DataError(f"{path}: shape {a.shape}, expected {shape} first")
         if mmap:
             _advise_random(a)
             self._mapped.append(a)
         return a
 
+    def _check_clients(self) -> None:
+        """Sizes of every client against ``rows``; ``n_support`` in [1, n - 1] for the listed (used) clients."""
+        n, k, R = self._n, self._n_support, self.rows
+        bad = np.nonzero((n < 0) | (n > R) | (k < 0) | (k > n))[0]
+        if bad.size:
+            c = int(bad[0])
+            raise DataError(f"{self.root / 'n.npy'}: client {c} has n={int(n[c])}, n_support={int(k[c])}; "
+                            f"need 0 <= n_support <= n <= rows={R}")
+        from fedmeta.data.base import check_population, validation_clients
+
+        check_population(self, str(self.root))
+        used = np.asarray(self.train_clients + self.heldout_clients + validation_clients(self), dtype=np.int64)
+        short = used[(k[used] < 1) | (k[used] > n[used] - 1)]
+        if short.size:
+            c = int(short[0])
+            raise DataError(f"{self.root / 'n_support.npy'}: client {c} has n_support={int(k[c])} of n={int(n[c])}; "
+                            f"it must be in [1, n - 1] (a support set and a non-empty query set)")
+
+    def _check_values(self) -> None:
+        """Labels / targets and token ids of the whole store, ``CHECK_CHUNK`` clients at a time."""
+        x, y, _, _, _ = self.arrays()
+        spec = self.spec
+        tokens = [m for m in spec.modalities if m.kind == "tokens"]
+        for lo in range(0, self.num_clients, CHECK_CHUNK):
+            part = y[lo : lo + CHECK_CHUNK]
+            if spec.task == "classification":
+                if part.numel() and (int(part.min()) < 0 or int(part.max()) >= spec.num_classes):
+                    raise DataError(f"{self.root / 'y.npy'}: labels outside [0, {spec.num_classes})")
+            elif not bool(torch.isfinite(part).all()):
+                raise DataError(f"{self.root / 'y.npy'}: non-finite targets")
+            for m in tokens:
+                t = x[m.name][lo : lo + CHECK_CHUNK]
+                if t.numel() and (int(t.min()) < 0 or int(t.max()) >= m.vocab_size):
+                    raise DataError(f"{self.root / f'x.{m.name}.npy'}: token ids outside [0, {m.vocab_size})")
+            self.release()
+
     def arrays(self) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, Tensor]:
         """(x, y, present, n, n_support) as tensors; the first three share memory with the read-only maps."""
         if self._maps is None:
-            P, R = self.num_clients, self.rows
             with warnings.catch_warnings():  # torch warns that the read-only maps are not writable: they are never written
                 warnings.simplefilter("ignore", UserWarning)
-                x = {m.name: torch.from_numpy(self._load(f"x.{m.name}.npy", (P, R), mmap=True)) for m in self.spec.modalities}
-                y = torch.from_numpy(self._load("y.npy", (P, R), mmap=True))
-                present = torch.from_numpy(self._load("present.npy", (P, R), mmap=True))
+                x = {m.name: torch.from_numpy(self._load(f"x.{m.name}.npy", mmap=True)) for m in self.spec.modalities}
+                y = torch.from_numpy(self._load("y.npy", mmap=True))
+                present = torch.from_numpy(self._load("present.npy", mmap=True))
             self._maps = {"x": x, "y": y, "present": present}
         m = self._maps
         return m["x"], m["y"], m["present"], torch.from_numpy(self._n.copy()), torch.from_numpy(self._n_support.copy())

@@ -49,7 +49,7 @@ from torch.func import vmap
 
 from fedmeta.config import Config
 from fedmeta.data.base import validation_clients
-from fedmeta.data.base import ClientData
+from fedmeta.data.base import ClientData, check_client
 from fedmeta.client import (
     CURVE_STEPS,
     client_side_clip,
@@ -120,7 +120,8 @@ class ClientStore:
         self.dataset = dataset
         self.size = int(dataset.num_clients)
         # a memory-mapped store (fedmeta.data.store): the stacked arrays already exist on disk; read rows on use
-        self.mapped = callable(getattr(dataset, "arrays", None))
+        # (looked up on the type: a wrapper that forwards attributes, e.g. SampleDropout, changes the clients)
+        self.mapped = callable(getattr(type(dataset), "arrays", None))
         if self.mapped:
             self.x, self.y, self.present, self.n, self.n_support = dataset.arrays()
             self.rows = int(self.y.shape[1])
@@ -141,7 +142,8 @@ class ClientStore:
             return
         for cid in cids:
             if not self.built[cid]:
-                self._put(int(cid), self.dataset.client(int(cid)))
+                # the spec's modalities, dtypes and shapes, or one line: a slot is never left unfilled
+                self._put(int(cid), check_client(self.dataset.client(int(cid)), self.dataset.spec, int(cid)))
 
     def _allocate(self, rows: int, like: ClientData) -> None:
         """(Re)allocate ``rows`` rows per slot; ``torch.empty``: untouched slots cost no resident memory."""

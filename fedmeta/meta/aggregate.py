@@ -109,10 +109,14 @@ def aggregate(updates: Sequence[Params], weights: Sequence[float], method: str =
     raise ValueError(f"aggregate: unknown method {method!r} (expected one of {AGGREGATORS})")
 
 
-def weighted_average(pairs: Sequence[tuple[float, float]]) -> float:
+def weighted_average(pairs: Sequence[tuple[float, float]], dropped: list[int] | None = None) -> float:
     """Mean of ``(value, weight)`` pairs for reported metrics; pairs with a non-finite value or a weight
-    that is not a finite positive number are dropped; NaN when nothing is left."""
-    good = [(float(v), float(w)) for v, w in pairs if _finite(v) and _finite(w) and w > 0]
+    that is not a finite positive number are dropped, and their positions appended to ``dropped``
+    (pass a list: the caller counts and logs them, never a silent skip); NaN when nothing is left."""
+    keep = [_finite(v) and _finite(w) and w > 0 for v, w in pairs]
+    if dropped is not None:
+        dropped.extend(i for i, ok in enumerate(keep) if not ok)
+    good = [(float(v), float(w)) for (v, w), ok in zip(pairs, keep) if ok]
     total = sum(w for _, w in good)  # plain sums: an overflow gives inf, never an exception
     if not good or not 0 < total < math.inf:
         return float("nan")
