@@ -15,7 +15,7 @@ from pathlib import Path
 from fedmeta import __version__
 from fedmeta.config import Config, ConfigError, build_config, load_config, parse_override
 from fedmeta.components import check_components
-from fedmeta.results import CONFIG, RunDirError, check_resume, default_out_dir, prepare_out_dir, read_run_config
+from fedmeta.results import CONFIG, RunDirError, check_resume, default_out_dir, prepare_out_dir, read_run_config, run_dir_lock
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -55,7 +55,10 @@ def _resume_config(args: argparse.Namespace) -> tuple[Config, Path]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
-        cfg, out = _resume_config(args)
+        with run_dir_lock(args.resume, "--resume", create=False):  # one process per run directory, held to the end
+            cfg, out = _resume_config(args)
+            args.run_dir = out
+            summary = run_simulation(cfg, out, resume=True, progress=cfg.output.progress)
     else:
         cfg = load_config(args.config, args.set)
         check_components(cfg)  # a bad model/dataset/algorithm reference: one line, nothing created
@@ -65,9 +68,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             out, option = Path(cfg.output.dir), "output.dir"
         else:
             out, option = default_out_dir(), "output directory"
-        prepare_out_dir(out, overwrite=args.overwrite, option=option)  # before anything starts (Ray included)
-    args.run_dir = out
-    summary = run_simulation(cfg, out, resume=bool(args.resume), progress=cfg.output.progress)
+        with run_dir_lock(out, option):  # before anything is written, held to the end
+            prepare_out_dir(out, overwrite=args.overwrite, option=option)  # before anything starts (Ray included)
+            args.run_dir = out
+            summary = run_simulation(cfg, out, resume=False, progress=cfg.output.progress)
     keys = [k for k in ("heldout_acc_before", "heldout_acc_after", "heldout_loss_before", "heldout_loss_after", "epsilon") if summary.get(k) is not None]
     print(f"run written to {out}")
     print("summary: " + ", ".join(f"{k}={summary[k]:.4f}" for k in keys))

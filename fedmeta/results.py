@@ -16,10 +16,16 @@ See docs/design.md, "Run directories and resume rules".
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import io
 import json
 import math
 import os
+import stat
+import threading
 import time
+from contextlib import contextmanager
 import warnings
 import weakref
 from pathlib import Path
@@ -49,6 +55,98 @@ _NOT_RECORDED = ("output.dir", "output.resume")  # how this invocation was start
 
 class RunDirError(ValueError):
     """A run directory or checkpoint is unusable; the message is one line naming the file."""
+
+
+# -- one process per run directory --------------------------------------------------------------
+
+LOCK = ".fedmeta.lock"  # held (fcntl.flock, exclusive) by the one process that uses the directory; holds its PID
+_HELD: dict[str, list] = {}  # resolved run directory -> [fd, depth]: this process's locks (re-entrant)
+_HELD_GUARD = threading.Lock()
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
+def _acquire(d: Path, option: str, wait: bool) -> int:
+    path = d / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise RunDirError(f"{option} {d}: {LOCK} is a symbolic link, not a lock file; remove it") from None
+            raise RunDirError(f"{option} {d}: cannot write there ({err.strerror or _first_line(err)})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RunDirError(f"{option} {d}: {LOCK} is not a regular file; remove it")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise RunDirError(
+                    f"{option} {d}: in use by another fedmeta process ({_holder(fd)}); one process per run directory, "
+                    "wait for it to finish or stop it"
+                ) from None
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                os.close(fd)  # the holder removed the file as it let go: lock the new one instead
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+@contextmanager
+def run_dir_lock(out_dir: str | Path, option: str = "--out", create: bool = True, wait: bool = False):
+    """Hold ``out_dir`` for this process: an exclusive ``fcntl.flock`` on ``out_dir/.fedmeta.lock``.
+
+    Taken before anything is written to a run directory (fresh, resumed, or a
+    protocol cache entry) and held until the run ends; the kernel releases it
+    when the process dies, even by SIGKILL. Another process that holds it makes
+    this raise :class:`RunDirError` naming its PID (or, with ``wait``, blocks
+    until it lets go). Re-entrant within a process (the Flower engine's
+    ServerApp thread runs inside the CLI's hold). ``create``: make the
+    directory if missing (fresh runs); otherwise a missing one is refused.
+    """
+    d = Path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise RunDirError(f"{option} {d}: is a file, not a directory")
+    if not d.is_dir():
+        if not create:
+            raise RunDirError(f"{option} {d}: not a directory")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"{option} {d}: cannot write there ({err.strerror or _first_line(err)})") from None
+    key = str(d.resolve())
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is None:
+            held = _HELD[key] = [_acquire(d, option, wait), 0]
+        held[1] += 1
+    try:
+        yield d
+    finally:
+        with _HELD_GUARD:
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                try:
+                    os.unlink(d / LOCK)  # while still held: a waiter that opened this file retries (see _acquire)
+                except OSError:
+                    pass
+                os.close(held[0])
 
 
 def default_out_dir() -> Path:
