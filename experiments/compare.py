@@ -40,6 +40,18 @@ SINE_PAPER = {"MAML (paper)": (0.67, 0.38, 0.35), "pretrained (paper)": (2.41, 2
 # -- running --------------------------------------------------------------------------------------
 
 
+def same_config(run_dir: str | Path, cfg) -> bool:
+    """Whether ``run_dir/config.json`` records exactly ``cfg``: every key, defaults included (so a run made
+    under another default never passes for this one); False when it is missing or unreadable."""
+    from fedmeta.results import RunDirError, read_run_config
+
+    try:
+        done = read_run_config(run_dir)
+    except RunDirError:
+        return False
+    return done == json.loads(json.dumps(cfg.to_dict()))
+
+
 def _run_one(job: tuple[str, list[str], str]) -> dict:
     config, overrides, out = job
     import torch
@@ -51,8 +63,7 @@ def _run_one(job: tuple[str, list[str], str]) -> dict:
     cfg = load_config(config, overrides)
     path = Path(out)
     if (path / SUMMARY).exists():  # reuse a finished run, but only of exactly this config
-        done = json.loads((path / CONFIG).read_text())
-        if done != json.loads(json.dumps(cfg.to_dict())):
+        if not same_config(path, cfg):
             raise SystemExit(f"{path}: holds a finished run of a different config; use another --out or delete it")
         summary = json.loads((path / SUMMARY).read_text())
     else:

@@ -174,26 +174,42 @@ def params_to_overrides(params: dict, algorithm: str) -> list[str]:
 def _run(study: Study, arm: Arm, overrides: list[str], seed: int, cache: Path, eval_every: int) -> dict:
     """One cached run: its summary plus the test curve."""
     import fedmeta
-    from fedmeta.results import SUMMARY
+    from fedmeta.results import SUMMARY, run_dir_lock
 
     sets = [*arm.overrides, *overrides, f"meta.algorithm={arm.algorithm}", f"data.seed={seed}", f"simulation.seed={seed}",
             f"simulation.rounds={study.rounds}", f"simulation.eval_every={eval_every}", "output.progress=false"]
     cfg = load_config(ROOT / study.config, sets)
     key = cache_key(cfg)
     out = cache / key
-    if not (out / SUMMARY).exists():
-        fedmeta.simulate(cfg, out=out, overwrite=True)
-    summary = json.loads((out / SUMMARY).read_text())
-    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    # one process per entry: parallel studies that share an arm wait for each other, then reuse the run
+    with run_dir_lock(out, "protocol cache entry", wait=True):
+        if not _cached(out, cfg):  # missing, unfinished, or made under another config (a changed default): run it
+            fedmeta.simulate(cfg, out=out, overwrite=True)
+        summary = json.loads((out / SUMMARY).read_text())
+        curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     metric = "loss_at_10" if study.regression else "acc_after"
     summary["curve"] = [(r["round"], r.get(f"heldout_{metric}")) for r in curve if f"heldout_{metric}" in r]
     summary["run_dir"] = str(out)
     return summary
 
 
+def _cached(out: Path, cfg) -> bool:
+    """A finished run of exactly ``cfg`` is in ``out``: ``summary.json`` is there and ``config.json`` equals the full
+    resolved config (experiments.compare.same_config), so a run made under a different default is never reused."""
+    from experiments.compare import same_config
+    from fedmeta.results import SUMMARY
+
+    if not (out / SUMMARY).is_file() or not same_config(out, cfg):
+        return False
+    try:
+        return isinstance(json.loads((out / SUMMARY).read_text()), dict)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
 def cache_key(cfg) -> str:
-    """The run's identity: its config without default values, so a config field added later (at its default)
-    keeps every cached run valid."""
+    """The cache directory's name: the config without default values (a config field added later leaves the
+    names alone). Only the name: a run is reused only if its config.json equals the full config (:func:`_cached`)."""
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude_defaults=True), sort_keys=True).encode()).hexdigest()[:16]
 
 

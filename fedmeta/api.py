@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.config import Config, ConfigError, build_config, load_config
-from fedmeta.results import RunWriter, default_out_dir, prepare_out_dir
+from fedmeta.results import RunWriter, default_out_dir, prepare_out_dir, run_dir_lock
 
 LOCAL = types.SimpleNamespace()  # objects handed to simulate() that have no importable reference
 _LOCAL_PREFIX = "fedmeta.api:LOCAL."
@@ -97,8 +97,10 @@ def simulate(
     from fedmeta.components import check_components
 
     check_components(cfg)
-    out_dir = prepare_out_dir(Path(out or cfg.output.dir or default_out_dir()), overwrite=overwrite, option="out")
-    return run(cfg, out_dir, progress=progress)
+    out_dir = Path(out or cfg.output.dir or default_out_dir())
+    with run_dir_lock(out_dir, "out"):  # one process per run directory, taken before anything is written
+        prepare_out_dir(out_dir, overwrite=overwrite, option="out")
+        return run(cfg, out_dir, progress=progress)
 
 
 def make_backend(cfg: Config, dataset):
@@ -115,10 +117,16 @@ def make_backend(cfg: Config, dataset):
 
 def run(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run ``cfg`` on its configured engine, writing into ``out_dir``; returns the summary."""
-    from fedmeta.client import configure_torch, model_for
     from fedmeta.components import check_components
 
     check_components(cfg)
+    with run_dir_lock(out_dir, "out", create=not resume):  # re-entrant: already held when called by simulate / the CLI
+        return _run(cfg, Path(out_dir), resume, progress)
+
+
+def _run(cfg: Config, out_dir: Path, resume: bool, progress: bool) -> dict[str, Any]:
+    from fedmeta.client import configure_torch, model_for
+
     if cfg.simulation.engine == "flower":
         from fedmeta.engines.flower import simulate_flower
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from fedmeta import __version__
 from fedmeta.config import Config, ConfigError, build_config, load_config, parse_override
 from fedmeta.components import check_components
-from fedmeta.results import CONFIG, RunDirError, check_resume, default_out_dir, prepare_out_dir, read_run_config
+from fedmeta.results import (
+    CHECKPOINT, CONFIG, RunDirError, check_resume, default_out_dir, prepare_out_dir, read_run_config, run_dir_lock, run_files,
+)
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -55,7 +57,10 @@ def _resume_config(args: argparse.Namespace) -> tuple[Config, Path]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     if args.resume:
-        cfg, out = _resume_config(args)
+        with run_dir_lock(args.resume, "--resume", create=False):  # one process per run directory, held to the end
+            cfg, out = _resume_config(args)
+            args.run_dir = out
+            summary = run_simulation(cfg, out, resume=True, progress=cfg.output.progress)
     else:
         cfg = load_config(args.config, args.set)
         check_components(cfg)  # a bad model/dataset/algorithm reference: one line, nothing created
@@ -65,13 +70,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             out, option = Path(cfg.output.dir), "output.dir"
         else:
             out, option = default_out_dir(), "output directory"
-        prepare_out_dir(out, overwrite=args.overwrite, option=option)  # before anything starts (Ray included)
-    args.run_dir = out
-    summary = run_simulation(cfg, out, resume=bool(args.resume), progress=cfg.output.progress)
+        with run_dir_lock(out, option):  # before anything is written, held to the end
+            prepare_out_dir(out, overwrite=args.overwrite, option=option)  # before anything starts (Ray included)
+            args.run_dir = out
+            summary = run_simulation(cfg, out, resume=False, progress=cfg.output.progress)
     keys = [k for k in ("heldout_acc_before", "heldout_acc_after", "heldout_loss_before", "heldout_loss_after", "epsilon") if summary.get(k) is not None]
     print(f"run written to {out}")
     print("summary: " + ", ".join(f"{k}={summary[k]:.4f}" for k in keys))
     return 0
+
+
+def _interrupted(run_dir: Path | None) -> str:
+    """What Ctrl-C left behind, and only what is true: a checkpoint to resume from, or none (yet)."""
+    if run_dir is None:
+        return "interrupted before the run started; nothing was written"
+    if (Path(run_dir) / CHECKPOINT).is_file():
+        return f"interrupted; the last checkpoint is kept (resume with --resume {run_dir})"
+    if run_files(run_dir):
+        return f"interrupted before the first checkpoint; nothing to resume in {run_dir} (start again with --out {run_dir} --overwrite)"
+    return f"interrupted before the first round; nothing to resume in {run_dir}"
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -112,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunDirError) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
-        run_dir = getattr(args, "run_dir", None)
-        code = _fail(f"interrupted; the last checkpoint is kept (resume with --resume {run_dir or 'DIR'})", 130)
+        code = _fail(_interrupted(getattr(args, "run_dir", None)), 130)
         if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
             # Flower's ServerApp thread may still wait (up to simulation.round_timeout) for replies that will
             # never come; its run directory is closed (fedmeta.results.close_writers), so exit without joining it.

@@ -16,10 +16,16 @@ See docs/design.md, "Run directories and resume rules".
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import io
 import json
 import math
 import os
+import stat
+import threading
 import time
+from contextlib import contextmanager
 import warnings
 import weakref
 from pathlib import Path
@@ -49,6 +55,98 @@ _NOT_RECORDED = ("output.dir", "output.resume")  # how this invocation was start
 
 class RunDirError(ValueError):
     """A run directory or checkpoint is unusable; the message is one line naming the file."""
+
+
+# -- one process per run directory --------------------------------------------------------------
+
+LOCK = ".fedmeta.lock"  # held (fcntl.flock, exclusive) by the one process that uses the directory; holds its PID
+_HELD: dict[str, list] = {}  # resolved run directory -> [fd, depth]: this process's locks (re-entrant)
+_HELD_GUARD = threading.Lock()
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
+def _acquire(d: Path, option: str, wait: bool) -> int:
+    path = d / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise RunDirError(f"{option} {d}: {LOCK} is a symbolic link, not a lock file; remove it") from None
+            raise RunDirError(f"{option} {d}: cannot write there ({err.strerror or _first_line(err)})") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RunDirError(f"{option} {d}: {LOCK} is not a regular file; remove it")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise RunDirError(
+                    f"{option} {d}: in use by another fedmeta process ({_holder(fd)}); one process per run directory, "
+                    "wait for it to finish or stop it"
+                ) from None
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is None or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                os.close(fd)  # the holder removed the file as it let go: lock the new one instead
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+@contextmanager
+def run_dir_lock(out_dir: str | Path, option: str = "--out", create: bool = True, wait: bool = False):
+    """Hold ``out_dir`` for this process: an exclusive ``fcntl.flock`` on ``out_dir/.fedmeta.lock``.
+
+    Taken before anything is written to a run directory (fresh, resumed, or a
+    protocol cache entry) and held until the run ends; the kernel releases it
+    when the process dies, even by SIGKILL. Another process that holds it makes
+    this raise :class:`RunDirError` naming its PID (or, with ``wait``, blocks
+    until it lets go). Re-entrant within a process (the Flower engine's
+    ServerApp thread runs inside the CLI's hold). ``create``: make the
+    directory if missing (fresh runs); otherwise a missing one is refused.
+    """
+    d = Path(out_dir)
+    if d.exists() and not d.is_dir():
+        raise RunDirError(f"{option} {d}: is a file, not a directory")
+    if not d.is_dir():
+        if not create:
+            raise RunDirError(f"{option} {d}: not a directory")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"{option} {d}: cannot write there ({err.strerror or _first_line(err)})") from None
+    key = str(d.resolve())
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is None:
+            held = _HELD[key] = [_acquire(d, option, wait), 0]
+        held[1] += 1
+    try:
+        yield d
+    finally:
+        with _HELD_GUARD:
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[key]
+                try:
+                    os.unlink(d / LOCK)  # while still held: a waiter that opened this file retries (see _acquire)
+                except OSError:
+                    pass
+                os.close(held[0])
 
 
 def default_out_dir() -> Path:
@@ -134,16 +232,67 @@ def _first_line(err: BaseException, limit: int = 160) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it is either the old file or the whole new one, also after a power loss:
+    the temp file is fsync'd before ``os.replace`` and the directory after it (as databases do).
+    On an ``OSError`` (disk full, read-only) the temp file is removed and the old file is untouched."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()  # serialised in memory: a full disk is then an OSError of our own write, not torch's
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+_WHAT = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
+         errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EIO: "I/O error"}
+
+
+def _regular(path: Path) -> bool:
+    """Whether ``path`` exists; :class:`RunDirError` if it is there but not a regular file (a FIFO would hang a read)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        raise RunDirError(f"{path}: cannot be read ({err.strerror or _first_line(err)})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RunDirError(f"{path}: not a regular file (a FIFO, device or directory); refused")
+    return True
+
+
+def _json(text: str) -> Any:
+    """``json.loads``; nesting too deep for Python (a ``RecursionError``) is a ``ValueError`` like any bad JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 _WRITERS: "weakref.WeakSet[RunWriter]" = weakref.WeakSet()
@@ -170,7 +319,21 @@ class RunWriter:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.closed = False
+        self.checkpoint_round: int | None = None  # the round of the checkpoint on disk (what a resume starts from)
         _WRITERS.add(self)
+
+    @contextmanager
+    def _writing(self, name: str):
+        """An ``OSError`` writing ``name`` (disk full, read-only...) becomes one line saying what is resumable."""
+        try:
+            yield
+        except OSError as err:
+            what = _WHAT.get(err.errno, err.strerror or _first_line(err))
+            if self.checkpoint_round is not None:
+                after = f"the run is resumable from round {self.checkpoint_round} (fedmeta simulate --resume {self.dir})"
+            else:
+                after = "no checkpoint was written yet, so there is nothing to resume"
+            raise RunDirError(f"{what} writing {self.dir / name}; {after}") from None
 
     def _check_open(self) -> None:
         if self.closed:
@@ -181,11 +344,13 @@ class RunWriter:
 
     def write_config(self, config: dict[str, Any]) -> None:
         self._check_open()
-        atomic_write_text(self.dir / CONFIG, json.dumps(config, indent=2) + "\n")
+        with self._writing(CONFIG):
+            atomic_write_text(self.dir / CONFIG, json.dumps(config, indent=2) + "\n")
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         self._check_open()
-        with open(self.dir / METRICS, "a") as f:
+        _regular(self.dir / METRICS)  # opening a FIFO to append would block forever
+        with self._writing(METRICS), open(self.dir / METRICS, "a") as f:
             f.write(json.dumps(_clean(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -193,14 +358,18 @@ class RunWriter:
     def read_metrics(self) -> list[dict[str, Any]]:
         """The records; a torn last line (the process died while appending it) is dropped."""
         path = self.dir / METRICS
-        if not path.exists():
+        if not _regular(path):
             return []
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise RunDirError(f"{path}: cannot be read ({_first_line(err)})") from None
+        lines = [line for line in text.splitlines() if line.strip()]
         records = []
         for i, line in enumerate(lines):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = _json(line)
+            except ValueError:
                 if i == len(lines) - 1:
                     break
                 raise RunDirError(f"{path}: line {i + 1} is not JSON (the file is corrupt)") from None
@@ -213,33 +382,43 @@ class RunWriter:
         """Keep only records of rounds <= ``last_round`` (those a checkpoint covers)."""
         self._check_open()
         kept = [r for r in self.read_metrics() if isinstance(r.get("round", 0), int) and r.get("round", 0) <= last_round]
-        atomic_write_text(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+        with self._writing(METRICS):
+            atomic_write_text(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         self._check_open()
-        atomic_torch_save(to_plain(state), self.dir / CHECKPOINT)
+        with self._writing(CHECKPOINT):
+            atomic_torch_save(to_plain(state), self.dir / CHECKPOINT)
+        if type(state.get("round")) is int:
+            self.checkpoint_round = state["round"]
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The checkpoint, or None if there is none; :class:`RunDirError` if it is unreadable or not a checkpoint."""
-        return load_checkpoint(self.dir / CHECKPOINT)
+        ckpt = load_checkpoint(self.dir / CHECKPOINT)
+        if ckpt is not None:
+            self.checkpoint_round = ckpt["round"]
+        return ckpt
 
     def save_model(self, state_dict: dict[str, torch.Tensor], meta_state: dict[str, torch.Tensor] | None = None) -> None:
         """``model.pt``: the model's meta-learned parameters; ``meta_state.pt``: the algorithm's extra meta-state, if any."""
         self._check_open()
         if meta_state:
-            atomic_torch_save({k: v.detach().cpu() for k, v in meta_state.items()}, self.dir / META_STATE)
-        atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, self.dir / MODEL)
+            with self._writing(META_STATE):
+                atomic_torch_save({k: v.detach().cpu() for k, v in meta_state.items()}, self.dir / META_STATE)
+        with self._writing(MODEL):
+            atomic_torch_save({k: v.detach().cpu() for k, v in state_dict.items()}, self.dir / MODEL)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self._check_open()
-        atomic_write_text(self.dir / SUMMARY, json.dumps(_clean(summary), indent=2) + "\n")
+        with self._writing(SUMMARY):
+            atomic_write_text(self.dir / SUMMARY, json.dumps(_clean(summary), indent=2) + "\n")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
     """Load ``checkpoint.pt`` with ``weights_only=True`` (no code runs) and check its shape."""
     path = Path(path)
-    if not path.exists():
+    if not _regular(path):  # torch.load of a FIFO would wait forever
         return None
     try:
         with warnings.catch_warnings():
@@ -310,11 +489,11 @@ def read_run_config(run_dir: str | Path, option: str = "--resume") -> dict[str, 
     path = d / CONFIG
     if not d.is_dir():
         raise RunDirError(f"{option} {d}: not a directory")
-    if not path.is_file():
+    if not _regular(path):
         raise RunDirError(f"{option} {d}: no {CONFIG} there (not a fedmeta run directory)")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = _json(path.read_text())
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
         raise RunDirError(f"{path}: not a readable JSON config ({_first_line(err)})") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise RunDirError(f"{path}: not a fedmeta config (expected an object of sections)")
@@ -338,6 +517,8 @@ def check_resume(run_dir: str | Path, cfg: Any, checkpoint_round: int | None = N
         saved = build_config(raw).to_dict()
     except ConfigError as err:
         raise RunDirError(f"{d / CONFIG}: {err}") from None
+    for name in RUN_FILES:
+        _regular(d / name)  # a FIFO, device or directory in place of a run file is refused, never opened
     if (d / SUMMARY).exists():
         raise RunDirError(f"{option} {d}: the run already finished ({SUMMARY} exists)")
     if checkpoint_round is None:

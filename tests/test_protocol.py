@@ -59,3 +59,74 @@ def test_a_tiny_study_tunes_on_validation_and_reports_other_seeds(tmp_path):
     before = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert protocol.main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == before
+
+
+# -- the run cache: reused only for exactly this config, one process per entry ---------------------------
+
+
+def _tiny():
+    from dataclasses import replace
+
+    study = replace(protocol.STUDIES["synthetic-methods"], rounds=1)
+    return study, protocol.Arm("reptile", "reptile")
+
+
+def _plant(cache, cfg_dict, acc=0.999):
+    """A planted cache entry: config.json as given, a summary.json no real run of 1 round gives."""
+    study, arm = _tiny()
+    sets = [f"meta.algorithm={arm.algorithm}", "data.seed=0", "simulation.seed=0", "simulation.rounds=1",
+            "simulation.eval_every=1", "output.progress=false"]
+    cfg = protocol.load_config(protocol.ROOT / study.config, sets)
+    out = cache / protocol.cache_key(cfg)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(cfg_dict(cfg.to_dict())))
+    (out / "summary.json").write_text(json.dumps({"heldout_acc_after": acc}))
+    (out / "metrics.jsonl").write_text(json.dumps({"round": 1, "heldout_acc_after": acc}) + "\n")
+    return study, arm, out
+
+
+def test_a_cached_run_of_exactly_this_config_is_reused(tmp_path):
+    study, arm, out = _plant(tmp_path, lambda d: d)
+    assert protocol._run(study, arm, [], 0, tmp_path, 1)["heldout_acc_after"] == 0.999
+
+
+@pytest.mark.parametrize("how", ["other-default", "missing-key", "no-config", "nested"])
+def test_a_cached_summary_of_another_config_is_never_reused(tmp_path, how):
+    def change(d):
+        if how == "other-default":  # a run made when a default was different: the key (no defaults) is the same
+            d["simulation"]["max_update_norm"] = 7.0
+        elif how == "missing-key":  # a run made before a config key existed
+            del d["simulation"]["max_update_norm"]
+        return d
+
+    study, arm, out = _plant(tmp_path, change)
+    if how == "no-config":
+        (out / "config.json").unlink()
+    if how == "nested":
+        (out / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    got = protocol._run(study, arm, [], 0, tmp_path, 1)
+    assert got["heldout_acc_after"] != 0.999  # the planted number is not reported: the run was made again
+    assert json.loads((out / "summary.json").read_text())["heldout_acc_after"] == got["heldout_acc_after"]
+    assert json.loads((out / "config.json").read_text())["simulation"]["max_update_norm"] == 1e4
+
+
+def test_a_cache_entry_held_by_another_process_is_waited_for(tmp_path, monkeypatch):
+    from fedmeta.results import RunDirError, run_dir_lock
+
+    study, arm, out = _plant(tmp_path, lambda d: d)
+    seen = {}
+    real = run_dir_lock
+
+    def spy(d, option="--out", create=True, wait=False):
+        seen.setdefault("calls", []).append((str(d), option, wait))
+        return real(d, option, create, wait)
+
+    monkeypatch.setattr("fedmeta.results.run_dir_lock", spy)
+    protocol._run(study, arm, [], 0, tmp_path, 1)
+    assert seen["calls"][0] == (str(out), "protocol cache entry", True)
+    # and the wait is a real exclusive lock: another process cannot take the entry meanwhile
+    import subprocess, sys
+    code = "import sys; from fedmeta.results import run_dir_lock\nwith run_dir_lock(sys.argv[1]): pass\n"
+    with real(out, "protocol cache entry", wait=True):
+        r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "in use by another fedmeta process" in r.stderr

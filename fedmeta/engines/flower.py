@@ -34,7 +34,7 @@ from fedmeta.federation import Params, Replies, RunError, run_federation
 from fedmeta.engines.messages import MetaStrategy
 from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
 from fedmeta.progress import round_printer
-from fedmeta.results import RunWriter, check_resume, close_writers, default_out_dir, prepare_out_dir
+from fedmeta.results import RunWriter, check_resume, close_writers, default_out_dir, prepare_out_dir, run_dir_lock
 
 log = logging.getLogger("fedmeta.server")
 CLIENT_APP = "clients.app:app"  # the Flower App's ClientApp component ([tool.flwr.app.components])
@@ -142,6 +142,11 @@ def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bo
     configure_torch(1)
     out = Path(out_dir or cfg.output.dir or default_out_dir())
     resume = cfg.output.resume if resume is None else resume
+    with run_dir_lock(out, "output.dir", create=not resume):  # one process per run directory (re-entrant in-process)
+        return _serve(grid, cfg, out, resume, progress)
+
+
+def _serve(grid: Grid, cfg: Config, out: Path, resume: bool, progress: bool | None) -> dict[str, Any]:
     if resume:  # the same rules as `fedmeta simulate --resume` (fedmeta/results.py::check_resume), before discovery
         check_resume(out, cfg, option="output.dir")
     else:
