@@ -1,0 +1,137 @@
+"""A researcher's first day (issue 19): honest summaries, early stop, node counts, console output."""
+
+import io
+import json
+import logging
+import re
+
+import pytest
+import torch
+from rich.console import Console
+
+from fedmeta.client import model_for
+from fedmeta.data import build_dataset
+from fedmeta.engines.sequential import SequentialBackend
+from fedmeta.federation import RunError, run_federation, summarise_eval
+from fedmeta.meta import params_of
+from fedmeta.results import RunWriter
+
+DP = ["privacy.enabled=true", "simulation.sampling=poisson", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.05", "meta.inner_lr=0.05"]
+
+
+def run(cfg, out, progress=None):
+    ds = build_dataset(cfg.data)
+    backend = SequentialBackend(cfg, ds)
+    return run_federation(cfg, backend, params_of(model_for(cfg, ds.spec)), RunWriter(out), progress=progress), backend
+
+
+def test_an_early_stop_evaluates_the_model_it_writes_and_says_why(small_cfg, tmp_path):
+    # eval_every=4: the budget stops the run after a round that was not evaluated
+    cfg = small_cfg(*DP, "simulation.rounds=20", "simulation.eval_every=4", "privacy.target_epsilon=8")
+    lines = []
+    summary, backend = run(cfg, tmp_path, progress=lines.append)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in records if not r.get("stopped")]
+    last = trained[-1]["round"]
+    assert last % 4 != 0, "the test needs a stop after an unevaluated round"
+    assert summary["status"] == "stopped_early" and summary["stopped_early"].startswith("privacy budget")
+    assert summary["stopped_at_round"] == summary["rounds_completed"] == last == summary["evaluated_round"]
+    # the reported held-out accuracy is model.pt's, evaluated now, not round (last // 4) * 4's
+    theta = torch.load(tmp_path / "model.pt")
+    fresh = summarise_eval(backend.evaluate(theta, backend.populations()[1], last), "heldout_")
+    assert summary["heldout_acc_after"] == pytest.approx(fresh["heldout_acc_after"], abs=1e-5)
+    assert summary["heldout_loss_after"] == pytest.approx(fresh["heldout_loss_after"], rel=1e-5)
+    # the console is told, with the round and the reason
+    assert lines[-1]["stopped"] == summary["stopped_early"] and lines[-1]["stopped_at_round"] == last
+    from fedmeta.progress import format_round
+
+    assert f"stopped early after round {last}/20" in format_round(lines[-1], 20)
+
+
+def test_a_completed_run_says_completed_and_states_chance(small_cfg, tmp_path):
+    summary, _ = run(small_cfg("data.num_classes=5"), tmp_path)
+    assert summary["status"] == "completed" and summary["task"] == "classification"
+    assert "heldout_mse_after_steps" not in summary  # never MSE on a classification task
+    assert summary["chance_acc"] == 0.2 and 0.2 <= summary["majority_acc"] <= 1
+    assert summary["evaluated_round"] == 3 and "startup_s" in summary
+    # no float32 noise on disk: at most 6 significant digits
+    text = (tmp_path / "summary.json").read_text()
+    for number in re.findall(r"-?\d+\.\d+(?:e[-+]?\d+)?", text):
+        assert len(number.split("e")[0].lstrip("-").replace(".", "").lstrip("0")) <= 6, number
+
+
+def test_a_regression_run_reports_mse_and_no_chance(small_cfg, tmp_path):
+    summary, _ = run(small_cfg("data.dataset=sine"), tmp_path)
+    assert summary["task"] == "regression" and "chance_acc" not in summary
+    assert set(summary["heldout_mse_after_steps"]) == {"1", "5", "10"}
+    assert all(isinstance(v, float) for v in summary["heldout_mse_after_steps"].values())
+
+
+def test_the_cli_final_line_states_status_and_chance(tmp_path, capsys):
+    from fedmeta.cli import main
+
+    sets = ["simulation.engine=sequential", "data.num_clients=10", "data.examples_per_client=20", "simulation.clients_per_round=3",
+            "simulation.rounds=2", "simulation.eval_every=2"]
+    assert main(["simulate", *[a for s in sets for a in ("--set", s)], "--out", str(tmp_path / "r")]) == 0
+    out, err = capsys.readouterr()
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("summary: status=completed") and "chance_acc=0.2000" in last
+    assert "building the population: 10 clients" in err  # said before anything slow starts
+    assert re.search(r"^round +2/2 \|.*held-out acc .* \| chance 0\.200$", err, re.M)
+
+
+class FakeGrid:
+    """Two SuperNodes, which never answer (enough for discovery to count them)."""
+
+    def get_node_ids(self):
+        return [11, 12]
+
+    def send_and_receive(self, messages, timeout=None):
+        return []
+
+
+def test_a_flower_run_with_fewer_supernodes_than_clients_is_refused(small_cfg, tmp_path):
+    from fedmeta.engines.flower import serve
+
+    cfg = small_cfg("simulation.round_timeout=0.5")  # data.num_clients=10
+    with pytest.raises(RunError) as err:
+        serve(FakeGrid(), cfg, tmp_path / "r")
+    msg = str(err.value)
+    assert "\n" not in msg and "data.num_clients: is 10, but 2 SuperNode(s) connected" in msg
+    assert 'num-supernodes=10' in msg and not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_fedmeta_hides_flowers_run_simulation_deprecation_but_not_others():
+    from flwr.supercore.logger import warn_deprecated_feature
+
+    from fedmeta.engines.flower import _NotForTheUser
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.addHandler(handler)
+    f = _NotForTheUser()
+    flwr_log.addFilter(f)
+    try:
+        warn_deprecated_feature("The `run_simulation` function is deprecated and will be removed")
+        warn_deprecated_feature("something the user did")
+    finally:
+        flwr_log.removeFilter(f)
+        flwr_log.removeHandler(handler)
+    assert len(seen) == 1 and "something the user did" in seen[0]
+
+
+def test_piped_round_lines_never_wrap_and_carry_an_eta():
+    from fedmeta.progress import RoundProgress
+
+    buf = io.StringIO()
+    show = RoundProgress(3, Console(file=buf, width=40, highlight=False, soft_wrap=True))
+    record = {"round": 1, "clients": 3, "replies": 3, "train_loss": 1.0, "heldout_acc_before": 0.2, "heldout_acc_after": 0.5,
+              "heldout_loss_before": 2.0, "heldout_loss_after": 1.0, "epsilon": 1.5, "delta": 1e-5}
+    show(record)
+    show(record | {"round": 2})
+    show(record | {"round": 3})
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 3 and all(len(line) > 40 for line in lines)  # one record per line, wider than the console
+    assert "held-out acc 0.200 -> 0.500" in lines[0] and " eta " in lines[0] and " eta " not in lines[2]
