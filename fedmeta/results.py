@@ -30,7 +30,8 @@ import torch
 
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt"
 META_STATE = "meta_state.pt"
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, META_STATE)  # everything a run writes (plus .NAME.tmp)
+CURVES = "curves.png"  # written by `fedmeta simulate` at the end (fedmeta/plot.py)
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, META_STATE, CURVES)  # everything a run writes (plus .NAME.tmp)
 
 # Keys a resumed run may change, each with the reason it cannot change the maths
 # of the rounds already taken (docs/design.md, "Run directories and resume rules").

@@ -135,3 +135,80 @@ def test_piped_round_lines_never_wrap_and_carry_an_eta():
     lines = buf.getvalue().splitlines()
     assert len(lines) == 3 and all(len(line) > 40 for line in lines)  # one record per line, wider than the console
     assert "held-out acc 0.200 -> 0.500" in lines[0] and " eta " in lines[0] and " eta " not in lines[2]
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib figure saved during the test (still drawn, also written)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figures = []
+    real = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        figures.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return figures
+
+
+def test_fedmeta_simulate_draws_curves_and_fedmeta_plot_draws_several_runs(small_cfg, tmp_path, capsys, saved_figures):
+    from fedmeta.cli import main
+
+    a, _ = run(small_cfg(), tmp_path / "a")
+    b, _ = run(small_cfg(*DP, "simulation.rounds=4"), tmp_path / "b")
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "both.png")]) == 0
+    assert (tmp_path / "both.png").stat().st_size > 10_000
+    fig = saved_figures[-1]
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("test clients (held-out): accuracy") and any("ε" in t for t in titles)
+    assert fig.axes[0].get_ylim() == (0.0, 1.0)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "a: after adaptation" in labels and "b: before adaptation" in labels and "chance 0.200" in labels
+    # one line, exit 2, for what is not a run
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip() == f"fedmeta: plot {tmp_path / 'missing'}: not a directory"
+    # the CLI writes RUN/curves.png at the end of every simulate
+    sets = ["simulation.engine=sequential", "data.num_clients=10", "data.examples_per_client=20", "simulation.clients_per_round=3",
+            "simulation.rounds=2", "output.progress=false"]
+    assert main(["simulate", *[x for s in sets for x in ("--set", s)], "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "curves.png").is_file()
+    assert main(["simulate", *[x for s in sets for x in ("--set", s)], "--out", str(tmp_path / "c"), "--overwrite"]) == 0
+
+
+def test_the_sweep_plot_has_an_honest_axis_and_one_seed_has_no_interval(tmp_path, saved_figures):
+    from fedmeta.sweep import write_outputs
+
+    common = {"clients": 10, "clients_per_round": 3, "rounds": 2, "heldout_acc_before": 0.2, "chance_acc": 0.2, "wall_s": 1.0, "seed": 0}
+    rows = [
+        {"setting": "nonprivate", "noise_multiplier": None, "clip_norm": None, "epsilon": None, "delta": None, "heldout_acc_after": 0.589, **common},
+        {"setting": "z1-C1", "noise_multiplier": 1.0, "clip_norm": 1.0, "epsilon": 3.0, "delta": 1e-5, "heldout_acc_after": 0.586, **common},
+        {"setting": "z2-C1", "noise_multiplier": 2.0, "clip_norm": 1.0, "epsilon": 1.0, "delta": 1e-5, "heldout_acc_after": 0.5895, **common},
+    ]
+    table = write_outputs(rows, tmp_path, 1.0)
+    assert "± 0.000" not in table and "0.586 (1 seed, no interval)" in table
+    ax = saved_figures[-1].axes[0]
+    low, high = ax.get_ylim()
+    assert high == 1.0 and low <= 0.2  # chance to 1, not 0.586..0.5895
+    assert any("1 seed, no interval" in label for label in ax.get_legend_handles_labels()[1])
+
+
+def test_compare_warns_about_fedavg_with_an_adam_server_and_titles_its_figure(tmp_path, saved_figures):
+    from experiments.compare import _curves, known_divergence
+    from fedmeta.config import build_config
+
+    assert "diverge" in known_divergence(build_config(None, ["meta.algorithm=fedavg", "meta.server_optimizer=adam"]))
+    assert known_divergence(build_config(None, ["meta.algorithm=reptile", "meta.server_optimizer=adam"])) is None
+    run_dir = tmp_path / "main" / "reptile-seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"round": r, "heldout_loss_after": 2.0 / r}) + "\n" for r in (1, 2, 3)))
+    _curves(tmp_path, {"main": []}, ["reptile"], [0], regression=True, dataset="sine")
+    ax = saved_figures[-1].axes[0]
+    assert ax.get_title() == "sine: methods compared" and ax.get_yscale() == "log"
+    saved_figures[-1].canvas.draw()
+    ticks = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert ticks and all("$" not in t and "^" not in t for t in ticks)  # plain numbers, not 10^k mathtext
