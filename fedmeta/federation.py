@@ -26,7 +26,7 @@ from fedmeta.meta.aggregate import aggregate, weighted_average
 from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
 from fedmeta.meta.outer import ServerAdam, apply_step, difference
-from fedmeta.results import CHECKPOINT, CONFIG, RunWriter, check_resume, read_run_config
+from fedmeta.results import CHECKPOINT, CONFIG, SUMMARY, RunWriter, check_resume, read_run_config
 
 log = logging.getLogger("fedmeta")
 SAMPLE_STREAM, NOISE_STREAM, HELDOUT_STREAM, VALIDATION_STREAM = 11, 12, 13, 14
@@ -238,6 +238,7 @@ def run_federation(
         started -= float(ckpt.get("elapsed_s", 0.0))
         if record != read_run_config(writer.dir):  # e.g. simulation.rounds raised: config.json says so
             writer.write_config(record)
+        (writer.dir / SUMMARY).unlink(missing_ok=True)  # extending a finished run: it is unfinished until the new end
     else:
         writer.write_config(cfg.to_dict())
         if (writer.dir / "metrics.jsonl").exists():

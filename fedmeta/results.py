@@ -322,12 +322,25 @@ def read_run_config(run_dir: str | Path, option: str = "--resume") -> dict[str, 
     return data
 
 
+def _check_extension(d: Path, option: str, old_r: int, new_r: int) -> None:
+    """A finished run continues only if it completed normally and ``simulation.rounds`` is raised."""
+    try:
+        status = json.loads((d / SUMMARY).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "stopped_early":
+        raise RunDirError(f"{option} {d}: the run stopped early ({SUMMARY}: stopped_early); it cannot be extended")
+    if new_r <= old_r:
+        raise RunDirError(f"{option} {d}: the run already finished ({SUMMARY} exists); to extend it, raise simulation.rounds above {old_r}")
+
+
 def check_resume(run_dir: str | Path, cfg: Any, checkpoint_round: int | None = None, option: str = "--resume") -> dict[str, Any]:
     """Check that ``cfg`` may continue the run in ``run_dir``; return the config to record in its ``config.json``.
 
     Every key must equal the one in ``run_dir/config.json`` except those in
-    :data:`RESUMABLE`; ``simulation.rounds`` may only be raised. The run must
-    not be finished and must have a loadable checkpoint (loaded here unless
+    :data:`RESUMABLE`; ``simulation.rounds`` may only be raised. A finished run
+    (``summary.json``) may continue only if it completed and ``simulation.rounds``
+    is raised (extending it from its final checkpoint). The run must have a loadable checkpoint (loaded here unless
     ``checkpoint_round`` is given). Used by ``fedmeta simulate --resume``, by
     the ServerApp with ``output.resume = true`` and by the round loop itself.
     """
@@ -339,8 +352,7 @@ def check_resume(run_dir: str | Path, cfg: Any, checkpoint_round: int | None = N
         saved = build_config(raw).to_dict()
     except ConfigError as err:
         raise RunDirError(f"{d / CONFIG}: {err}") from None
-    if (d / SUMMARY).exists():
-        raise RunDirError(f"{option} {d}: the run already finished ({SUMMARY} exists)")
+    finished = (d / SUMMARY).exists()  # a finished run may be extended: simulation.rounds raised (checked below)
     if checkpoint_round is None:
         ckpt = load_checkpoint(d / CHECKPOINT)
         if ckpt is None:
@@ -355,6 +367,8 @@ def check_resume(run_dir: str | Path, cfg: Any, checkpoint_round: int | None = N
         allowed = ", ".join(k for k in RESUMABLE if k not in _NOT_RECORDED)
         raise RunDirError(f"{option} {d}: {what} differ from {CONFIG}; a resumed run may change only {allowed}")
     old_r, new_r = old_flat["simulation.rounds"], new_flat["simulation.rounds"]
+    if finished:
+        _check_extension(d, option, old_r, new_r)
     if new_r < old_r:
         raise RunDirError(f"{option} {d}: simulation.rounds: may only be raised on resume ({CONFIG} has {old_r}, got {new_r})")
     if new_r < checkpoint_round:

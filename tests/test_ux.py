@@ -212,3 +212,27 @@ def test_compare_warns_about_fedavg_with_an_adam_server_and_titles_its_figure(tm
     saved_figures[-1].canvas.draw()
     ticks = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
     assert ticks and all("$" not in t and "^" not in t for t in ticks)  # plain numbers, not 10^k mathtext
+
+
+def test_a_finished_run_is_extended_by_raising_rounds_keeping_epsilon(tmp_path, capsys):
+    from fedmeta.cli import main
+    from fedmeta.privacy import compute_epsilon
+
+    sets = ["simulation.engine=sequential", "data.num_clients=10", "data.examples_per_client=20", "simulation.clients_per_round=3",
+            "simulation.rounds=3", "output.progress=false", *DP]
+    out = tmp_path / "k10"
+    assert main(["simulate", *[x for s in sets for x in ("--set", s)], "--out", str(out)]) == 0
+    capsys.readouterr()
+    # the README command, as given: a finished run, more rounds
+    assert main(["simulate", "--resume", str(out), "--set", "simulation.rounds=5"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 5 and summary["status"] == "completed"
+    # the accountant continued from round 3's state: epsilon is that of 5 rounds, not 2
+    assert records[-1]["epsilon"] == pytest.approx(compute_epsilon(1.0, 3 / 8, 5, 1e-5, "pld"), rel=1e-6)
+    assert json.loads((out / "config.json").read_text())["simulation"]["rounds"] == 5
+    # not raising the rounds is refused in one line, and says how to extend
+    assert main(["simulate", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fedmeta: --resume {out}: the run already finished (summary.json exists); to extend it, raise simulation.rounds above 5"
