@@ -236,3 +236,15 @@ def test_a_finished_run_is_extended_by_raising_rounds_keeping_epsilon(tmp_path, 
     assert main(["simulate", "--resume", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"fedmeta: --resume {out}: the run already finished (summary.json exists); to extend it, raise simulation.rounds above 5"
+
+
+def test_the_protocol_without_optuna_names_the_extra_in_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    from experiments import protocol
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    assert protocol.main(["avdigits-methods"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and 'needs optuna (not installed)' in err and 'pip install -e ".[experiments]"' in err
