@@ -392,4 +392,9 @@ def build_summary(cfg: Config, backend: Backend, server: Server, history: list[d
         summary["stopped_at_round"] = stop.get("stopped_at_round", stop["round"] - 1)
     if server.privacy is not None:
         summary.update(server.privacy.report())
-    return round_floats(summary)
+    summary = round_floats(summary)
+    if spec is not None:  # what fedmeta.load_run rebuilds the model from, without the data
+        from fedmeta.data.base import spec_to_dict
+
+        summary["data_spec"] = spec_to_dict(spec)
+    return summary

@@ -248,3 +248,23 @@ def test_the_protocol_without_optuna_names_the_extra_in_one_line(monkeypatch, ca
     assert protocol.main(["avdigits-methods"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and 'needs optuna (not installed)' in err and 'pip install -e ".[experiments]"' in err
+
+
+def test_load_run_gives_config_spec_and_the_trained_model(small_cfg, tmp_path):
+    import fedmeta
+    from fedmeta.client import evaluate_client
+    from fedmeta.results import RunDirError
+
+    summary, backend = run(small_cfg(), tmp_path / "r")
+    cfg, spec, model = fedmeta.load_run(tmp_path / "r")
+    assert cfg == small_cfg() and spec == backend.spec
+    saved = torch.load(tmp_path / "r" / "model.pt")
+    assert all(torch.equal(p, saved[k]) for k, p in model.named_parameters())
+    # the loaded model reproduces the summary's held-out accuracy
+    ds = backend.dataset
+    theta = dict(model.named_parameters())
+    fresh = summarise_eval(type("R", (), {"results": [(c, evaluate_client(model, theta, ds.client(c), cfg, spec, 3, c)) for c in ds.heldout_clients]})(), "heldout_")
+    assert fresh["heldout_acc_after"] == pytest.approx(summary["heldout_acc_after"], abs=1e-5)
+    with pytest.raises(RunDirError, match=r"load_run .*: no model.pt there \(the run has not finished"):
+        (tmp_path / "r" / "model.pt").unlink()
+        fedmeta.load_run(tmp_path / "r")
