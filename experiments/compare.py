@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -123,7 +124,7 @@ def plot_band(ax, series: list[dict[int, float]], label: str, alpha: float = 0.1
     ax.fill_between(rounds, mean - std, mean + std, alpha=alpha)
 
 
-def _curves(out: Path, variants: list[str], methods: list[str], seeds: list[int], regression: bool) -> None:
+def _curves(out: Path, variants: dict[str, list[str]], methods: list[str], seeds: list[int], regression: bool, dataset: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,16 +142,31 @@ def _curves(out: Path, variants: list[str], methods: list[str], seeds: list[int]
                 recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
                 series.append({r["round"]: r[key] for r in recs if r.get(key) is not None})
             plot_band(ax, series, method, alpha=0.2)
-        ax.set_title(variant)
+        extra = " ".join(variants[variant])
+        ax.set_title(f"{dataset}: {'methods compared' if variant == 'main' else variant}" + (f"\n({extra})" if extra else ""), fontsize=10)
         ax.set_xlabel("round")
         ax.set_ylabel("held-out MSE after adaptation" if regression else "held-out accuracy after adaptation")
         if regression:
-            ax.set_yscale("log")
+            from matplotlib import ticker
+
+            ax.set_yscale("log")  # plain numbers at 1, 2, 5 x 10^k: readable without decoding exponents
+            ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle(f"held-out clients after adaptation: mean ± std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
+
+
+def known_divergence(cfg) -> str | None:
+    """A reason the method's setting is known to diverge, or None (said before anything runs)."""
+    if cfg.meta.algorithm in ("fedavg", "fedavg_ft") and cfg.meta.server_optimizer == "adam":
+        return (f"FedAvg takes its server step at beta = 1, so meta.server_optimizer=adam makes Adam steps of size 1, which diverge; "
+                f"add --method-set {cfg.meta.algorithm}:meta.server_optimizer=sgd")
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,10 +201,16 @@ def main(argv: list[str] | None = None) -> None:
                 overrides = args.set + vsets + per_method[method] + [
                     f"meta.algorithm={method}", f"data.seed={seed}", f"simulation.seed={seed}",
                     f"simulation.engine='{args.engine}'", "output.progress=false"]
-                load_config(args.config, overrides)  # validate everything before running anything
+                run_cfg = load_config(args.config, overrides)  # validate everything before running anything
+                if seed == args.seeds[0]:
+                    warning = known_divergence(run_cfg)
+                    if warning:
+                        print(f"compare: warning: {method}{f' ({variant})' if len(variants) > 1 else ''}: {warning}", file=sys.stderr, flush=True)
                 jobs.append((args.config, overrides, str(out / variant / f"{method}-seed{seed}")))
                 keys.append((variant, method, seed))
 
+    print(f"compare: {len(jobs)} runs ({len(args.methods)} methods x {len(args.seeds)} seeds x {len(variants)} variants), "
+          f"{max(1, args.jobs)} at a time, into {out}; one line per finished run", file=sys.stderr, flush=True)
     start = time.time()
     results: dict[str, dict[str, list[dict]]] = {v: {m: [] for m in args.methods} for v in variants}
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
@@ -205,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     lines.append(f"Total wall time: {time.time() - start:.0f} s (runs reused from earlier invocations count as 0).")
     (out / "results.json").write_text(json.dumps({"command": argv, "results": results}, indent=2))
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    _curves(out, list(variants), args.methods, args.seeds, regression)
+    _curves(out, variants, args.methods, args.seeds, regression, cfg.data.dataset)
     print("\n".join(lines))
 
 

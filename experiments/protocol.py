@@ -411,6 +411,13 @@ def _chosen_from(ref: str) -> dict:
     return arms[arm_name]["chosen"]
 
 
+def missing_extras() -> list[str]:
+    """The optional packages the protocol needs (Optuna tunes, SciPy's t quantiles) that are not installed."""
+    import importlib.util
+
+    return [m for m in ("optuna", "scipy") if importlib.util.find_spec(m) is None]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("study", nargs="?", choices=sorted(STUDIES))
@@ -442,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--trials must be >= 1 and --seeds >= 2 (a confidence interval needs two seeds)")
     arms = [a for a in study.arms if args.arms is None or a.name in args.arms]
     load_config(ROOT / study.config, [])  # a bad config: one line before anything runs
+    missing = missing_extras()
+    if missing:
+        print(f"experiments.protocol: needs {' and '.join(missing)} (not installed); install them with "
+              "pip install -e \".[experiments]\" (or \".[dev]\")", file=sys.stderr)
+        return 2
     start = time.time()
     results: dict[str, dict] = {}
     # phase 1: tuned arms and arms taking another study's setting; phase 2: arms taking a setting tuned here

@@ -117,34 +117,49 @@ def make_backend(cfg: Config, dataset):
 
 def run(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run ``cfg`` on its configured engine, writing into ``out_dir``; returns the summary."""
-    from fedmeta.components import check_components
+    import time
 
+    from fedmeta.components import check_components
+    from fedmeta.progress import round_printer, status
+
+    launched = time.time()
     check_components(cfg)
     with run_dir_lock(out_dir, "out", create=not resume):  # re-entrant: already held when called by simulate / the CLI
-        return _run(cfg, Path(out_dir), resume, progress)
+        return _run(cfg, Path(out_dir), resume, progress, launched)
 
 
-def _run(cfg: Config, out_dir: Path, resume: bool, progress: bool) -> dict[str, Any]:
+def _run(cfg: Config, out_dir: Path, resume: bool, progress: bool, launched: float) -> dict[str, Any]:
     from fedmeta.client import configure_torch, model_for
+    from fedmeta.progress import round_printer, status
 
     if cfg.simulation.engine == "flower":
         from fedmeta.engines.flower import simulate_flower
 
-        return simulate_flower(cfg, out_dir, resume=resume, progress=progress)
+        return simulate_flower(cfg, out_dir, resume=resume, progress=progress, launched_at=launched)
 
     from fedmeta.data import build_dataset
     from fedmeta.federation import run_federation
     from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
-    from fedmeta.progress import round_printer
 
+    if progress:
+        status(f"building the population: {cfg.data.num_clients} clients of dataset {cfg.data.dataset!r} ({cfg.simulation.engine} engine)")
     dataset = build_dataset(cfg.data, cfg.model.modalities)
     backend = make_backend(cfg, dataset)
     configure_torch(1)
     theta0 = initial_meta_parameters(model_for(cfg, dataset.spec), algorithm_for(cfg))
-    show = round_printer(cfg.simulation.rounds) if progress else None
+    show = round_printer(cfg.simulation.rounds, chance=chance_of(dataset.spec)) if progress else None
+    if progress:
+        status(f"{'resuming' if resume else 'starting'} {cfg.simulation.rounds} rounds of {cfg.meta.algorithm} into {out_dir}")
     try:
-        return run_federation(cfg, backend, theta0, RunWriter(out_dir), resume=resume, progress=show)
+        return run_federation(cfg, backend, theta0, RunWriter(out_dir), resume=resume, progress=show, launched_at=launched)
     finally:
+        if show is not None:
+            show.close()
         close = getattr(backend, "close", None)  # the Ray workers' backend stops its actors (and its private Ray)
         if close is not None:
             close()
+
+
+def chance_of(spec: Any) -> float | None:
+    """1 / num_classes for a classification spec, else None."""
+    return 1.0 / spec.num_classes if spec is not None and spec.task == "classification" and spec.num_classes > 0 else None

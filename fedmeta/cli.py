@@ -74,9 +74,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             prepare_out_dir(out, overwrite=args.overwrite, option=option)  # before anything starts (Ray included)
             args.run_dir = out
             summary = run_simulation(cfg, out, resume=False, progress=cfg.output.progress)
-    keys = [k for k in ("heldout_acc_before", "heldout_acc_after", "heldout_loss_before", "heldout_loss_after", "epsilon") if summary.get(k) is not None]
     print(f"run written to {out}")
-    print("summary: " + ", ".join(f"{k}={summary[k]:.4f}" for k in keys))
+    try:
+        from fedmeta.plot import CURVES, plot_runs
+
+        plot_runs([out], out / CURVES)
+        print(f"curves: {out / CURVES}")
+    except Exception as err:  # noqa: BLE001 - a figure never fails a finished run
+        print(f"fedmeta: curves not drawn ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); try fedmeta plot {out}", file=sys.stderr)
+    print(summary_line(summary))
     return 0
 
 
@@ -89,6 +95,14 @@ def _interrupted(run_dir: Path | None) -> str:
     if run_files(run_dir):
         return f"interrupted before the first checkpoint; nothing to resume in {run_dir} (start again with --out {run_dir} --overwrite)"
     return f"interrupted before the first round; nothing to resume in {run_dir}"
+def summary_line(summary: dict) -> str:
+    """The final console line: status (and why a run stopped early), the final evaluation, chance level, ε."""
+    keys = [k for k in ("heldout_acc_before", "heldout_acc_after", "heldout_loss_before", "heldout_loss_after", "chance_acc", "majority_acc", "epsilon")
+            if isinstance(summary.get(k), (int, float))]
+    head = f"summary: status={summary.get('status')}"
+    if summary.get("status") == "stopped_early":
+        head += f" at round {summary.get('stopped_at_round')}/{summary.get('rounds_planned')} ({summary.get('stopped_early')})"
+    return ", ".join([head, *(f"{k}={summary[k]:.4f}" for k in keys)])
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("fedmeta.privacy.cli", "fedmeta.data.cli", "fedmeta.bench", "fedmeta.sweep")
+MODULES = ("fedmeta.privacy.cli", "fedmeta.data.cli", "fedmeta.bench", "fedmeta.sweep", "fedmeta.plot")
 
 
 def register_all(subparsers) -> None:

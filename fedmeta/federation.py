@@ -26,7 +26,7 @@ from fedmeta.meta.aggregate import aggregate, weighted_average
 from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
 from fedmeta.meta.outer import ServerAdam, apply_step, difference
-from fedmeta.results import CHECKPOINT, CONFIG, RunWriter, check_resume, read_run_config
+from fedmeta.results import CHECKPOINT, CONFIG, SUMMARY, RunWriter, check_resume, read_run_config
 
 log = logging.getLogger("fedmeta")
 SAMPLE_STREAM, NOISE_STREAM, HELDOUT_STREAM, VALIDATION_STREAM = 11, 12, 13, 14
@@ -262,8 +262,13 @@ def run_federation(
     writer: RunWriter,
     resume: bool = False,
     progress: Any | None = None,
+    launched_at: float | None = None,
 ) -> dict[str, Any]:
-    """Drive ``cfg.simulation.rounds`` rounds on ``backend``; returns the summary (also written to disk)."""
+    """Drive ``cfg.simulation.rounds`` rounds on ``backend``; returns the summary (also written to disk).
+
+    ``launched_at``: when the command started (``time.time()``), so that the summary's ``startup_s``
+    counts what came before the first round (Ray, building the population, discovering nodes).
+    """
     train_pop, heldout_pop = backend.populations()
     # validation clients (optional): evaluated beside the test clients under "val_" keys, to choose settings on
     val_pop = list(getattr(backend, "validation_population", list)())
@@ -281,6 +286,7 @@ def run_federation(
     server = Server(cfg, theta0, len(train_pop))
     start_round, history = 1, []
     started = time.time()
+    startup = started - launched_at if launched_at is not None else 0.0
     if resume:  # the rules: fedmeta/results.py::check_resume, docs/design.md "Run directories and resume rules"
         ckpt = writer.load_checkpoint()  # weights_only: plain data, no code runs
         if ckpt is None:
@@ -295,6 +301,7 @@ def run_federation(
         started -= float(ckpt.get("elapsed_s", 0.0))
         if record != read_run_config(writer.dir):  # e.g. simulation.rounds raised: config.json says so
             writer.write_config(record)
+        (writer.dir / SUMMARY).unlink(missing_ok=True)  # extending a finished run: it is unfinished until the new end
     else:
         writer.write_config(cfg.to_dict())
         if (writer.dir / "metrics.jsonl").exists():
@@ -343,8 +350,7 @@ def run_federation(
                 applied = True
                 break
         if "stopped" in record:
-            writer.append_metrics(record)
-            history.append(record)
+            history.append(record)  # written after the loop, with the final evaluation
             break
         # private: failures and rejected count held-out/validation evaluation only (the cohort's would reveal its size)
         record.update({"failures": 0 if private else failures, "rejected": 0 if private else rejected, "skipped": not applied})
@@ -355,14 +361,7 @@ def run_federation(
             if applied and not private:  # the training cohort's own loss/accuracy: un-noised, so not in a private run
                 cohort_replies = backend.evaluate(server.theta, cohort, rnd)
                 record.update(_counted(record, rnd, cohort_replies, summarise_eval(cohort_replies)))
-            for prefix, group, stream in (("heldout_", heldout_pop, HELDOUT_STREAM), ("val_", val_pop, VALIDATION_STREAM)):
-                if not group:
-                    continue
-                if cfg.simulation.eval_clients and cfg.simulation.eval_clients < len(group):
-                    picks = _rng(cfg, stream, rnd).choice(len(group), cfg.simulation.eval_clients, replace=False)
-                    group = sorted(group[i] for i in picks)
-                group_replies = backend.evaluate(server.theta, group, rnd)
-                record.update(_counted(record, rnd, group_replies, summarise_eval(group_replies, prefix)))
+            evaluate_groups(cfg, backend, server.theta, rnd, heldout_pop, val_pop, record)
             last_eval = record
         record["time_s"] = time.time() - t0
         writer.append_metrics(record)
@@ -372,7 +371,19 @@ def run_federation(
         if rnd % cfg.output.checkpoint_every == 0 or rnd == R:
             writer.save_checkpoint({"round": rnd, "server": server.state_dict(), "elapsed_s": time.time() - started, "config": cfg.to_dict()})
 
-    summary = build_summary(cfg, backend, server, history, last_eval, time.time() - started)
+    stop = history[-1] if history and history[-1].get("stopped") else None
+    if stop is not None:  # stopped early: evaluate the model that model.pt will hold, not an older round's
+        stop["stopped_at_round"] = stop["round"] - 1  # the last round whose step was applied
+        if last_eval.get("round") != stop["stopped_at_round"]:
+            stop["evaluated_round"] = stop["stopped_at_round"]
+            evaluate_groups(cfg, backend, server.theta, stop["stopped_at_round"], heldout_pop, val_pop, stop)
+            last_eval = stop
+        writer.append_metrics(stop)
+        if progress is not None:
+            progress(stop)
+        else:
+            log.warning("stopped early after round %d/%d: %s", stop["stopped_at_round"], R, stop["stopped"])
+    summary = build_summary(cfg, backend, server, history, last_eval, time.time() - started, startup)
     writer.save_model(model_params(server.theta), extra_params(server.theta))
     writer.write_summary(summary)
     return summary
@@ -382,33 +393,93 @@ def _counted(record: dict[str, Any], rnd: int, replies: Replies, summary: dict[s
     """Count an evaluation's failures and rejected (or left-out) replies in ``record`` and log each; returns ``summary``."""
     for reason in replies.rejected:
         log.warning("round %s: evaluation: %s", rnd, reason)
-    record["failures"] += replies.failures
-    record["rejected"] += len(replies.rejected)
+    record["failures"] = record.get("failures", 0) + replies.failures
+    record["rejected"] = record.get("rejected", 0) + len(replies.rejected)
     return summary
 
 
 def build_summary(cfg: Config, backend: Backend, server: Server, history: list[dict], last_eval: dict, wall: float) -> dict[str, Any]:
+def evaluate_groups(cfg: Config, backend: Backend, theta: Params, rnd: int, heldout_pop: list[int], val_pop: list[int], record: dict[str, Any]) -> None:
+    """Evaluate ``theta`` on the held-out (``heldout_``) and validation (``val_``) clients into ``record``."""
+    for prefix, group, stream in (("heldout_", heldout_pop, HELDOUT_STREAM), ("val_", val_pop, VALIDATION_STREAM)):
+        if not group:
+            continue
+        if cfg.simulation.eval_clients and cfg.simulation.eval_clients < len(group):
+            picks = _rng(cfg, stream, rnd).choice(len(group), cfg.simulation.eval_clients, replace=False)
+            group = sorted(group[i] for i in picks)
+        group_replies = backend.evaluate(theta, group, rnd)
+        record.update(_counted(record, rnd, group_replies, summarise_eval(group_replies, prefix)))
+
+
+def chance_level(backend: Backend, heldout_pop: list[int], limit: int = 2000) -> dict[str, float]:
+    """Baselines of a classification task: ``chance_acc`` (1/num_classes) and, where the backend holds the data
+    in this process and there are at most ``limit`` held-out clients, ``majority_acc``: the accuracy of always
+    predicting the most frequent class of the held-out query sets (pooled, as accuracies are weighted)."""
+    spec = getattr(backend, "spec", None)
+    if spec is None or spec.task != "classification" or spec.num_classes < 1:
+        return {}
+    out = {"chance_acc": 1.0 / spec.num_classes}
+    dataset = getattr(backend, "dataset", None)
+    if dataset is not None and heldout_pop and len(heldout_pop) <= limit:
+        try:
+            counts = torch.zeros(spec.num_classes, dtype=torch.long)
+            for cid in heldout_pop:
+                data = dataset.client(cid)
+                counts += torch.bincount(data.y[data.n_support:].long().flatten(), minlength=spec.num_classes)[: spec.num_classes]
+            if counts.sum() > 0:
+                out["majority_acc"] = float(counts.max()) / float(counts.sum())
+        except Exception:  # noqa: BLE001 - a baseline is a courtesy; an odd dataset never stops the summary
+            log.debug("majority-class rate not computed", exc_info=True)
+    return out
+
+
+def round_floats(value: Any, digits: int = 6) -> Any:
+    """``value`` with every float rounded to ``digits`` significant digits (no float32 noise in summary.json)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {k: round_floats(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [round_floats(v, digits) for v in value]
+    return value
+
+
+def build_summary(cfg: Config, backend: Backend, server: Server, history: list[dict], last_eval: dict, wall: float, startup: float = 0.0) -> dict[str, Any]:
+    """The run's summary.json: status (``completed`` or ``stopped_early``), the final evaluation, baselines, totals."""
     final = {k: v for k, v in last_eval.items() if k.startswith(("heldout_", "val_", "loss_", "acc_"))}
+    stop = next((r for r in history if r.get("stopped")), None)
+    spec = getattr(backend, "spec", None)
+    acc = last_eval.get("heldout_acc_after")
+    regression = spec.task == "regression" if spec is not None else (acc is None or not math.isfinite(acc))
     summary: dict[str, Any] = {
-        "status": "completed",
+        "status": "stopped_early" if stop else "completed",
         "engine": backend.name,
         "algorithm": cfg.meta.algorithm,
         "dataset": cfg.data.dataset,
+        "task": "regression" if regression else "classification",
         "rounds_completed": max((r["round"] for r in history if not r.get("stopped")), default=0),
         "rounds_planned": cfg.simulation.rounds,
+        "evaluated_round": last_eval.get("evaluated_round", last_eval.get("round")),
         "num_parameters": int(sum(v.numel() for v in model_params(server.theta).values())),  # the model's, not extra meta-state
         "failures": int(sum(r.get("failures", 0) for r in history)),
         "rejected": int(sum(r.get("rejected", 0) for r in history)),
         "skipped_rounds": int(sum(1 for r in history if r.get("skipped"))),
-        "wall_time_s": wall,
+        "wall_time_s": wall,  # the rounds only (a resumed run adds the earlier sessions' rounds)
+        "startup_s": startup,  # from the command's start to round 1: Ray, the population, node discovery
         **final,
     }
-    acc = last_eval.get("heldout_acc_after")
-    if acc is None or not math.isfinite(acc):  # regression: report the adaptation curve as MSE
+    if regression:  # the adaptation curve as MSE (built-in regression tasks use the MSE loss)
         summary["heldout_mse_after_steps"] = {str(s): last_eval.get(f"heldout_loss_at_{s}") for s in (1, 5, 10)}
-    stopped = next((r["stopped"] for r in history if r.get("stopped")), None)
-    if stopped:
-        summary["stopped_early"] = stopped
+    else:
+        summary.update(chance_level(backend, backend.populations()[1]))
+    if stop:
+        summary["stopped_early"] = stop["stopped"]  # the reason, e.g. "privacy budget: ..."
+        summary["stopped_at_round"] = stop.get("stopped_at_round", stop["round"] - 1)
     if server.privacy is not None:
         summary.update(server.privacy.report())
+    summary = round_floats(summary)
+    if spec is not None:  # what fedmeta.load_run rebuilds the model from, without the data
+        from fedmeta.data.base import spec_to_dict
+
+        summary["data_spec"] = spec_to_dict(spec)
     return summary

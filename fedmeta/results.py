@@ -36,7 +36,8 @@ import torch
 
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt"
 META_STATE = "meta_state.pt"
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, META_STATE)  # everything a run writes (plus .NAME.tmp)
+CURVES = "curves.png"  # written by `fedmeta simulate` at the end (fedmeta/plot.py)
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, META_STATE, CURVES)  # everything a run writes (plus .NAME.tmp)
 
 # Keys a resumed run may change, each with the reason it cannot change the maths
 # of the rounds already taken (docs/design.md, "Run directories and resume rules").
@@ -500,12 +501,25 @@ def read_run_config(run_dir: str | Path, option: str = "--resume") -> dict[str, 
     return data
 
 
+def _check_extension(d: Path, option: str, old_r: int, new_r: int) -> None:
+    """A finished run continues only if it completed normally and ``simulation.rounds`` is raised."""
+    try:
+        status = json.loads((d / SUMMARY).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "stopped_early":
+        raise RunDirError(f"{option} {d}: the run stopped early ({SUMMARY}: stopped_early); it cannot be extended")
+    if new_r <= old_r:
+        raise RunDirError(f"{option} {d}: the run already finished ({SUMMARY} exists); to extend it, raise simulation.rounds above {old_r}")
+
+
 def check_resume(run_dir: str | Path, cfg: Any, checkpoint_round: int | None = None, option: str = "--resume") -> dict[str, Any]:
     """Check that ``cfg`` may continue the run in ``run_dir``; return the config to record in its ``config.json``.
 
     Every key must equal the one in ``run_dir/config.json`` except those in
-    :data:`RESUMABLE`; ``simulation.rounds`` may only be raised. The run must
-    not be finished and must have a loadable checkpoint (loaded here unless
+    :data:`RESUMABLE`; ``simulation.rounds`` may only be raised. A finished run
+    (``summary.json``) may continue only if it completed and ``simulation.rounds``
+    is raised (extending it from its final checkpoint). The run must have a loadable checkpoint (loaded here unless
     ``checkpoint_round`` is given). Used by ``fedmeta simulate --resume``, by
     the ServerApp with ``output.resume = true`` and by the round loop itself.
     """
@@ -519,8 +533,7 @@ def check_resume(run_dir: str | Path, cfg: Any, checkpoint_round: int | None = N
         raise RunDirError(f"{d / CONFIG}: {err}") from None
     for name in RUN_FILES:
         _regular(d / name)  # a FIFO, device or directory in place of a run file is refused, never opened
-    if (d / SUMMARY).exists():
-        raise RunDirError(f"{option} {d}: the run already finished ({SUMMARY} exists)")
+    finished = (d / SUMMARY).exists()  # a finished run may be extended: simulation.rounds raised (checked below)
     if checkpoint_round is None:
         ckpt = load_checkpoint(d / CHECKPOINT)
         if ckpt is None:
@@ -535,6 +548,8 @@ def check_resume(run_dir: str | Path, cfg: Any, checkpoint_round: int | None = N
         allowed = ", ".join(k for k in RESUMABLE if k not in _NOT_RECORDED)
         raise RunDirError(f"{option} {d}: {what} differ from {CONFIG}; a resumed run may change only {allowed}")
     old_r, new_r = old_flat["simulation.rounds"], new_flat["simulation.rounds"]
+    if finished:
+        _check_extension(d, option, old_r, new_r)
     if new_r < old_r:
         raise RunDirError(f"{option} {d}: simulation.rounds: may only be raised on resume ({CONFIG} has {old_r}, got {new_r})")
     if new_r < checkpoint_round:

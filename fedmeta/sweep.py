@@ -28,6 +28,13 @@ def _ms(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _pm(values: list[float]) -> str:
+    """``mean ± std`` over seeds; one seed has no interval and says so (never ``± 0.000``)."""
+    m, sd = _ms(values)
+    n = sum(1 for v in values if v is not None and math.isfinite(v))
+    return f"{m:.3f} ± {sd:.3f}" if n > 1 else f"{m:.3f} (1 seed, no interval)"
+
+
 def _setting_name(z: float | None, c: float | None) -> str:
     return "nonprivate" if z is None else f"z{z:g}-C{c:g}"
 
@@ -77,7 +84,10 @@ def sweep(config: str | None, sets: list[str], noise: list[float], clips: list[f
     plan = validate_sweep(config, sets, noise, clips, seeds)
     rows: list[dict] = []
     out.mkdir(parents=True, exist_ok=True)
-    for name, z, c, seed, cfg in plan:
+    from fedmeta.progress import status
+
+    for i, (name, z, c, seed, cfg) in enumerate(plan, 1):
+        status(f"sweep run {i}/{len(plan)}: {name}, seed {seed} ({cfg.simulation.rounds} rounds, {cfg.simulation.engine} engine)")
         t0 = time.time()
         s = run_simulation(cfg, out / "runs" / f"{name}-seed{seed}", progress=False)
         row = {
@@ -85,7 +95,7 @@ def sweep(config: str | None, sets: list[str], noise: list[float], clips: list[f
             "epsilon": s.get("epsilon"), "delta": cfg.privacy.delta if z is not None else None,
             "clients": cfg.data.num_clients, "clients_per_round": cfg.simulation.clients_per_round,
             "rounds": s.get("rounds_completed"), "heldout_acc_before": s.get("heldout_acc_before"),
-            "heldout_acc_after": s.get("heldout_acc_after"), "wall_s": round(time.time() - t0, 1),
+            "heldout_acc_after": s.get("heldout_acc_after"), "chance_acc": s.get("chance_acc"), "wall_s": round(time.time() - t0, 1),
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -109,16 +119,16 @@ def write_outputs(rows: list[dict], out: Path, total_s: float) -> str:
     points = []
     for name, rs in groups.items():
         after_m, after_s = _ms([r["heldout_acc_after"] for r in rs])
-        before_m, before_s = _ms([r["heldout_acc_before"] for r in rs])
+        n_seeds = sum(1 for r in rs if r["heldout_acc_after"] is not None and math.isfinite(r["heldout_acc_after"]))
         eps = rs[0]["epsilon"]
         eps_txt = "∞" if eps is None else f"{eps:.2f} ({rs[0]['delta']:g})"
         z = "–" if rs[0]["noise_multiplier"] is None else f"{rs[0]['noise_multiplier']:g}"
         c = "–" if rs[0]["clip_norm"] is None else f"{rs[0]['clip_norm']:g}"
         lines.append(
-            f"| {name} | {z} | {c} | {eps_txt} | {before_m:.3f} ± {before_s:.3f} | {after_m:.3f} ± {after_s:.3f} | {100 * (after_m - base):+.1f} |"
+            f"| {name} | {z} | {c} | {eps_txt} | {_pm([r['heldout_acc_before'] for r in rs])} | {_pm([r['heldout_acc_after'] for r in rs])} | {100 * (after_m - base):+.1f} |"
         )
         if eps is not None and math.isfinite(eps):
-            points.append((eps, after_m, after_s, name))
+            points.append((eps, after_m, after_s if n_seeds > 1 else None, name))
     r0 = rows[0]
     lines.append("")
     lines.append(f"{r0['clients']} clients, {r0['clients_per_round']} expected per round, {len({r['seed'] for r in rows})} seeds; sweep took {total_s:.0f} s.")
@@ -134,13 +144,22 @@ def write_outputs(rows: list[dict], out: Path, total_s: float) -> str:
     by_clip: dict[float, list] = {}
     for eps, acc, std, name in sorted(points):
         by_clip.setdefault(groups[name][0]["clip_norm"], []).append((eps, acc, std))
+    n_seeds = len({r["seed"] for r in rows})
+    spread = f"± std over {n_seeds} seeds" if n_seeds > 1 else "1 seed, no interval"
     for clip, series in sorted(by_clip.items()):
-        ax.errorbar([p[0] for p in series], [p[1] for p in series], yerr=[p[2] for p in series], fmt="o-", capsize=4, label=f"DP Reptile, C = {clip:g}")
+        yerr = None if any(p[2] is None for p in series) else [p[2] for p in series]
+        ax.errorbar([p[0] for p in series], [p[1] for p in series], yerr=yerr, fmt="o-", capsize=4, label=f"DP, C = {clip:g} ({spread})")
     if math.isfinite(base):
         ax.axhline(base, color="gray", linestyle="--", label="non-private")
+    # an honest axis: from chance level (or below it, if a setting is) to 1, never autoscaled to the points' spread
+    chance = next((r["chance_acc"] for r in rows if isinstance(r.get("chance_acc"), (int, float))), 0.0)
+    if chance:
+        ax.axhline(chance, color="gray", linestyle=":", label=f"chance {chance:.3f}")
+    lowest = min([p[1] for p in points] + ([base] if math.isfinite(base) else []) + [chance], default=chance)
+    ax.set_ylim(max(0.0, min(chance, lowest) - 0.05), 1.0)
     ax.set_xlabel("ε (δ = %g)" % (rows[-1]["delta"] or 1e-5))
     ax.set_ylabel("held-out accuracy after adaptation")
-    ax.set_title("Privacy versus accuracy")
+    ax.set_title(f"Privacy versus accuracy ({n_seeds} seed{'s' if n_seeds > 1 else ''})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "privacy_accuracy.png", dpi=120)

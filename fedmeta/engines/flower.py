@@ -33,7 +33,7 @@ from fedmeta.client import configure_torch, model_for
 from fedmeta.federation import Params, Replies, RunError, run_federation
 from fedmeta.engines.messages import MetaStrategy
 from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
-from fedmeta.progress import round_printer
+from fedmeta.progress import round_printer, status
 from fedmeta.results import RunWriter, check_resume, close_writers, default_out_dir, prepare_out_dir, run_dir_lock
 
 log = logging.getLogger("fedmeta.server")
@@ -55,19 +55,26 @@ class FlowerBackend:
         self.validation_pop: list[int] = []
         self.spec = None
         self.discovery_rejected: list[str] = []  # counted as rejected in the first round this process runs
+        self.nodes_found = 0  # SuperNodes connected at discovery
 
-    def discover(self, expected: int, wait_s: float) -> None:
+    def discover(self, expected: int, wait_s: float, require_all: bool = False) -> None:
         """Ask every node which client it holds (a stock Flower client that can't answer trains under its node id).
 
         A malformed description (see :meth:`MetaStrategy.parse_query`), a data spec other than the one most
         nodes announce, or a partition id claimed by several nodes excludes the node(s): logged here and
         counted as ``rejected`` in the first round. The size a node announces caps its weight later.
+        ``require_all``: refuse (:func:`check_node_count`) unless exactly ``data.num_clients`` nodes connected.
         """
         deadline = time.time() + wait_s
         nodes = list(self.grid.get_node_ids())
+        if len(nodes) < expected and self.cfg.output.progress:
+            status(f"waiting up to {wait_s:.0f} s for {expected} SuperNodes (data.num_clients); {len(nodes)} connected")
         while len(nodes) < expected and time.time() < deadline:
             time.sleep(0.5)
             nodes = list(self.grid.get_node_ids())
+        self.nodes_found = len(nodes)
+        if require_all:  # before any message: a run on the wrong number of nodes never starts
+            check_node_count(self.nodes_found, self.cfg)
         queries = self.strategy.configure_query(nodes)
         answers = list(self.grid.send_and_receive(queries, timeout=self.cfg.simulation.round_timeout))
         origin = {m.metadata.message_id: m.metadata.dst_node_id for m in queries}
@@ -137,8 +144,24 @@ class FlowerBackend:
         return self.strategy.parse_evaluate({n: c for c, n in targets}, replies, msgs)
 
 
-def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bool | None = None, progress: bool | None = None) -> dict[str, Any]:
+def check_node_count(found: int, cfg: Config) -> None:
+    """Refuse a federation whose SuperNode count is not ``data.num_clients`` (one SuperNode per client).
+
+    ``flwr run .`` without a SuperNode count simulates a handful of nodes: the run would train on a few
+    clients, with no held-out ones, while config.json claims the configured population.
+    """
+    n = cfg.data.num_clients
+    if found != n:
+        raise RunError(
+            f"data.num_clients: is {n}, but {found} SuperNode(s) connected (one per client is needed); "
+            f"run `flwr run . --federation-config \"num-supernodes={n}\"` (or start {n} SuperNodes), or set data.num_clients={found}"
+        )
+
+
+def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bool | None = None, progress: bool | None = None,
+          launched_at: float | None = None) -> dict[str, Any]:
     """Discover the nodes, then run the federation; returns the run summary."""
+    launched_at = time.time() if launched_at is None else launched_at
     configure_torch(1)
     out = Path(out_dir or cfg.output.dir or default_out_dir())
     resume = cfg.output.resume if resume is None else resume
@@ -152,22 +175,33 @@ def _serve(grid: Grid, cfg: Config, out: Path, resume: bool, progress: bool | No
     else:
         prepare_out_dir(out, option="output.dir", hint="set output.resume=true to continue it, or choose another output.dir")
     backend = FlowerBackend(grid, cfg)
-    backend.discover(expected=cfg.data.num_clients, wait_s=min(cfg.simulation.round_timeout, 120.0))
+    show_progress = cfg.output.progress if progress is None else progress
+    if show_progress:
+        status(f"discovering {cfg.data.num_clients} SuperNodes (each describes its client)")
+    backend.discover(expected=cfg.data.num_clients, wait_s=min(cfg.simulation.round_timeout, 120.0), require_all=True)
     if not backend.train_pop:
         raise RunError("no training clients answered; check the SuperNodes' logs")
     spec = backend.spec or build_dataset(cfg.data, cfg.model.modalities).spec
     theta0 = initial_meta_parameters(model_for(cfg, spec), algorithm_for(cfg))
-    show = round_printer(cfg.simulation.rounds) if (cfg.output.progress if progress is None else progress) else None
-    return run_federation(cfg, backend, theta0, RunWriter(out), resume=resume, progress=show)
+    chance = 1.0 / spec.num_classes if spec.task == "classification" and spec.num_classes > 0 else None
+    show = round_printer(cfg.simulation.rounds, chance=chance) if show_progress else None
+    if show_progress:
+        status(f"{'resuming' if resume else 'starting'} {cfg.simulation.rounds} rounds of {cfg.meta.algorithm} into {out}")
+    try:
+        return run_federation(cfg, backend, theta0, RunWriter(out), resume=resume, progress=show, launched_at=launched_at)
+    finally:
+        if show is not None:
+            show.close()
 
 
-def make_server_app(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, result: dict | None = None) -> ServerApp:
+def make_server_app(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, result: dict | None = None,
+                    launched_at: float | None = None) -> ServerApp:
     """A ServerApp bound to a config (what ``fedmeta simulate`` runs)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summary = serve(grid, cfg, out_dir, resume, progress)
+        summary = serve(grid, cfg, out_dir, resume, progress, launched_at=launched_at)
         if result is not None:
             result.update(summary)
 
@@ -211,15 +245,27 @@ def ray_backend_config(cfg: Config) -> dict[str, Any]:
     }
 
 
-def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+class _NotForTheUser(logging.Filter):
+    """Drops Flower's deprecation warning about ``run_simulation``: fedmeta calls it, the user cannot act on it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).lstrip().startswith("DEPRECATED FEATURE") and "run_simulation" in str(record.args))
+
+
+def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True, launched_at: float | None = None) -> dict[str, Any]:
     """Run the ServerApp and ClientApp on Flower's Simulation Engine; one SuperNode per client."""
+    launched_at = time.time() if launched_at is None else launched_at
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # never `uv sync` a per-run environment (it would pull a CUDA torch): the app runs in this environment
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    if progress:
+        status(f"starting Flower's Simulation Engine: Ray with {cfg.data.num_clients} SuperNodes (start-up takes a while)")
     from flwr.simulation import run_simulation
 
     client_app = load_component(CLIENT_APP)
     result: dict[str, Any] = {}
-    server_app = make_server_app(cfg, out_dir, resume=resume, progress=progress, result=result)
+    server_app = make_server_app(cfg, out_dir, resume=resume, progress=progress, result=result, launched_at=launched_at)
     backend_config = ray_backend_config(cfg)
     # Ctrl-C: Flower's ServerApp runs in a non-daemon thread that would wait (up to round_timeout per round) for
     # replies that never come once the Simulation Engine stops, and could log the round in flight as failed.
@@ -230,6 +276,8 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
 
     flwr_log = logging.getLogger("flwr")
     flwr_level = flwr_log.level
+    not_for_the_user = _NotForTheUser()
+    flwr_log.addFilter(not_for_the_user)
 
     def on_sigint(signum, frame):
         close_writers(out_dir)
@@ -250,6 +298,7 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
         if in_main and previous is not None:
             signal.signal(signal.SIGINT, previous)
         flwr_log.setLevel(flwr_level)
+        flwr_log.removeFilter(not_for_the_user)
     if not result:
         raise RunError("the Flower simulation ended without a result; see the log above")
     return result
