@@ -398,7 +398,6 @@ def _counted(record: dict[str, Any], rnd: int, replies: Replies, summary: dict[s
     return summary
 
 
-def build_summary(cfg: Config, backend: Backend, server: Server, history: list[dict], last_eval: dict, wall: float) -> dict[str, Any]:
 def evaluate_groups(cfg: Config, backend: Backend, theta: Params, rnd: int, heldout_pop: list[int], val_pop: list[int], record: dict[str, Any]) -> None:
     """Evaluate ``theta`` on the held-out (``heldout_``) and validation (``val_``) clients into ``record``."""
     for prefix, group, stream in (("heldout_", heldout_pop, HELDOUT_STREAM), ("val_", val_pop, VALIDATION_STREAM)):
