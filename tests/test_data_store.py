@@ -118,7 +118,8 @@ def _copy(src, dst):
 def _simulate(capsys, root, tmp_path):
     code = main(["simulate", "--set", "data.dataset=store", "--set", f"data.path={root}", "--set", f"data.num_clients={P}",
                  "--set", "simulation.engine=vectorized", "--set", "simulation.rounds=1", "--set", "simulation.clients_per_round=2",
-                 "--set", "model.embed_dim=4", "--set", "model.hidden_dim=4", "--out", str(tmp_path / "run")])
+                 "--set", "model.embed_dim=4", "--set", "model.hidden_dim=4", "--set", "output.progress=false",
+                 "--out", str(tmp_path / "run")])
     return code, capsys.readouterr().err
 
 
