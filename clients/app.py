@@ -5,25 +5,74 @@ so a client needs only its own data: ``partition-id`` (simulation) or
 ``partition-dir`` (a deployed SuperNode's ``--node-config``), and optionally
 ``device`` (``auto | cpu | cuda[:i]``).
 
+A node decides what code it runs: the component references of the server's
+config (``model.factory``, ``data.dataset``, ``meta.algorithm``) are checked
+against the node's own configuration before anything is imported
+(:func:`check_components`): a key the node sets in ``--node-config`` must be
+matched exactly; a key it leaves out allows fedmeta's built-ins only. A
+message naming anything else is refused (an error reply, which the server
+counts as a failure) with one log line on the node. Only Flower's simulation
+runtime (a Ray actor with Flower's own ``partition-id``/``num-partitions``
+node config, started by the same user as the server) takes the run's
+references as they come. See docs/design.md, "Threat model".
+
 Imports stay light: a deployed SuperNode starts a fresh process per message.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmeta.config import Config, config_from_json
+from fedmeta.config import BUILTIN_ALGORITHMS, BUILTIN_DATASETS, BUILTIN_MODEL, Config, config_from_json
 from fedmeta.data.base import spec_to_dict
 from fedmeta import client as work
 
 app = ClientApp()
+log = logging.getLogger("fedmeta.node")
+
+#: config key -> what a node that does not name the key in its node config accepts (fedmeta's own code)
+COMPONENTS = {"model.factory": (BUILTIN_MODEL,), "data.dataset": BUILTIN_DATASETS, "meta.algorithm": BUILTIN_ALGORITHMS}
+SIMULATED_NODE = {"partition-id", "num-partitions"}  # the node config Flower's simulation runtime gives every node
+
+
+class RefusedComponent(RuntimeError):
+    """The server's message names a component this node did not agree to run."""
+
+
+def _simulated(node_config: dict) -> bool:
+    return set(node_config) == SIMULATED_NODE and "ray" in sys.modules
+
+
+def check_components(cfg: Config, node_config: dict) -> None:
+    """Refuse (one log line, :class:`RefusedComponent`) a reference the node's own configuration does not allow."""
+    if _simulated(node_config):
+        return
+    for key, builtins in COMPONENTS.items():
+        section, name = key.split(".")
+        wanted = getattr(getattr(cfg, section), name)
+        mine = node_config.get(key)
+        if wanted == mine or (mine is None and wanted in builtins):
+            continue
+        allowed = repr(mine) if mine is not None else "fedmeta's built-ins (" + ", ".join(builtins) + ")"
+        why = (f"refused: the server's {key}={wanted!r} is not this node's ({allowed}); "
+               f"a node runs only what its --node-config names")
+        log.warning("%s", why)
+        raise RefusedComponent(why)
+
+
+def _config(msg: Message, context: Context) -> Config:
+    cfg = config_from_json(str(msg.content["config"]["fedmeta-config"]))
+    check_components(cfg, dict(context.node_config))
+    return cfg
 
 
 def _setup(msg: Message, context: Context):
-    cfg: Config = config_from_json(str(msg.content["config"]["fedmeta-config"]))
+    cfg = _config(msg, context)
     work.configure_torch(1)
     cid, data, spec, group = work.resolve_client(cfg, dict(context.node_config))
     device = work.resolve_device(str(context.node_config.get("device", cfg.simulation.device)))
@@ -38,7 +87,7 @@ def _theta(msg: Message, device):
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Describe this node's client: id, group (``heldout`` for any reader; ``group`` names validation), size, spec."""
-    cfg = config_from_json(str(msg.content["config"]["fedmeta-config"]))
+    cfg = _config(msg, context)
     cid, data, spec, group = work.resolve_client(cfg, dict(context.node_config))
     info = ConfigRecord({"partition-id": cid, "heldout": group != "train", "group": group, "num-examples": data.n,
                          "spec": json.dumps(spec_to_dict(spec))})

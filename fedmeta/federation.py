@@ -352,6 +352,8 @@ def run_federation(
         if "stopped" in record:
             history.append(record)  # written after the loop, with the final evaluation
             break
+        if private and (failures or rejected):  # the server's own log only: the counts are not released
+            log.warning("round %s: %d training clients failed, %d rejected (not written: private run)", rnd, failures, rejected)
         # private: failures and rejected count held-out/validation evaluation only (the cohort's would reveal its size)
         record.update({"failures": 0 if private else failures, "rejected": 0 if private else rejected, "skipped": not applied})
         if server.privacy is not None:

@@ -58,8 +58,8 @@ def validate_sweep(config: str | None, sets: list[str], noise: list[float], clip
         if len(set(values)) != len(values):
             raise ConfigError(f"sweep {opt}: each value at most once (got {' '.join(map(str, values))})")
     for z in noise:
-        if not (math.isfinite(z) and 0 <= z <= 1e6):
-            raise ConfigError(f"sweep --noise: each noise multiplier must be in [0, 1e6] (got {z})")
+        if not (math.isfinite(z) and 0 < z <= 1e6):  # 0 with DP on is refused by the config (infinite epsilon)
+            raise ConfigError(f"sweep --noise: each noise multiplier must be in (0, 1e6] (got {z})")
     for c in clips:
         if not (math.isfinite(c) and 0 < c <= 1e6):
             raise ConfigError(f"sweep --clip: each clip norm must be in (0, 1e6] (got {c})")

@@ -68,7 +68,8 @@ def test_overwrite_touches_only_a_previous_partition(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["--noise", "-1"], "sweep --noise: each noise multiplier must be in [0, 1e6] (got -1.0)"),
+        (["--noise", "-1"], "sweep --noise: each noise multiplier must be in (0, 1e6] (got -1.0)"),
+        (["--noise", "0"], "sweep --noise: each noise multiplier must be in (0, 1e6] (got 0.0)"),
         (["--noise", "1", "nan"], "sweep --noise"),
         (["--noise", "1", "1"], "sweep --noise: each value at most once"),
         (["--noise", "1", "1.0000001"], "two settings would both be named 'z1-C1'"),

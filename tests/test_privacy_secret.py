@@ -177,3 +177,21 @@ def test_dp_with_zero_noise_is_refused_and_ignored_privacy_keys_are_named(small_
         run_federation(cfg, SequentialBackend(cfg, ds), params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"))
     warned = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
     assert warned == ["privacy.enabled = false: privacy.noise_multiplier, privacy.target_epsilon set but ignored (this run is not private)"]
+
+
+def test_a_private_round_with_no_replies_still_releases_noise_and_is_not_skipped(small_cfg, tmp_path):
+    from fedmeta.federation import Replies, Server
+
+    cfg = small_cfg(*DP, "simulation.rounds=2", "simulation.min_clients=2")
+    server = Server(cfg, {"w": torch.zeros(1000)}, num_train_clients=8)
+    server.step([], server_round=1)  # empty cohort: noise / (q N) alone
+    assert float(server.theta["w"].std()) == pytest.approx(1.0 * 1.0 / 3, rel=0.15)
+
+    class Silent(SequentialBackend):  # every client fails: a public skip would reveal it
+        def train(self, theta, cids, server_round):
+            return Replies(failures=len(cids))
+
+    ds = build_dataset(cfg.data)
+    run_federation(cfg, Silent(cfg, ds), params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"))
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False, False] and all(r["failures"] == 0 for r in records)

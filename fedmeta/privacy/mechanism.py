@@ -39,10 +39,13 @@ replaced ``flwr/common/differential_privacy.py``):
   formula is implemented once here as :func:`adjusted_noise_multiplier` and
   the tests cross-check it against Flower's.
 
-Noise comes from a ``torch.Generator`` (CPU) for reproducibility.  A seeded PRNG
-is fine for research simulations; a real deployment should seed it from a
-secure source (``generator=None`` does this via ``torch.Generator().seed()``)
-and keep the seed secret.
+Noise comes from the ``torch.Generator`` (CPU) the caller passes.  The round
+loop seeds it from the run's server-only secret
+(:mod:`fedmeta.privacy.server`), or from the config only with
+``privacy.reproducible_noise = true``; ``generator=None`` seeds a fresh one
+from the OS (``torch.Generator().seed()``).  Either way it is a Mersenne
+Twister drawing ``torch.randn`` in floating point: docs/design.md ("What a
+private run promises") says what that does and does not protect against.
 """
 
 from __future__ import annotations
