@@ -120,7 +120,7 @@ def test_crash_and_resume_reruns_rounds_with_the_same_noise_bit_identical_and_ep
     assert all(torch.equal(a[k], b[k]) for k in a)
     q = 3 / 8  # 7 distinct releases, each counted once
     eps7 = compute_epsilon(3.0, q, 7, 1e-5, "pld")
-    assert resumed["epsilon"] == pytest.approx(eps7, rel=1e-9) and straight["epsilon"] == pytest.approx(eps7, rel=1e-9)
+    assert resumed["epsilon"] == pytest.approx(eps7, rel=5e-6) and straight["epsilon"] == pytest.approx(eps7, rel=5e-6)  # summary.json: 6 significant digits
 
 
 #: what a private run may write per round: config-derived numbers, noised outputs, held-out/validation evaluation
