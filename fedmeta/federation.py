@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from fedmeta.config import Config
-from fedmeta.meta.aggregate import aggregate, weighted_average
+from fedmeta.meta.aggregate import weighted_average
 from fedmeta.meta.inner import Params, client_seed
-from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
-from fedmeta.meta.outer import ServerAdam, apply_step, difference
+from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, extra_params, model_params
+from fedmeta.meta.outer import difference
 from fedmeta.results import CHECKPOINT, CONFIG, RunWriter, check_resume, read_run_config
 
 log = logging.getLogger("fedmeta")
@@ -140,56 +140,77 @@ def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any]) -> dic
     return {k: _mean(weighted, k) for k in keys}
 
 
-class Server:
-    """Server state and the outer step: theta, the privacy mechanism and the accountant."""
+def noise_generator(cfg: Config, server_round: int) -> torch.Generator:
+    """DP noise seeding call site: the generator of one round's DP noise (used by the private server hook)."""
+    return torch.Generator().manual_seed(
+        client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
+    )
 
-    def __init__(self, cfg: Config, theta: Params, num_train_clients: int) -> None:
+
+class AlgorithmServer:
+    """The algorithm's own server hook, as the round loop drives it (no DP: nothing to stop on, account or report)."""
+
+    def __init__(self, algorithm: MetaAlgorithm) -> None:
+        self.algorithm = algorithm
+
+    def update(self, theta: Params, deltas: list[Params], weights: list[float], server_round: int, state: dict[str, Any]):
+        return self.algorithm.server_update(theta, deltas, weights, server_round, state)
+
+    def budget_exhausted(self) -> str | None:
+        return None
+
+    def account_round(self) -> None:
+        pass
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        pass
+
+
+class Server:
+    """Server state and the outer step: theta, the algorithm's server state, and its server hook.
+
+    ``hook`` is the algorithm's server hook (:meth:`MetaAlgorithm.server_update`) or, with
+    ``privacy.enabled``, :class:`fedmeta.privacy.server.PrivateServer` wrapping it (clip, noise,
+    account); ``privacy`` is that wrapper's ``ServerPrivacy`` (mechanism, accountant), else None.
+    """
+
+    def __init__(self, cfg: Config, theta: Params, num_train_clients: int, algorithm: MetaAlgorithm | None = None) -> None:
         self.cfg = cfg
         self.theta = {k: v.detach().clone() for k, v in theta.items()}
         self.num_train = num_train_clients
-        self.algorithm = algorithm_for(cfg)
-        self.optimizer = None
-        if cfg.meta.server_optimizer == "adam":
-            self.optimizer = ServerAdam(cfg.meta.server_beta1, cfg.meta.server_beta2, cfg.meta.server_eps)
+        self.algorithm = algorithm if algorithm is not None else algorithm_for(cfg)
+        self.state = self.algorithm.init_server_state(self.theta, num_train_clients)
+        self.hook: Any = AlgorithmServer(self.algorithm)
         self.privacy = None
         if cfg.privacy.enabled:
-            from fedmeta.privacy.server import ServerPrivacy
+            from fedmeta.privacy.server import PrivateServer
 
-            self.privacy = ServerPrivacy(cfg, num_train_clients, sample_rate(cfg, num_train_clients))
+            self.hook = PrivateServer(self.algorithm, cfg, num_train_clients, sample_rate(cfg, num_train_clients), noise_generator)
+            self.privacy = self.hook.privacy
 
     def step(self, updates: list[ClientUpdate], server_round: int) -> dict[str, float]:
-        """Apply one outer step from the clients' phi; returns round info (beta, clip, ...)."""
-        cfg = self.cfg
-        beta = self.algorithm.step_size(server_round)
+        """Apply one outer step from the clients' phi through the server hook; returns round info (beta, clip, ...)."""
         deltas = [difference(u.phi, self.theta) for u in updates]
-        info: dict[str, float] = {"beta": beta}
-        if self.privacy is None:
-            mean = aggregate(deltas, [u.num_examples for u in updates], cfg.meta.aggregation, cfg.meta.trim_fraction, cfg.simulation.max_weight)
-        else:
-            generator = torch.Generator().manual_seed(
-                client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
-            )
-            mean, dp_info = self.privacy.aggregate(deltas, generator)
-            info.update(dp_info)
-        if self.optimizer is None:
-            self.theta = apply_step(self.theta, mean, beta)
-        else:
-            self.theta = apply_step(self.theta, self.optimizer.update(mean, beta), 1.0)
+        self.theta, self.state, info = self.hook.update(self.theta, deltas, [u.num_examples for u in updates], server_round, self.state)
         return info
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "theta": self.theta,
-            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-            "privacy": None if self.privacy is None else self.privacy.state_dict(),
-        }
+        return {"theta": self.theta, "algorithm": self.state, "privacy": self.hook.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.theta = state["theta"]
-        if self.optimizer is not None and state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.privacy is not None and state.get("privacy") is not None:
-            self.privacy.load_state_dict(state["privacy"])
+        if "algorithm" in state:
+            self.state = state["algorithm"]
+        elif state.get("optimizer") is not None:  # a checkpoint written before the server hook moved into the algorithm
+            self.state = {"adam": state["optimizer"]}
+        if state.get("privacy") is not None:
+            self.hook.load_state_dict(state["privacy"])
 
 
 def run_federation(
@@ -246,11 +267,10 @@ def run_federation(
         failures = rejected = 0
         attempts = 1 + (cfg.simulation.max_retries if cfg.simulation.on_too_few == "retry" else 0)
         for attempt in range(attempts):
-            if server.privacy is not None:
-                stop = server.privacy.budget_exhausted()
-                if stop:
-                    record["stopped"] = stop
-                    break
+            stop = server.hook.budget_exhausted()
+            if stop:
+                record["stopped"] = stop
+                break
             cohort = sample_cohort(cfg, train_pop, rnd, attempt)
             replies = backend.train(server.theta, cohort, rnd) if cohort else Replies()
             replies.results, screened = screen_updates(replies.results, server.theta, cfg.simulation.max_update_norm)
@@ -259,8 +279,7 @@ def run_federation(
                 log.warning("round %s: rejected update: %s", rnd, reason)
             failures += replies.failures
             rejected += len(replies.rejected)
-            if server.privacy is not None:
-                server.privacy.account_round()  # every attempt releases (or could release) an output
+            server.hook.account_round()  # DP: every attempt releases (or could release) an output
             record.update({"clients": len(cohort), "replies": len(replies.results)})
             if len(replies.results) >= cfg.simulation.min_clients:
                 record.update(server.step(replies.results, rnd))
@@ -272,8 +291,7 @@ def run_federation(
             history.append(record)
             break
         record.update({"failures": failures, "rejected": rejected, "skipped": not applied})
-        if server.privacy is not None:
-            record.update(server.privacy.report())
+        record.update(server.hook.report())
 
         if rnd % cfg.simulation.eval_every == 0 or rnd == R:
             if applied:
@@ -325,6 +343,5 @@ def build_summary(cfg: Config, backend: Backend, server: Server, history: list[d
     stopped = next((r["stopped"] for r in history if r.get("stopped")), None)
     if stopped:
         summary["stopped_early"] = stopped
-    if server.privacy is not None:
-        summary.update(server.privacy.report())
+    summary.update(server.hook.report())
     return summary

@@ -40,9 +40,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from fedmeta.meta.inner import InnerConfig, Params, inner_loop
+from fedmeta.meta.aggregate import aggregate
+from fedmeta.meta.inner import InnerConfig, Params, adaptation_metrics, inner_loop
 from fedmeta.meta.maml import Set, maml_client_update
-from fedmeta.meta.outer import linear_anneal
+from fedmeta.meta.outer import ServerAdam, apply_step, linear_anneal
 
 if TYPE_CHECKING:
     from fedmeta.config import Config
@@ -104,6 +105,50 @@ class MetaAlgorithm:
     def step_size(self, server_round: int) -> float:
         m, total = self.cfg.meta, self.cfg.simulation.rounds
         return linear_anneal(server_round, total, m.outer_lr, m.outer_lr_final)
+
+    def init_server_state(self, theta: Params, num_clients: int) -> dict[str, Any]:
+        """The server state this method keeps across rounds (plain data: checkpointed with the run).
+
+        Default: ServerAdam's moments when ``meta.server_optimizer = "adam"``, else nothing.
+        ``num_clients`` is the training population's size (e.g. SCAFFOLD's N).
+        """
+        return {"adam": ServerAdam().state_dict()} if self.cfg.meta.server_optimizer == "adam" else {}
+
+    def aggregate(self, deltas: list[Params], weights: list[float], state: dict[str, Any]) -> Params:
+        """How the clients' updates (phi_i - theta) combine: ``meta.aggregation`` (weighted mean, median, trimmed mean).
+
+        Replaced, not called, when DP is on: the private server (:class:`fedmeta.privacy.server.PrivateServer`)
+        clips each delta, sums and noises them instead, then calls :meth:`server_apply`.
+        """
+        m = self.cfg.meta
+        return aggregate(deltas, weights, m.aggregation, m.trim_fraction, self.cfg.simulation.max_weight)
+
+    def server_apply(self, theta: Params, mean: Params, server_round: int, state: dict[str, Any]) -> tuple[Params, dict[str, Any], dict[str, float]]:
+        """The outer step from the aggregate: ``theta + beta * mean`` (or ServerAdam's step); returns (theta, state, info)."""
+        beta = self.step_size(server_round)
+        info: dict[str, float] = {"beta": beta}
+        if "adam" not in state:
+            return apply_step(theta, mean, beta), state, info
+        m = self.cfg.meta
+        adam = ServerAdam(m.server_beta1, m.server_beta2, m.server_eps)
+        adam.load_state_dict(state["adam"])
+        theta = apply_step(theta, adam.update(mean, beta), 1.0)
+        return theta, state | {"adam": adam.state_dict()}, info
+
+    def server_update(
+        self, theta: Params, deltas: list[Params], weights: list[float], server_round: int, state: dict[str, Any]
+    ) -> tuple[Params, dict[str, Any], dict[str, float]]:
+        """The whole server hook: :meth:`aggregate` then :meth:`server_apply`; returns (theta, state, info).
+
+        A method may override this instead of the two halves; DP then cannot wrap it and
+        :func:`algorithm_for` refuses ``privacy.enabled`` for it (see :attr:`private_server`).
+        """
+        return self.server_apply(theta, self.aggregate(deltas, weights, state), server_round, state)
+
+    @property
+    def private_server(self) -> bool:
+        """Whether DP can wrap this server hook: only when it is ``aggregate`` + ``server_apply`` (``server_update`` not overridden)."""
+        return type(self).server_update is MetaAlgorithm.server_update
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
@@ -213,6 +258,11 @@ def algorithm_for(cfg: "Config") -> MetaAlgorithm:
             raise raised("meta.algorithm", cfg.meta.algorithm, err) from None
         try:
             algo.check_config()
+            if cfg.privacy.enabled and not algo.private_server:
+                raise ValueError(
+                    f"privacy.enabled: {cfg.meta.algorithm!r} overrides server_update, which the DP wrapper cannot make private "
+                    "(override aggregate/server_apply instead); set privacy.enabled = false"
+                )
         except ValueError as err:
             from fedmeta.components import ComponentError
 

@@ -107,3 +107,42 @@ class ServerPrivacy:
         if self.clipper is not None and state.get("clipper"):
             vars(self.clipper).update(state["clipper"])
         self._epsilon_cache = None
+
+
+class PrivateServer:
+    """DP as a wrapper of an algorithm's server hook: clip each delta, sum, noise (:meth:`ServerPrivacy.aggregate`),
+    account each attempted round, then the algorithm's own :meth:`~fedmeta.meta.MetaAlgorithm.server_apply`
+    (beta, ServerAdam, SCAFFOLD's control variates ...) on the private mean.
+
+    It replaces the algorithm's ``aggregate`` (the only step that sees individual clients), so any method
+    whose ``server_update`` is the default ``aggregate`` + ``server_apply`` can be made private; the others
+    are refused by ``algorithm_for`` (``MetaAlgorithm.private_server``). ``noise_generator(cfg, round)`` is the
+    DP noise seeding call site (:func:`fedmeta.federation.noise_generator`).
+    """
+
+    def __init__(self, algorithm, cfg: Config, num_train_clients: int, sample_rate: float, noise_generator) -> None:
+        self.algorithm = algorithm
+        self.cfg = cfg
+        self.privacy = ServerPrivacy(cfg, num_train_clients, sample_rate)
+        self.noise_generator = noise_generator
+
+    def update(self, theta, deltas, weights, server_round: int, state):
+        generator = self.noise_generator(self.cfg, server_round)  # DP noise: the one generator of this round
+        mean, dp_info = self.privacy.aggregate(deltas, generator)
+        theta, state, info = self.algorithm.server_apply(theta, mean, server_round, state)
+        return theta, state, info | dp_info
+
+    def budget_exhausted(self) -> str | None:
+        return self.privacy.budget_exhausted()
+
+    def account_round(self) -> None:
+        self.privacy.account_round()
+
+    def report(self) -> dict[str, float]:
+        return self.privacy.report()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.privacy.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.privacy.load_state_dict(state)
