@@ -20,6 +20,7 @@ from fedmeta.data.base import spec_to_dict
 from fedmeta import client as work
 
 app = ClientApp()
+CLIENT_STATE = "fedmeta-client-state"  # context.state key of a stateful method's client state (never sent)
 
 
 def _setup(msg: Message, context: Context):
@@ -50,7 +51,11 @@ def train(msg: Message, context: Context) -> Message:
     """Inner loop from theta on the support set; reply phi and ``num-examples``."""
     cfg, cid, data, spec, _, model, device = _setup(msg, context)
     rnd = int(msg.content["config"]["server-round"])
-    phi, metrics = work.train_client(model, _theta(msg, device), data, cfg, spec, rnd, cid)
+    held = context.state.array_records.get(CLIENT_STATE)  # a stateful method's state, kept on this node
+    state = None if held is None else {k: v.to(device) for k, v in held.to_torch_state_dict().items()}
+    phi, metrics, state = work.train_client_state(model, _theta(msg, device), data, cfg, spec, rnd, cid, state)
+    if state:
+        context.state[CLIENT_STATE] = ArrayRecord(torch_state_dict={k: v.cpu() for k, v in state.items()})
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict={k: v.cpu() for k, v in phi.items()}), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 

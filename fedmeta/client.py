@@ -18,7 +18,7 @@ from fedmeta.config import Config
 from fedmeta.data import ClientData, DatasetSpec, build_dataset
 from fedmeta.data.base import client_group
 from fedmeta.meta import InnerConfig, Params, adapt_and_evaluate, batch_schedule, client_seed
-from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for
+from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, client_step, model_params
 from fedmeta.meta.maml import split_support
 from fedmeta.models import build_model_for
 
@@ -88,8 +88,21 @@ def train_plan(cfg: Config, algorithm: MetaAlgorithm, data: ClientData, server_r
 
 
 def train_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> tuple[Params, dict[str, float]]:
-    """The algorithm's client update from theta; metrics carry ``num-examples`` (support size) and its own metrics."""
+    """The algorithm's client update from theta; metrics carry ``num-examples`` (support size) and its own metrics.
+
+    A stateful method starts from a fresh client state here (see :func:`train_client_state`).
+    """
+    phi, metrics, _ = train_client_state(model, theta, data, cfg, spec, server_round, cid, None)
+    return phi, metrics
+
+
+def train_client_state(
+    model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int, state: Params | None
+) -> tuple[Params, dict[str, float], Params]:
+    """:func:`train_client` with the client's state (None: the method's ``init_client_state``); also returns the new state."""
     algorithm = algorithm_for(cfg)
+    if state is None:
+        state = algorithm.init_client_state(model_params(theta)) if algorithm.stateful else {}
     rows, schedule = train_plan(cfg, algorithm, data, server_round, cid)
     inner = data.rows(0, rows.n_inner)
     support = (inner.x, inner.y, inner.present)
@@ -97,9 +110,9 @@ def train_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config,
     if algorithm.needs_query:
         q = data.rows(rows.query_start, rows.query_start + rows.n_query)
         query = (q.x, q.y, q.present)
-    phi, metrics = algorithm.client_update(model, theta, support, query, schedule, inner_config(cfg, spec))
+    phi, metrics, state = client_step(algorithm, model, theta, state, support, query, schedule, inner_config(cfg, spec))
     phi = client_side_clip(cfg, theta, {k: v.detach() for k, v in phi.items()})
-    return phi, {"num-examples": data.n_support} | {k: float(v) for k, v in metrics.items()}
+    return phi, {"num-examples": data.n_support} | {k: float(v) for k, v in metrics.items()}, {k: v.detach() for k, v in state.items()}
 
 
 def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> dict[str, float]:

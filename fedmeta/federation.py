@@ -248,6 +248,8 @@ def run_federation(
         if {k: tuple(v.shape) for k, v in theta.items()} != {k: tuple(v.shape) for k, v in server.theta.items()}:
             raise RunError(f"{writer.dir / CHECKPOINT}: its parameters do not match the model of {writer.dir / CONFIG}")
         server.load_state_dict(ckpt["server"])
+        if hasattr(backend, "client_states"):  # a stateful method's client state, as it was after that round
+            backend.client_states.load_state_dict(ckpt.get("clients"))
         start_round = ckpt["round"] + 1
         history = writer.truncate_metrics(ckpt["round"])
         started -= float(ckpt.get("elapsed_s", 0.0))
@@ -313,7 +315,10 @@ def run_federation(
         if progress is not None:
             progress(record)
         if rnd % cfg.output.checkpoint_every == 0 or rnd == R:
-            writer.save_checkpoint({"round": rnd, "server": server.state_dict(), "elapsed_s": time.time() - started, "config": cfg.to_dict()})
+            ckpt = {"round": rnd, "server": server.state_dict(), "elapsed_s": time.time() - started, "config": cfg.to_dict()}
+            if hasattr(backend, "client_states"):
+                ckpt["clients"] = backend.client_states.state_dict()
+            writer.save_checkpoint(ckpt)
 
     summary = build_summary(cfg, backend, server, history, last_eval, time.time() - started)
     writer.save_model(model_params(server.theta), extra_params(server.theta))

@@ -87,6 +87,21 @@ class MetaAlgorithm:
         """Extra meta-parameters to learn alongside ``theta`` (keys contain ``/``); none by default."""
         return {}
 
+    # -- client state (kept per client across rounds, never sent) -------------------
+    def init_client_state(self, theta: Params) -> Params:
+        """A client's state before its first round (tensors, e.g. SCAFFOLD's c_i, Ditto's personal model).
+
+        A method that overrides this is *stateful*: its ``client_update`` takes the state as a last
+        argument and returns ``(params, metrics, state)``; the engine keeps the state (the simulation
+        engines per client id, checkpointed with the run; a Flower ClientApp in ``context.state``) and
+        never sends it to the server. ``theta`` is the model's parameters at that client's first round.
+        """
+        return {}
+
+    @property
+    def stateful(self) -> bool:
+        return type(self).init_client_state is not MetaAlgorithm.init_client_state
+
     # -- client side (pure, vmappable) ---------------------------------------------
     def client_update(
         self, model: nn.Module, params: Params, support: Set, query: Set | None, schedule: Tensor, icfg: InnerConfig
@@ -152,6 +167,49 @@ class MetaAlgorithm:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def client_step(
+    algorithm: MetaAlgorithm, model: nn.Module, params: Params, state: Params, support: Set, query: Set | None, schedule: Tensor, icfg: InnerConfig
+) -> tuple[Params, dict[str, Tensor], Params]:
+    """What every engine calls: the method's ``client_update`` with its client state, as ``(params, metrics, state)``.
+
+    Pure (vmappable over ``state``, ``support``, ``query`` and ``schedule``); a stateless method's state is ``{}``.
+    """
+    if algorithm.stateful:
+        return algorithm.client_update(model, params, support, query, schedule, icfg, state)
+    new, metrics = algorithm.client_update(model, params, support, query, schedule, icfg)
+    return new, metrics, state
+
+
+class ClientStates:
+    """The simulation engines' store of client state: one dict of tensors per client id, created lazily
+    (``init_client_state`` at the client's first round) and checkpointed with the run (:meth:`state_dict`).
+
+    In memory for now; a 1M-client population would keep one stacked ``[P, *shape]`` tensor per state key,
+    memory-mapped from the run directory and filled on first use (as :class:`fedmeta.engines.vectorized.ClientStore`
+    holds data), with a ``built`` mask.
+    """
+
+    def __init__(self, algorithm: MetaAlgorithm) -> None:
+        self.algorithm = algorithm
+        self.states: dict[int, Params] = {}
+
+    def get(self, cid: int, theta: Params) -> Params:
+        state = self.states.get(cid)
+        if state is None:
+            state = {k: v.detach().clone() for k, v in self.algorithm.init_client_state(model_params(theta)).items()} if self.algorithm.stateful else {}
+        return state
+
+    def put(self, cid: int, state: Params) -> None:
+        if self.algorithm.stateful:
+            self.states[int(cid)] = {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def state_dict(self) -> dict[str, Params]:
+        return {str(cid): s for cid, s in sorted(self.states.items())}
+
+    def load_state_dict(self, state: dict[str, Params] | None) -> None:
+        self.states = {int(cid): dict(s) for cid, s in (state or {}).items()}
 
 
 REGISTRY: dict[str, type[MetaAlgorithm]] = {}
@@ -262,6 +320,11 @@ def algorithm_for(cfg: "Config") -> MetaAlgorithm:
                 raise ValueError(
                     f"privacy.enabled: {cfg.meta.algorithm!r} overrides server_update, which the DP wrapper cannot make private "
                     "(override aggregate/server_apply instead); set privacy.enabled = false"
+                )
+            if cfg.simulation.workers and algo.stateful:
+                raise ValueError(
+                    f"simulation.workers: {cfg.meta.algorithm!r} keeps client state, which the Ray workers do not hold yet; "
+                    f"set simulation.workers = 0 (got {cfg.simulation.workers})"
                 )
         except ValueError as err:
             from fedmeta.components import ComponentError
