@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from fedmeta.config import Config
 from fedmeta.data import ClientData, DatasetSpec, build_dataset
 from fedmeta.data.base import client_group
-from fedmeta.meta import InnerConfig, Params, adapt_and_evaluate, batch_schedule, client_seed
+from fedmeta.meta import InnerConfig, Params, batch_schedule, client_seed
 from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, client_step, model_params
 from fedmeta.meta.maml import split_support
 from fedmeta.models import build_model_for
@@ -123,7 +123,8 @@ def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Conf
     icfg = inner_config(cfg, spec, evaluation=True)
     s, q = data.support(), data.query()
     schedule = eval_schedule(cfg, data, server_round, cid, icfg.steps)
-    out = adapt_and_evaluate(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), schedule, icfg, CURVE_STEPS, algorithm_for(cfg).adapt)
+    metrics = algorithm_for(cfg).evaluate(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), schedule, icfg, CURVE_STEPS)
+    out = {k: float(v) for k, v in metrics.items()}
     out["num-examples"] = data.n_query
     return out
 

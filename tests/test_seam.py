@@ -57,7 +57,6 @@ from fedmeta.engines.sequential import SequentialBackend  # noqa: E402
 from fedmeta.engines.vectorized import VectorizedBackend  # noqa: E402
 from fedmeta.federation import run_federation  # noqa: E402
 from fedmeta.meta import params_of  # noqa: E402
-from fedmeta.meta.algorithm import ClientStates  # noqa: E402
 from fedmeta.results import RunWriter  # noqa: E402
 
 
@@ -76,21 +75,18 @@ class Visits(MetaAlgorithm):
 
 
 def _visits_run(small_cfg, tmp_path, engine, name, backend_cls=None, resume=False, crash=None, rounds=4):
-    cfg = small_cfg(f"simulation.engine={engine}", f"simulation.rounds={rounds}", "simulation.eval_every=100")
-    ds = build_dataset(cfg.data)
-    backend = (backend_cls or {"sequential": SequentialBackend, "vectorized": VectorizedBackend}[engine])(cfg, ds)
-    backend.algorithm = Visits(cfg)
-    backend.client_states = ClientStates(backend.algorithm)
-    import fedmeta.meta.algorithm as alg
+    from fedmeta.meta.algorithm import REGISTRY
 
-    key = cfg.model_dump_json()
-    alg._CACHE[key] = backend.algorithm  # what algorithm_for(cfg) hands every part of the run
+    REGISTRY["visits_test"] = Visits  # a registered name is valid in meta.algorithm
     try:
+        cfg = small_cfg(f"simulation.engine={engine}", f"simulation.rounds={rounds}", "simulation.eval_every=100", "meta.algorithm=visits_test")
+        ds = build_dataset(cfg.data)
+        backend = (backend_cls or {"sequential": SequentialBackend, "vectorized": VectorizedBackend}[engine])(cfg, ds)
         if crash:
             backend.crash = crash
         return cfg, backend, run_federation(cfg, backend, params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / name), resume=resume)
     finally:
-        alg._CACHE.pop(key, None)
+        REGISTRY.pop("visits_test")
 
 
 def test_client_state_survives_rounds_on_both_simulation_engines(small_cfg, tmp_path):
@@ -122,3 +118,67 @@ def test_client_state_is_checkpointed_and_resume_is_bit_identical(small_cfg, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert {c: float(s["visits"]) for c, s in straight.client_states.state_dict().items()} == {
         c: float(s["visits"]) for c, s in resumed.client_states.state_dict().items()}
+
+
+# -- method hyper-parameters and the registry ---------------------------------------------------------------------
+
+from pydantic import BaseModel, Field  # noqa: E402
+
+from fedmeta.config import ConfigError, build_config  # noqa: E402
+from fedmeta.components import check_components  # noqa: E402
+from fedmeta.meta.algorithm import REGISTRY, register  # noqa: E402
+
+
+class Damped(MetaAlgorithm):
+    class Params(BaseModel):
+        model_config = {"extra": "forbid"}
+        lam: float = Field(0.5, ge=0, le=10)
+
+    def step_size(self, server_round):
+        return 1.0 / (1.0 + self.params.lam)
+
+
+@pytest.fixture
+def damped(monkeypatch):
+    monkeypatch.setitem(REGISTRY, "damped_test", Damped)
+    yield Damped
+
+
+def test_a_registered_name_is_valid_in_the_config_and_params_come_from_meta_params(damped):
+    cfg = build_config(None, ["meta.algorithm=damped_test", "meta.params.lam=3.0"])
+    check_components(cfg)
+    algo = algorithm_for(cfg)
+    assert type(algo) is Damped and algo.params.lam == 3.0 and algo.step_size(1) == 0.25
+    assert cfg.to_dict()["meta"]["params"] == {"lam": 3.0}  # what config.json records
+    assert cfg.to_flat()["meta.params.lam"] == 3.0  # Flower's flat run config
+    assert algorithm_for(build_config(None, ["meta.algorithm=damped_test"])).params.lam == 0.5  # the default
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("meta.params.lam=-1", "config error: meta.params.lam: must be >= 0.0 (got -1)"),
+    ("meta.params.lamda=1", "config error: meta.params.lamda: unknown key"),
+    ("meta.params.lam='big'", "config error: meta.params.lam: input should be a valid number"),
+])
+def test_bad_method_params_are_one_line_naming_the_key(damped, override, expected):
+    with pytest.raises(ConfigError) as err:
+        check_components(build_config(None, ["meta.algorithm=damped_test", override]))
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_a_method_without_params_refuses_any(small_cfg):
+    with pytest.raises(ConfigError, match=r"^config error: meta.params.lam: unknown key"):
+        check_components(small_cfg("meta.params.lam=1"))
+
+
+def test_a_name_registered_by_the_module_a_reference_names(tmp_path, monkeypatch):
+    (tmp_path / "my_methods_reg.py").write_text(
+        "from fedmeta.meta import MetaAlgorithm, register\n\n@register('my_reg_method')\nclass Mine(MetaAlgorithm):\n    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        algo = algorithm_for(build_config(None, ["meta.algorithm='my_methods_reg:my_reg_method'"]))
+        assert type(algo).__name__ == "Mine" and algo.name == "my_reg_method"
+        assert type(algorithm_for(build_config(None, ["meta.algorithm=my_reg_method"]))).__name__ == "Mine"  # now registered
+    finally:
+        REGISTRY.pop("my_reg_method", None)

@@ -62,7 +62,6 @@ from fedmeta.client import (
 )
 from fedmeta.federation import ClientUpdate, Params, Replies, RunError
 from fedmeta.meta.algorithm import ClientStates, algorithm_for, client_step
-from fedmeta.meta.inner import adaptation_metrics
 
 # One intra-op thread: measured fastest for the default model on a 2-core machine
 # (see docs/benchmarks.md, section 2); a second thread only adds contention.
@@ -318,7 +317,7 @@ class VectorizedBackend:
             schedule = torch.stack([schedules[p] for p in chunk]).to(self.device)
             with vmap_errors(self.cfg):
                 columns = vmap(
-                    lambda th, sup, qry, sch: adaptation_metrics(self.model, th, sup, qry, sch, icfg, marks, self.algorithm.adapt),
+                    lambda th, sup, qry, sch: self.algorithm.evaluate(self.model, th, sup, qry, sch, icfg, marks),
                     in_dims=(None, 0, 0, 0),
                     randomness="error",
                 )(theta_d, (sx, sy, sp), (qx, qy, qp), schedule)

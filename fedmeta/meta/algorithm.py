@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from fedmeta.meta.aggregate import aggregate
@@ -73,8 +74,18 @@ class MetaAlgorithm:
     needs_query: bool = False  # client_update needs a meta-query split (MAML family)
     adapts_at_eval: bool = True  # False: "after" equals "before" (FedAvg)
 
+    class Params(BaseModel):
+        """The method's own hyper-parameters, filled from the config's ``[meta.params]`` table (none by default).
+
+        A method declares ``class Params(BaseModel)`` (fields with bounds); ``self.params`` is the validated
+        instance, and a bad value is one line naming ``meta.params.<field>``.
+        """
+
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     def __init__(self, cfg: "Config") -> None:
         self.cfg = cfg
+        self.params = self.Params.model_validate(cfg.meta.params)
 
     def check_config(self) -> None:
         """Refuse settings this method cannot honour: raise ``ValueError("section.key: why (got ...)")``.
@@ -115,6 +126,17 @@ class MetaAlgorithm:
         """The model's parameters after ``len(schedule)`` adaptation steps (and after each step in ``record_at``)."""
         phi, _, recorded = inner_loop(model, model_params(params), *support, schedule, icfg, record_at=record_at)
         return phi, recorded
+
+    def evaluate(
+        self, model: nn.Module, params: Params, support: Set, query: Set, schedule: Tensor, icfg: InnerConfig, at_steps: tuple[int, ...] = ()
+    ) -> dict[str, Tensor]:
+        """The evaluation hook: scalar metric tensors of one client (pure, vmappable).
+
+        Default: adapt on the support rows (:meth:`adapt`), score on the query rows: ``loss_before``,
+        ``acc_before``, ``loss_after``, ``acc_after`` and ``loss_at_<s>``/``acc_at_<s>`` for ``s`` in ``at_steps``.
+        A metric-based method (Prototypical Networks) replaces it.
+        """
+        return adaptation_metrics(model, params, support, query, schedule, icfg, at_steps, self.adapt)
 
     # -- server side ---------------------------------------------------------------
     def step_size(self, server_round: int) -> float:
@@ -279,19 +301,37 @@ class FOMAML(MAML):
     second_order = False
 
 
-def builtin_names() -> tuple[str, ...]:
-    import fedmeta.meta.metasgd  # noqa: F401 - registers "metasgd"
+#: Modules of the built-in methods beyond this one (each registers its names when imported).
+BUILTIN_MODULES = ("fedmeta.meta.metasgd",)
 
+
+def builtin_names() -> tuple[str, ...]:
+    """Every registered method name: the built-ins, and any a user's module registered (once imported)."""
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
     return tuple(REGISTRY)
 
 
 def resolve_algorithm(name: str) -> type[MetaAlgorithm]:
-    """A built-in name or ``"package.module:Name"`` -> the class; one-line ``ComponentError`` otherwise."""
-    from fedmeta.components import ComponentError, resolve
+    """A registered name, ``"package.module:Name"`` (a class, or a name that module ``@register``s) -> the class;
+    one-line ``ComponentError`` otherwise."""
+    from fedmeta.components import ComponentError, is_reference, resolve
 
-    if name in builtin_names():
+    names = builtin_names()
+    if name in names:
         return REGISTRY[name]
-    obj = resolve(name, "meta.algorithm")
+    if not is_reference(name):
+        listed = ", ".join(repr(n) for n in names)
+        raise ComponentError(f"config error: meta.algorithm: must be one of {listed} or a 'package.module:Name' reference (got {name!r})")
+    try:
+        obj = resolve(name, "meta.algorithm")
+    except ComponentError:
+        registered = name.partition(":")[2]
+        if registered in REGISTRY:  # the module imported fine and registered that name
+            return REGISTRY[registered]
+        raise
     if not (isinstance(obj, type) and issubclass(obj, MetaAlgorithm)):
         raise ComponentError(f"config error: meta.algorithm: {name!r} is not a subclass of fedmeta.meta.MetaAlgorithm (got {obj!r})")
     return obj
@@ -310,6 +350,11 @@ def algorithm_for(cfg: "Config") -> MetaAlgorithm:
         cls = resolve_algorithm(cfg.meta.algorithm)
         try:
             algo = cls(cfg)
+        except ValidationError as err:  # the method's Params refused meta.params
+            from fedmeta.components import ComponentError
+            from fedmeta.config import _format_error
+
+            raise ComponentError(_format_error(err, ("meta", "params"))) from None
         except Exception as err:  # noqa: BLE001 - a user's __init__ may raise anything
             from fedmeta.components import raised
 
