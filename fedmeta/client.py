@@ -34,8 +34,15 @@ def configure_torch(threads: int = 1) -> None:
 
 
 def model_for(cfg: Config, spec: DatasetSpec) -> nn.Module:
-    """The config's model (``model.factory``), initialised from ``simulation.seed``."""
-    return build_model_for(cfg, spec)
+    """The config's model (``model.factory``), initialised from ``simulation.seed``; the method may refuse it (``check_model``)."""
+    model = build_model_for(cfg, spec)
+    try:
+        algorithm_for(cfg).check_model(model)
+    except ValueError as err:
+        from fedmeta.components import ComponentError
+
+        raise ComponentError(f"config error: {str(err).splitlines()[0]}") from None
+    return model
 
 
 def inner_config(cfg: Config, spec: DatasetSpec, evaluation: bool = False) -> InnerConfig:

@@ -93,6 +93,12 @@ class MetaAlgorithm:
         Called once before a run starts; the message becomes one ``config error`` line. None by default.
         """
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model this method cannot use (e.g. one without ``embed``): raise ``ValueError("model.factory: why")``.
+
+        Called once the run's model is built (:func:`fedmeta.client.model_for`), before any round. None by default.
+        """
+
     # -- meta-state ----------------------------------------------------------------
     def extra_state(self, theta: Params) -> Params:
         """Extra meta-parameters to learn alongside ``theta`` (keys contain ``/``); none by default."""
@@ -302,7 +308,10 @@ class FOMAML(MAML):
 
 
 #: Modules of the built-in methods beyond this one (each registers its names when imported).
-BUILTIN_MODULES = ("fedmeta.meta.metasgd",)
+BUILTIN_MODULES = (
+    "fedmeta.meta.metasgd", "fedmeta.meta.perfedavg", "fedmeta.meta.ditto", "fedmeta.meta.fedrep",
+    "fedmeta.meta.scaffold", "fedmeta.meta.protonet",
+)
 
 
 def builtin_names() -> tuple[str, ...]:
