@@ -35,8 +35,7 @@ def _builtin_or_reference(value: str, builtins: tuple[str, ...], what: str) -> s
     raise ValueError(f"must be one of {names} or a '{what}' reference (got {value!r})")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; ``str(err)`` is a single line."""
+from fedmeta.errors import ConfigError  # noqa: E402,F401 - defined in fedmeta.errors, importable from here
 
 
 #: Seeds must fit numpy's legacy ``RandomState`` and ``torch.manual_seed`` alike.

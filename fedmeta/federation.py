@@ -60,8 +60,7 @@ class Backend(Protocol):
     def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies: ...
 
 
-class RunError(RuntimeError):
-    """A run cannot continue; the message is one line."""
+from fedmeta.errors import RunError  # noqa: E402,F401 - defined in fedmeta.errors
 
 
 def _rng(cfg: Config, stream: int, server_round: int, attempt: int = 0) -> np.random.Generator:
@@ -199,6 +198,17 @@ class Server:
         deltas = [difference(u.phi, self.theta) for u in updates]
         self.theta, self.state, info = self.hook.update(self.theta, deltas, [u.num_examples for u in updates], server_round, self.state)
         return info
+
+    @property
+    def optimizer(self):
+        """ServerAdam's state as a :class:`~fedmeta.meta.outer.ServerAdam` (read-only view; None without it), as before the hook moved."""
+        if "adam" not in self.state:
+            return None
+        from fedmeta.meta.outer import ServerAdam
+
+        adam = ServerAdam(self.cfg.meta.server_beta1, self.cfg.meta.server_beta2, self.cfg.meta.server_eps)
+        adam.load_state_dict(self.state["adam"])
+        return adam
 
     def state_dict(self) -> dict[str, Any]:
         return {"theta": self.theta, "algorithm": self.state, "privacy": self.hook.state_dict()}

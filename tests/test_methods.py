@@ -240,3 +240,20 @@ def test_sequential_and_vectorized_agree(small_cfg, tmp_path, name):
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     assert summaries["sequential"]["heldout_acc_after"] == pytest.approx(summaries["vectorized"]["heldout_acc_after"], abs=1e-6)
     assert 0 <= summaries["sequential"]["heldout_acc_after"] <= 1
+
+
+@pytest.mark.slow
+def test_the_five_methods_on_the_flower_simulation_engine(tmp_path):
+    """Two rounds each on Flower's Simulation Engine (client state in the ClientApp's context.state) equal the sequential engine."""
+    from fedmeta.cli import run_simulation
+
+    base = ["data.num_clients=6", "data.examples_per_client=20", "simulation.clients_per_round=3", "simulation.rounds=2",
+            "simulation.eval_every=100", "simulation.eval_clients=1", "meta.inner_steps=3", "output.progress=false"]
+    for name in METHODS:
+        models = {}
+        for engine in ("flower", "sequential"):
+            cfg = build_config({}, base + [f"meta.algorithm={name}", f"simulation.engine={engine}"])
+            run_simulation(cfg, tmp_path / name / engine, progress=False)
+            models[engine] = torch.load(tmp_path / name / engine / "model.pt")
+        a, b = models["flower"], models["sequential"]
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name

@@ -24,8 +24,7 @@ ModalityKind = Literal["image", "sequence", "tokens", "vector"]
 TaskKind = Literal["classification", "regression"]
 
 
-class DataError(ValueError):
-    """A data file or dataset definition is unusable; the message is one line."""
+from fedmeta.errors import DataError  # noqa: E402,F401 - defined in fedmeta.errors
 
 
 @dataclass(frozen=True)
