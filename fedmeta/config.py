@@ -203,9 +203,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        from fedmeta.data.base import split_clients, validation_count  # light import, no torch model code
+        from fedmeta.population import heldout_count, validation_count  # no torch: the counts split_clients uses
 
-        n_train = len(split_clients(self.data.num_clients, self.data.heldout_fraction, self.data.seed).train)
+        n_train = self.data.num_clients - heldout_count(self.data.num_clients, self.data.heldout_fraction)
         n_val = validation_count(self.data.num_clients, self.data.validation_fraction)
         if n_val >= n_train:
             raise ValueError(
