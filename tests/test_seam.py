@@ -182,3 +182,41 @@ def test_a_name_registered_by_the_module_a_reference_names(tmp_path, monkeypatch
         assert type(algorithm_for(build_config(None, ["meta.algorithm=my_reg_method"]))).__name__ == "Mine"  # now registered
     finally:
         REGISTRY.pop("my_reg_method", None)
+
+
+# -- docs/extending.md: a stateful method on the public seam, as it stands ---------------------------------------
+
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_extending_md_scaffold_runs_as_it_stands_and_equals_the_builtin(tmp_path, monkeypatch, capsys):
+    """The snippet as a script (Python API, vectorised), then by reference on the CLI (sequential) against the built-in."""
+    import runpy
+
+    from fedmeta.cli import main
+
+    section = (ROOT / "docs" / "extending.md").read_text().split("### A stateful method: SCAFFOLD on the public seam", 1)[1]
+    (tmp_path / "my_scaffold.py").write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_scaffold", raising=False)
+    runpy.run_path(str(tmp_path / "my_scaffold.py"), run_name="__main__")
+    assert "held-out accuracy" in capsys.readouterr().out
+    assert json.loads((tmp_path / "runs" / "my_scaffold" / "summary.json").read_text())["rounds_completed"] == 3
+    small = ["data.num_clients=10", "data.examples_per_client=20", "simulation.clients_per_round=3", "simulation.rounds=3",
+             "simulation.engine=sequential", "simulation.eval_every=3", "output.progress=false", "meta.params.global_lr=0.8"]
+    models = {}
+    for name in ("my_scaffold:MyScaffold", "scaffold"):
+        out = tmp_path / name.replace(":", "_")
+        assert main(["simulate", *[a for kv in small + [f"meta.algorithm={name}"] for a in ("--set", kv)], "--out", str(out)]) == 0
+        assert json.loads((out / "config.json").read_text())["meta"]["params"] == {"global_lr": 0.8}
+        models[name] = (torch.load(out / "model.pt"), torch.load(out / "meta_state.pt"))
+    sys.modules.pop("my_scaffold", None)
+    (mine, mine_c), (builtin, builtin_c) = models["my_scaffold:MyScaffold"], models["scaffold"]
+    assert all(torch.allclose(mine[k], builtin[k], atol=1e-6) for k in builtin)
+    assert all(torch.allclose(mine_c["c/" + k.split("/", 1)[1]], v, atol=1e-6) for k, v in builtin_c.items())
