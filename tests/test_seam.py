@@ -220,3 +220,29 @@ def test_extending_md_scaffold_runs_as_it_stands_and_equals_the_builtin(tmp_path
     (mine, mine_c), (builtin, builtin_c) = models["my_scaffold:MyScaffold"], models["scaffold"]
     assert all(torch.allclose(mine[k], builtin[k], atol=1e-6) for k in builtin)
     assert all(torch.allclose(mine_c["c/" + k.split("/", 1)[1]], v, atol=1e-6) for k, v in builtin_c.items())
+
+
+def test_dp_wraps_a_methods_own_server_apply(small_cfg, tmp_path):
+    """SCAFFOLD under DP: the private mean (clipped, noised, fixed denominator) goes through scaffold's server_apply."""
+    from fedmeta.privacy.server import PrivateServer
+
+    cfg = small_cfg("meta.algorithm=scaffold", "privacy.enabled=true", "simulation.sampling=poisson", "privacy.noise_multiplier=0",
+                    "privacy.clip_norm=1.0", "meta.params.global_lr=0.5")
+    theta = {"w": torch.zeros(3)}
+    algo = algorithm_for(cfg)
+    theta |= algo.extra_state(theta)
+    server = Server(cfg, theta, 8)
+    assert isinstance(server.hook, PrivateServer) and server.hook.algorithm is algo
+    big = {"w": torch.tensor([30.0, 0.0, 40.0]), "scaffold/w": torch.zeros(3)}  # norm 50: clipped to 1
+    info = server.step([ClientUpdate(0, big, 5)], 1)
+    q_n = 3 / 8 * 8  # the fixed denominator q * N
+    assert info["beta"] == 0.5 and info["clip_norm"] == 1.0
+    assert torch.allclose(server.theta["w"], 0.5 * torch.tensor([0.6, 0.0, 0.8]) / q_n)
+    assert torch.equal(server.theta["scaffold/w"], torch.zeros(3))
+
+
+def test_meta_params_travel_through_flowers_flat_run_config():
+    from fedmeta.config import config_from_run_config
+
+    cfg = build_config(None, ["meta.algorithm=ditto", "meta.params.lam=0.25"])
+    assert config_from_run_config(cfg.to_flat()) == cfg
