@@ -257,3 +257,18 @@ def test_the_five_methods_on_the_flower_simulation_engine(tmp_path):
             models[engine] = torch.load(tmp_path / name / engine / "model.pt")
         a, b = models["flower"], models["sequential"]
         assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, name
+
+
+def test_the_protocol_searches_a_methods_own_params_and_maps_them_back():
+    import optuna
+
+    from experiments.protocol import STUDIES, params_to_overrides, suggest
+
+    chosen = {"inner_lr": 0.1, "inner_steps": 3, "params.lam": 0.5}
+    sets = suggest(optuna.trial.FixedTrial(chosen), "ditto", regression=False)
+    assert sets == ["meta.inner_lr=0.1", "meta.inner_steps=3", "meta.params.lam=0.5"]
+    assert params_to_overrides(chosen, "ditto") == sets
+    assert build_config(None, sets + ["meta.algorithm=ditto"]).meta.params == {"lam": 0.5}
+    for study in ("avdigits-methods", "synthetic-methods"):
+        arms = {a.algorithm for a in STUDIES[study].arms}
+        assert set(METHODS) <= arms and all((m, "fedavg_ft") in STUDIES[study].pairs for m in METHODS)
