@@ -28,15 +28,16 @@ import sys
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmeta.config import BUILTIN_ALGORITHMS, BUILTIN_DATASETS, BUILTIN_MODEL, Config, config_from_json
+from fedmeta.config import BUILTIN_DATASETS, BUILTIN_MODEL, Config, config_from_json
 from fedmeta.data.base import spec_to_dict
 from fedmeta import client as work
+from fedmeta.meta.algorithm import builtin_names
 
 app = ClientApp()
 log = logging.getLogger("fedmeta.node")
 
 #: config key -> what a node that does not name the key in its node config accepts (fedmeta's own code)
-COMPONENTS = {"model.factory": (BUILTIN_MODEL,), "data.dataset": BUILTIN_DATASETS, "meta.algorithm": BUILTIN_ALGORITHMS}
+COMPONENTS = {"model.factory": (BUILTIN_MODEL,), "data.dataset": BUILTIN_DATASETS, "meta.algorithm": builtin_names()}
 SIMULATED_NODE = {"partition-id", "num-partitions"}  # the node config Flower's simulation runtime gives every node
 
 
@@ -69,6 +70,7 @@ def _config(msg: Message, context: Context) -> Config:
     cfg = config_from_json(str(msg.content["config"]["fedmeta-config"]))
     check_components(cfg, dict(context.node_config))
     return cfg
+CLIENT_STATE = "fedmeta-client-state"  # context.state key of a stateful method's client state (never sent)
 
 
 def _setup(msg: Message, context: Context):
@@ -99,7 +101,11 @@ def train(msg: Message, context: Context) -> Message:
     """Inner loop from theta on the support set; reply phi and ``num-examples``."""
     cfg, cid, data, spec, _, model, device = _setup(msg, context)
     rnd = int(msg.content["config"]["server-round"])
-    phi, metrics = work.train_client(model, _theta(msg, device), data, cfg, spec, rnd, cid)
+    held = context.state.array_records.get(CLIENT_STATE)  # a stateful method's state, kept on this node
+    state = None if held is None else {k: v.to(device) for k, v in held.to_torch_state_dict().items()}
+    phi, metrics, state = work.train_client_state(model, _theta(msg, device), data, cfg, spec, rnd, cid, state)
+    if state:
+        context.state[CLIENT_STATE] = ArrayRecord(torch_state_dict={k: v.cpu() for k, v in state.items()})
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict={k: v.cpu() for k, v in phi.items()}), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 

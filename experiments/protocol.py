@@ -99,13 +99,15 @@ def _privacy_arms() -> list[Arm]:
 
 
 METHODS = ("reptile", "fedavg_ft", "maml", "fomaml", "local")
+PERSONAL = ("perfedavg", "ditto", "fedrep", "scaffold", "protonet")  # issue 20's methods, on the public seam
+PERSONAL_PAIRS = [(m, "fedavg_ft") for m in PERSONAL]
 STUDIES = {
     s.name: s
     for s in [
         Study("avdigits-methods", "experiments/configs/avdigits_protocol.toml",
-              [Arm(m, m) for m in METHODS],
+              [Arm(m, m) for m in METHODS + PERSONAL],
               [("reptile", "fedavg_ft"), ("maml", "fedavg_ft"), ("fomaml", "fedavg_ft"), ("maml", "reptile"),
-               ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")]),
+               ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")] + PERSONAL_PAIRS),
         Study("avdigits-long", "experiments/configs/avdigits_protocol.toml",
               [Arm("reptile", "reptile", [], fixed_from="avdigits-methods/reptile"),
                Arm("fedavg_ft", "fedavg_ft", [], fixed_from="avdigits-methods/fedavg_ft")],
@@ -131,14 +133,18 @@ STUDIES = {
                    "the inner learning rate (training and adaptation) is tuned, per setting, on validation clients. "
                    "The selection itself is not charged to ε (see docs/benchmarks.md)."),
         Study("synthetic-methods", "experiments/configs/default_protocol.toml",
-              [Arm(m, m) for m in METHODS],
+              [Arm(m, m) for m in METHODS + PERSONAL],
               [("reptile", "fedavg_ft"), ("maml", "fedavg_ft"), ("fomaml", "fedavg_ft"), ("maml", "reptile"),
-               ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")]),
+               ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")] + PERSONAL_PAIRS),
     ]
 }
 
 
 # -- search space ---------------------------------------------------------------------------------
+
+
+#: a method's own hyper-parameters searched beside the shared ones: (meta.params key, low, high), log-uniform
+METHOD_PARAMS = {"ditto": [("lam", 1e-3, 10.0)], "perfedavg": [("beta", 1e-3, 1.0)], "scaffold": [("global_lr", 0.1, 1.0)]}
 
 
 def suggest(trial, algorithm: str, regression: bool, space: str = "full") -> list[str]:
@@ -148,6 +154,9 @@ def suggest(trial, algorithm: str, regression: bool, space: str = "full") -> lis
     if algorithm == "local" or space == "inner_lr":  # local: no training, only the adaptation learning rate matters
         return out
     out.append(f"meta.inner_steps={trial.suggest_int('inner_steps', 1, 10)}")
+    out += [f"meta.params.{n}={trial.suggest_float('params.' + n, a, b, log=True)}" for n, a, b in METHOD_PARAMS.get(algorithm, ())]
+    if algorithm in PERSONAL:  # their server step is their own (beta = 1, or scaffold's meta.params.global_lr)
+        return out
     if algorithm in SECOND_ORDER:
         beta = trial.suggest_float("outer_lr", 1e-3 if regression else 1e-2, 1.0, log=True)
     else:
@@ -161,6 +170,9 @@ def params_to_overrides(params: dict, algorithm: str) -> list[str]:
     if not params:
         return []
     out = [f"meta.inner_lr={params['inner_lr']}"]
+    if "inner_steps" in params and "outer_lr" not in params:  # a method with its own server step (PERSONAL)
+        out.append(f"meta.inner_steps={params['inner_steps']}")
+    out += [f"meta.{k}={v}" for k, v in sorted(params.items()) if k.startswith("params.")]
     if algorithm != "local" and "outer_lr" in params:
         beta = params["outer_lr"]
         out += [f"meta.inner_steps={params['inner_steps']}", f"meta.outer_lr={beta}",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedmeta import __version__
 from fedmeta.config import Config, ConfigError, build_config, load_config, parse_override
+from fedmeta.errors import FedmetaError
 from fedmeta.components import check_components
 from fedmeta.results import (
     CHECKPOINT, CONFIG, RunDirError, check_resume, default_out_dir, prepare_out_dir, read_run_config, run_dir_lock, run_files,
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, RunDirError) as err:
+    except FedmetaError as err:  # every fedmeta error (fedmeta.errors): config, run dir, data, run, privacy ...
         return _fail(str(err))
     except KeyboardInterrupt:
         code = _fail(_interrupted(getattr(args, "run_dir", None)), 130)
@@ -151,15 +152,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(code)
         return code
-    except Exception as err:  # noqa: BLE001 - a one-line message for known error kinds, traceback otherwise
-        from fedmeta.data.base import DataError
-        from fedmeta.federation import RunError
-
-        from fedmeta.privacy import PrivacyError
-
-        if isinstance(err, (DataError, RunError, PrivacyError)):
-            return _fail(str(err))
-        raise
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from fedmeta.config import Config
 from fedmeta.data import ClientData, DatasetSpec, build_dataset
 from fedmeta.data.base import client_group
-from fedmeta.meta import InnerConfig, Params, adapt_and_evaluate, batch_schedule, client_seed
-from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for
+from fedmeta.meta import InnerConfig, Params, batch_schedule, client_seed
+from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, client_step, model_params
 from fedmeta.meta.maml import split_support
 from fedmeta.models import build_model_for
 
@@ -34,8 +34,15 @@ def configure_torch(threads: int = 1) -> None:
 
 
 def model_for(cfg: Config, spec: DatasetSpec) -> nn.Module:
-    """The config's model (``model.factory``), initialised from ``simulation.seed``."""
-    return build_model_for(cfg, spec)
+    """The config's model (``model.factory``), initialised from ``simulation.seed``; the method may refuse it (``check_model``)."""
+    model = build_model_for(cfg, spec)
+    try:
+        algorithm_for(cfg).check_model(model)
+    except ValueError as err:
+        from fedmeta.components import ComponentError
+
+        raise ComponentError(f"config error: {str(err).splitlines()[0]}") from None
+    return model
 
 
 def inner_config(cfg: Config, spec: DatasetSpec, evaluation: bool = False) -> InnerConfig:
@@ -88,8 +95,21 @@ def train_plan(cfg: Config, algorithm: MetaAlgorithm, data: ClientData, server_r
 
 
 def train_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> tuple[Params, dict[str, float]]:
-    """The algorithm's client update from theta; metrics carry ``num-examples`` (support size) and its own metrics."""
+    """The algorithm's client update from theta; metrics carry ``num-examples`` (support size) and its own metrics.
+
+    A stateful method starts from a fresh client state here (see :func:`train_client_state`).
+    """
+    phi, metrics, _ = train_client_state(model, theta, data, cfg, spec, server_round, cid, None)
+    return phi, metrics
+
+
+def train_client_state(
+    model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int, state: Params | None
+) -> tuple[Params, dict[str, float], Params]:
+    """:func:`train_client` with the client's state (None: the method's ``init_client_state``); also returns the new state."""
     algorithm = algorithm_for(cfg)
+    if state is None:
+        state = algorithm.init_client_state(model_params(theta)) if algorithm.stateful else {}
     rows, schedule = train_plan(cfg, algorithm, data, server_round, cid)
     inner = data.rows(0, rows.n_inner)
     support = (inner.x, inner.y, inner.present)
@@ -97,9 +117,9 @@ def train_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config,
     if algorithm.needs_query:
         q = data.rows(rows.query_start, rows.query_start + rows.n_query)
         query = (q.x, q.y, q.present)
-    phi, metrics = algorithm.client_update(model, theta, support, query, schedule, inner_config(cfg, spec))
+    phi, metrics, state = client_step(algorithm, model, theta, state, support, query, schedule, inner_config(cfg, spec))
     phi = client_side_clip(cfg, theta, {k: v.detach() for k, v in phi.items()})
-    return phi, {"num-examples": data.n_support} | {k: float(v) for k, v in metrics.items()}
+    return phi, {"num-examples": data.n_support} | {k: float(v) for k, v in metrics.items()}, {k: v.detach() for k, v in state.items()}
 
 
 def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> dict[str, float]:
@@ -110,7 +130,8 @@ def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Conf
     icfg = inner_config(cfg, spec, evaluation=True)
     s, q = data.support(), data.query()
     schedule = eval_schedule(cfg, data, server_round, cid, icfg.steps)
-    out = adapt_and_evaluate(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), schedule, icfg, CURVE_STEPS, algorithm_for(cfg).adapt)
+    metrics = algorithm_for(cfg).evaluate(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), schedule, icfg, CURVE_STEPS)
+    out = {k: float(v) for k, v in metrics.items()}
     out["num-examples"] = data.n_query
     return out
 

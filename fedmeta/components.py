@@ -26,8 +26,7 @@ from fedmeta.config import ConfigError
 REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
-class ComponentError(ConfigError):
-    """A component reference that cannot be imported or does not fit its contract (one line)."""
+from fedmeta.errors import ComponentError  # noqa: E402,F401 - defined in fedmeta.errors
 
 
 def is_reference(value: str) -> bool:

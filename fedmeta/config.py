@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_DATASETS = ("synthetic", "avdigits", "sine", "disk", "store")
-BUILTIN_ALGORITHMS = ("reptile", "fedavg", "fedavg_ft", "fomaml", "maml", "local", "metasgd")
+ALGORITHM_NAME = re.compile(r"^[A-Za-z_][\w-]*$")  # a registered method's name: checked against the registry when a run starts
 BUILTIN_MODEL = "fedmeta.models:multimodal_net"
 
 
@@ -35,8 +35,7 @@ def _builtin_or_reference(value: str, builtins: tuple[str, ...], what: str) -> s
     raise ValueError(f"must be one of {names} or a '{what}' reference (got {value!r})")
 
 
-class ConfigError(ValueError):
-    """An invalid configuration; ``str(err)`` is a single line."""
+from fedmeta.errors import ConfigError  # noqa: E402,F401 - defined in fedmeta.errors, importable from here
 
 
 #: Seeds must fit numpy's legacy ``RandomState`` and ``torch.manual_seed`` alike.
@@ -119,10 +118,18 @@ class MetaConfig(_Section):
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmed_mean: fraction cut from each end per coordinate
 
+    # the method's own hyper-parameters (its Params model validates them when the run starts: meta.params.<key>)
+    params: dict[str, Any] = Field(default_factory=dict)
+
     @field_validator("algorithm")
     @classmethod
     def _algorithm(cls, v: str) -> str:
-        return _builtin_or_reference(v, BUILTIN_ALGORITHMS, "package.module:Name")
+        """A registered name or a reference; *which* names are registered is the registry's (fedmeta.meta.algorithm), not a list here."""
+        from fedmeta.components import is_reference
+
+        if ALGORITHM_NAME.match(v) or is_reference(v):
+            return v
+        raise ValueError(f"must be a registered method name (e.g. 'reptile') or a 'package.module:Name' reference (got {_short(v)})")
 
     @model_validator(mode="after")
     def _final_below_start(self) -> "MetaConfig":
@@ -199,9 +206,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        from fedmeta.data.base import split_clients, validation_count  # light import, no torch model code
+        from fedmeta.population import heldout_count, validation_count  # no torch: the counts split_clients uses
 
-        n_train = len(split_clients(self.data.num_clients, self.data.heldout_fraction, self.data.seed).train)
+        n_train = self.data.num_clients - heldout_count(self.data.num_clients, self.data.heldout_fraction)
         n_val = validation_count(self.data.num_clients, self.data.validation_fraction)
         if n_val >= n_train:
             raise ValueError(
@@ -262,7 +269,10 @@ class Config(_Section):
         out: dict[str, Any] = {}
         for section, values in self.to_dict().items():
             for key, value in values.items():
-                out[f"{section}.{key}"] = value
+                if isinstance(value, dict):  # meta.params: one dotted key per entry
+                    out.update({f"{section}.{key}.{k}": v for k, v in value.items()})
+                else:
+                    out[f"{section}.{key}"] = value
         return out
 
 

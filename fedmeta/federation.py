@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from fedmeta.config import Config
-from fedmeta.meta.aggregate import aggregate, weighted_average
+from fedmeta.meta.aggregate import weighted_average
 from fedmeta.meta.inner import Params, client_seed
-from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
-from fedmeta.meta.outer import ServerAdam, apply_step, difference
+from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, extra_params, model_params
+from fedmeta.meta.outer import difference
 from fedmeta.results import CHECKPOINT, CONFIG, SUMMARY, RunWriter, check_resume, read_run_config
 
 log = logging.getLogger("fedmeta")
@@ -60,8 +60,7 @@ class Backend(Protocol):
     def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies: ...
 
 
-class RunError(RuntimeError):
-    """A run cannot continue; the message is one line."""
+from fedmeta.errors import RunError  # noqa: E402,F401 - defined in fedmeta.errors
 
 
 def _rng(cfg: Config, stream: int, server_round: int, attempt: int = 0) -> np.random.Generator:
@@ -189,22 +188,65 @@ def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any], droppe
     return {k: _mean(weighted, k) for k in keys}
 
 
-class Server:
-    """Server state and the outer step: theta, the privacy mechanism and the accountant."""
+def noise_generator(cfg: Config, privacy: Any, server_round: int, attempt: int = 0) -> torch.Generator:
+    """DP noise seeding call site: the generator of one round's DP noise (used by the private server hook).
 
-    def __init__(self, cfg: Config, theta: Params, num_train_clients: int) -> None:
+    From the server's secret (the same noise when a resume re-runs this round, and nobody else can draw it), or,
+    with ``privacy.reproducible_noise = true``, from the config: anyone holding it can regenerate this noise.
+    """
+    if privacy.secret is not None:
+        return privacy.noise_generator(NOISE_STREAM, server_round, attempt)
+    return torch.Generator().manual_seed(
+        client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
+    )
+
+
+class AlgorithmServer:
+    """The algorithm's own server hook, as the round loop drives it (no DP: nothing to stop on, account or report)."""
+
+    def __init__(self, algorithm: MetaAlgorithm) -> None:
+        self.algorithm = algorithm
+
+    def update(self, theta: Params, deltas: list[Params], weights: list[float], server_round: int, state: dict[str, Any], attempt: int = 0):
+        return self.algorithm.server_update(theta, deltas, weights, server_round, state)
+
+    def budget_exhausted(self) -> str | None:
+        return None
+
+    def account_round(self) -> None:
+        pass
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        pass
+
+
+class Server:
+    """Server state and the outer step: theta, the algorithm's server state, and its server hook.
+
+    ``hook`` is the algorithm's server hook (:meth:`MetaAlgorithm.server_update`) or, with
+    ``privacy.enabled``, :class:`fedmeta.privacy.server.PrivateServer` wrapping it (clip, noise,
+    account); ``privacy`` is that wrapper's ``ServerPrivacy`` (mechanism, accountant), else None.
+    """
+
+    def __init__(self, cfg: Config, theta: Params, num_train_clients: int, algorithm: MetaAlgorithm | None = None) -> None:
         self.cfg = cfg
         self.theta = {k: v.detach().clone() for k, v in theta.items()}
         self.num_train = num_train_clients
-        self.algorithm = algorithm_for(cfg)
-        self.optimizer = None
-        if cfg.meta.server_optimizer == "adam":
-            self.optimizer = ServerAdam(cfg.meta.server_beta1, cfg.meta.server_beta2, cfg.meta.server_eps)
+        self.algorithm = algorithm if algorithm is not None else algorithm_for(cfg)
+        self.state = self.algorithm.init_server_state(self.theta, num_train_clients)
+        self.hook: Any = AlgorithmServer(self.algorithm)
         self.privacy = None
         if cfg.privacy.enabled:
-            from fedmeta.privacy.server import ServerPrivacy
+            from fedmeta.privacy.server import PrivateServer
 
-            self.privacy = ServerPrivacy(cfg, num_train_clients, sample_rate(cfg, num_train_clients))
+            self.hook = PrivateServer(self.algorithm, cfg, num_train_clients, sample_rate(cfg, num_train_clients), noise_generator)
+            self.privacy = self.hook.privacy
 
     @property
     def secret_noise(self) -> bool:
@@ -217,42 +259,34 @@ class Server:
         return sample_cohort(self.cfg, population, server_round, attempt, seed=seed)
 
     def step(self, updates: list[ClientUpdate], server_round: int, attempt: int = 0) -> dict[str, float]:
-        """Apply one outer step from the clients' phi; returns round info (beta, clip, ...)."""
-        cfg = self.cfg
-        beta = self.algorithm.step_size(server_round)
+        """Apply one outer step from the clients' phi through the server hook; returns round info (beta, clip, ...)."""
         deltas = [difference(u.phi, self.theta) for u in updates]
-        info: dict[str, float] = {"beta": beta}
-        if self.privacy is None:
-            mean = aggregate(deltas, [u.num_examples for u in updates], cfg.meta.aggregation, cfg.meta.trim_fraction, cfg.simulation.max_weight)
-        else:
-            if self.secret_noise:  # the same noise when a resume re-runs this round, and nobody else can draw it
-                generator = self.privacy.noise_generator(NOISE_STREAM, server_round, attempt)
-            else:  # privacy.reproducible_noise = true: anyone with the config can regenerate this noise
-                generator = torch.Generator().manual_seed(
-                    client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
-                )
-            like = {k: torch.zeros_like(v) for k, v in self.theta.items()}
-            mean, dp_info = self.privacy.aggregate(deltas, generator, like=like)
-            info.update(dp_info)
-        if self.optimizer is None:
-            self.theta = apply_step(self.theta, mean, beta)
-        else:
-            self.theta = apply_step(self.theta, self.optimizer.update(mean, beta), 1.0)
+        self.theta, self.state, info = self.hook.update(
+            self.theta, deltas, [u.num_examples for u in updates], server_round, self.state, attempt=attempt)
         return info
 
+    @property
+    def optimizer(self):
+        """ServerAdam's state as a :class:`~fedmeta.meta.outer.ServerAdam` (read-only view; None without it), as before the hook moved."""
+        if "adam" not in self.state:
+            return None
+        from fedmeta.meta.outer import ServerAdam
+
+        adam = ServerAdam(self.cfg.meta.server_beta1, self.cfg.meta.server_beta2, self.cfg.meta.server_eps)
+        adam.load_state_dict(self.state["adam"])
+        return adam
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "theta": self.theta,
-            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-            "privacy": None if self.privacy is None else self.privacy.state_dict(),
-        }
+        return {"theta": self.theta, "algorithm": self.state, "privacy": self.hook.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.theta = state["theta"]
-        if self.optimizer is not None and state.get("optimizer") is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.privacy is not None and state.get("privacy") is not None:
-            self.privacy.load_state_dict(state["privacy"])
+        if "algorithm" in state:
+            self.state = state["algorithm"]
+        elif state.get("optimizer") is not None:  # a checkpoint written before the server hook moved into the algorithm
+            self.state = {"adam": state["optimizer"]}
+        if state.get("privacy") is not None:
+            self.hook.load_state_dict(state["privacy"])
 
 
 def run_federation(
@@ -296,6 +330,8 @@ def run_federation(
         if {k: tuple(v.shape) for k, v in theta.items()} != {k: tuple(v.shape) for k, v in server.theta.items()}:
             raise RunError(f"{writer.dir / CHECKPOINT}: its parameters do not match the model of {writer.dir / CONFIG}")
         server.load_state_dict(ckpt["server"])
+        if hasattr(backend, "client_states"):  # a stateful method's client state, as it was after that round
+            backend.client_states.load_state_dict(ckpt.get("clients"))
         start_round = ckpt["round"] + 1
         history = writer.truncate_metrics(ckpt["round"])
         started -= float(ckpt.get("elapsed_s", 0.0))
@@ -320,11 +356,10 @@ def run_federation(
         failures = rejected = 0
         attempts = 1 + (cfg.simulation.max_retries if cfg.simulation.on_too_few == "retry" else 0)
         for attempt in range(attempts):
-            if server.privacy is not None:
-                stop = server.privacy.budget_exhausted()
-                if stop:
-                    record["stopped"] = stop
-                    break
+            stop = server.hook.budget_exhausted()
+            if stop:
+                record["stopped"] = stop
+                break
             cohort = server.cohort(train_pop, rnd, attempt)
             replies = backend.train(server.theta, cohort, rnd) if cohort else Replies()
             replies.results, screened = screen_updates(replies.results, server.theta, cfg.simulation.max_update_norm)
@@ -333,8 +368,7 @@ def run_federation(
                 log.warning("round %s: rejected update: %s", rnd, reason)
             failures += replies.failures
             rejected += len(replies.rejected)
-            if server.privacy is not None:
-                server.privacy.account_round()  # every attempt releases (or could release) an output
+            server.hook.account_round()  # DP: every attempt releases (or could release) an output
             if not private:
                 record.update({"clients": len(cohort), "replies": len(replies.results)})
             # a private run releases every attempt (an empty cohort releases noise alone): whether a round is
@@ -356,8 +390,7 @@ def run_federation(
             log.warning("round %s: %d training clients failed, %d rejected (not written: private run)", rnd, failures, rejected)
         # private: failures and rejected count held-out/validation evaluation only (the cohort's would reveal its size)
         record.update({"failures": 0 if private else failures, "rejected": 0 if private else rejected, "skipped": not applied})
-        if server.privacy is not None:
-            record.update(server.privacy.report())
+        record.update(server.hook.report())
 
         if rnd % cfg.simulation.eval_every == 0 or rnd == R:
             if applied and not private:  # the training cohort's own loss/accuracy: un-noised, so not in a private run
@@ -371,7 +404,10 @@ def run_federation(
         if progress is not None:
             progress(record)
         if rnd % cfg.output.checkpoint_every == 0 or rnd == R:
-            writer.save_checkpoint({"round": rnd, "server": server.state_dict(), "elapsed_s": time.time() - started, "config": cfg.to_dict()})
+            ckpt = {"round": rnd, "server": server.state_dict(), "elapsed_s": time.time() - started, "config": cfg.to_dict()}
+            if hasattr(backend, "client_states"):
+                ckpt["clients"] = backend.client_states.state_dict()
+            writer.save_checkpoint(ckpt)
 
     stop = history[-1] if history and history[-1].get("stopped") else None
     if stop is not None:  # stopped early: evaluate the model that model.pt will hold, not an older round's
@@ -476,8 +512,7 @@ def build_summary(cfg: Config, backend: Backend, server: Server, history: list[d
     if stop:
         summary["stopped_early"] = stop["stopped"]  # the reason, e.g. "privacy budget: ..."
         summary["stopped_at_round"] = stop.get("stopped_at_round", stop["round"] - 1)
-    if server.privacy is not None:
-        summary.update(server.privacy.report())
+    summary.update(server.hook.report())
     summary = round_floats(summary)
     if spec is not None:  # what fedmeta.load_run rebuilds the model from, without the data
         from fedmeta.data.base import spec_to_dict

@@ -54,8 +54,7 @@ RESUMABLE = {
 _NOT_RECORDED = ("output.dir", "output.resume")  # how this invocation was started; config.json keeps its own
 
 
-class RunDirError(ValueError):
-    """A run directory or checkpoint is unusable; the message is one line naming the file."""
+from fedmeta.errors import RunDirError  # noqa: E402,F401 - defined in fedmeta.errors
 
 
 # -- one process per run directory --------------------------------------------------------------

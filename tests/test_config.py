@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("data.heldout_fraction=1.0", "config error: data.heldout_fraction: must be < 1"),
         ("data.support_fraction=1.5", "config error: data.support_fraction: must be < 1"),
         ("simulation.clients_per_round=49", "config error: simulation.clients_per_round: must be <= the 48 training clients"),
-        ("meta.algorithm='maml2'", "config error: meta.algorithm: must be one of 'reptile', 'fedavg', 'fedavg_ft', 'fomaml', 'maml', 'local', 'metasgd' or a 'package.module:Name' reference (got 'maml2')"),
+        ("meta.algorithm='maml 2'", "config error: meta.algorithm: must be a registered method name (e.g. 'reptile') or a 'package.module:Name' reference (got 'maml 2')"),
         ("privacy.delta=1", "config error: privacy.delta: must be < 1"),
         ("privacy.noise_multiplier=-1", "config error: privacy.noise_multiplier: must be >= 0"),
         ("privacy.clip_norm=0", "config error: privacy.clip_norm: must be > 0"),
@@ -33,6 +33,15 @@ def test_bad_values_give_one_line_naming_the_field(override, expected):
     message = str(err.value)
     assert message.startswith(expected), message
     assert "\n" not in message
+
+
+def test_an_unregistered_method_name_is_one_line_listing_the_registry():
+    from fedmeta.components import check_components
+
+    with pytest.raises(ConfigError) as err:
+        check_components(build_config(None, ["meta.algorithm='maml2'"]))
+    assert str(err.value).startswith("config error: meta.algorithm: must be one of 'reptile', 'fedavg', 'fedavg_ft', 'local', 'maml', 'fomaml', 'metasgd'")
+    assert str(err.value).endswith("or a 'package.module:Name' reference (got 'maml2')") and "\n" not in str(err.value)
 
 
 def test_set_parses_toml_values_and_nests():

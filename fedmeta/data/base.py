@@ -24,8 +24,7 @@ ModalityKind = Literal["image", "sequence", "tokens", "vector"]
 TaskKind = Literal["classification", "regression"]
 
 
-class DataError(ValueError):
-    """A data file or dataset definition is unusable; the message is one line."""
+from fedmeta.errors import DataError  # noqa: E402,F401 - defined in fedmeta.errors
 
 
 @dataclass(frozen=True)
@@ -159,9 +158,7 @@ def client_group(dataset, cid: int) -> str:
     return "validation" if cid in set(validation_clients(dataset)) else "train"
 
 
-def validation_count(num_clients: int, fraction: float) -> int:
-    """How many clients ``data.validation_fraction`` names: ``round(fraction * num_clients)``, >= 1 if > 0."""
-    return 0 if fraction <= 0 else max(1, int(round(fraction * num_clients)))
+from fedmeta.population import heldout_count, validation_count  # noqa: E402,F401 - torch-free, shared with fedmeta.config
 
 
 def carve_validation(train: list[int], count: int, seed: int) -> tuple[list[int], list[int]]:
@@ -197,7 +194,7 @@ def split_clients(num_clients: int, heldout_fraction: float, seed: int) -> Clien
         raise DataError(f"data.num_clients: need at least 2 clients, got {num_clients}")
     rng = np.random.default_rng([seed, 0xC11E])
     perm = rng.permutation(num_clients)
-    n_held = min(max(1, int(round(heldout_fraction * num_clients))), num_clients - 1)
+    n_held = heldout_count(num_clients, heldout_fraction)
     return ClientSplit(train=sorted(perm[n_held:].tolist()), heldout=sorted(perm[:n_held].tolist()))
 
 

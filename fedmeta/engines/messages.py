@@ -36,8 +36,7 @@ NPY_PREFIX = 12  # magic (6) + version (2) + header length (4 in format 2.0)
 log = logging.getLogger("fedmeta.server")
 
 
-class ReplyError(ValueError):
-    """A malformed client reply; the message says why in one line."""
+from fedmeta.errors import ReplyError  # noqa: E402,F401 - defined in fedmeta.errors
 
 
 def _why(err: BaseException) -> str:

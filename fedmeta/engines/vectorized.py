@@ -61,8 +61,7 @@ from fedmeta.client import (
     train_plan,
 )
 from fedmeta.federation import ClientUpdate, Params, Replies, RunError
-from fedmeta.meta.algorithm import algorithm_for
-from fedmeta.meta.inner import adaptation_metrics
+from fedmeta.meta.algorithm import ClientStates, algorithm_for, client_step
 
 # One intra-op thread: measured fastest for the default model on a 2-core machine
 # (see docs/benchmarks.md, section 2); a second thread only adds contention.
@@ -244,6 +243,7 @@ class VectorizedBackend:
         self.algorithm = algorithm_for(cfg)
         self.chunk_size = cfg.simulation.chunk_size
         self.store = ClientStore(dataset)
+        self.client_states = ClientStates(self.algorithm)  # a stateful method's per-client state (host memory)
 
     def populations(self) -> tuple[list[int], list[int]]:
         return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
@@ -269,7 +269,10 @@ class VectorizedBackend:
         plans = [train_plan(cfg, algorithm, store.client(cid), server_round, cid) for cid in cids]
         theta_d = self._on_device(theta)
         query_dim = 0 if algorithm.needs_query else None
-        update = vmap(algorithm.client_update, in_dims=(None, None, 0, query_dim, 0, None), randomness="error")
+        update = vmap(
+            lambda model, th, st, sup, qry, sch, ic: client_step(algorithm, model, th, st, sup, qry, sch, ic),
+            in_dims=(None, None, 0, 0, query_dim, 0, None), randomness="error",
+        )
         out: list[TrainChunk] = []
         for chunk in _groups([(*plans[p][1].shape, plans[p][0].n_query) for p in range(len(cids))], self.chunk_size):
             idx = torch.tensor([cids[p] for p in chunk])
@@ -279,8 +282,12 @@ class VectorizedBackend:
             if algorithm.needs_query:
                 start = torch.tensor([plans[p][0].query_start for p in chunk])
                 query = store.gather(idx, start, plans[chunk[0]][0].n_query, self.device)
+            states = [self.client_states.get(cids[p], theta) for p in chunk]
+            state = {k: torch.stack([st[k] for st in states]).to(self.device) for k in states[0]}
             with vmap_errors(self.cfg):
-                phi, metrics = update(self.model, theta_d, support, query, schedule, icfg)
+                phi, metrics, state = update(self.model, theta_d, state, support, query, schedule, icfg)
+            for j, p in enumerate(chunk):
+                self.client_states.put(cids[p], {k: v[j] for k, v in state.items()})
             out.append(TrainChunk(
                 positions=list(chunk),
                 phi={k: v.detach().cpu() for k, v in phi.items()},
@@ -312,7 +319,7 @@ class VectorizedBackend:
             schedule = torch.stack([schedules[p] for p in chunk]).to(self.device)
             with vmap_errors(self.cfg):
                 columns = vmap(
-                    lambda th, sup, qry, sch: adaptation_metrics(self.model, th, sup, qry, sch, icfg, marks, self.algorithm.adapt),
+                    lambda th, sup, qry, sch: self.algorithm.evaluate(self.model, th, sup, qry, sch, icfg, marks),
                     in_dims=(None, 0, 0, 0),
                     randomness="error",
                 )(theta_d, (sx, sy, sp), (qx, qy, qp), schedule)

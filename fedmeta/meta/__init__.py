@@ -11,11 +11,20 @@ from fedmeta.meta.inner import (
     loss_fn,
     params_of,
 )
-from fedmeta.meta.algorithm import REGISTRY, MetaAlgorithm, algorithm_for, extra_params, model_params, register
+from fedmeta.meta.algorithm import (
+    REGISTRY,
+    ClientStates,
+    MetaAlgorithm,
+    algorithm_for,
+    client_step,
+    extra_params,
+    model_params,
+    register,
+)
 from fedmeta.meta.outer import apply_step, difference, linear_anneal, reptile_update, weighted_mean
 
 __all__ = [
-    "REGISTRY", "MetaAlgorithm", "algorithm_for", "extra_params", "model_params", "register",
+    "REGISTRY", "ClientStates", "MetaAlgorithm", "algorithm_for", "client_step", "extra_params", "model_params", "register",
     "InnerConfig", "Params", "adapt_and_evaluate", "apply_step", "batch_schedule", "client_seed", "difference", "evaluate",
     "inner_loop", "linear_anneal", "loss_fn", "params_of", "reptile_update", "weighted_mean",
 ]

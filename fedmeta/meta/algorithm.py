@@ -38,11 +38,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from fedmeta.meta.inner import InnerConfig, Params, inner_loop
+from fedmeta.meta.aggregate import aggregate
+from fedmeta.meta.inner import InnerConfig, Params, adaptation_metrics, inner_loop
 from fedmeta.meta.maml import Set, maml_client_update
-from fedmeta.meta.outer import linear_anneal
+from fedmeta.meta.outer import ServerAdam, apply_step, linear_anneal
 
 if TYPE_CHECKING:
     from fedmeta.config import Config
@@ -72,8 +74,18 @@ class MetaAlgorithm:
     needs_query: bool = False  # client_update needs a meta-query split (MAML family)
     adapts_at_eval: bool = True  # False: "after" equals "before" (FedAvg)
 
+    class Params(BaseModel):
+        """The method's own hyper-parameters, filled from the config's ``[meta.params]`` table (none by default).
+
+        A method declares ``class Params(BaseModel)`` (fields with bounds); ``self.params`` is the validated
+        instance, and a bad value is one line naming ``meta.params.<field>``.
+        """
+
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     def __init__(self, cfg: "Config") -> None:
         self.cfg = cfg
+        self.params = self.Params.model_validate(cfg.meta.params)
 
     def check_config(self) -> None:
         """Refuse settings this method cannot honour: raise ``ValueError("section.key: why (got ...)")``.
@@ -81,10 +93,31 @@ class MetaAlgorithm:
         Called once before a run starts; the message becomes one ``config error`` line. None by default.
         """
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model this method cannot use (e.g. one without ``embed``): raise ``ValueError("model.factory: why")``.
+
+        Called once the run's model is built (:func:`fedmeta.client.model_for`), before any round. None by default.
+        """
+
     # -- meta-state ----------------------------------------------------------------
     def extra_state(self, theta: Params) -> Params:
         """Extra meta-parameters to learn alongside ``theta`` (keys contain ``/``); none by default."""
         return {}
+
+    # -- client state (kept per client across rounds, never sent) -------------------
+    def init_client_state(self, theta: Params) -> Params:
+        """A client's state before its first round (tensors, e.g. SCAFFOLD's c_i, Ditto's personal model).
+
+        A method that overrides this is *stateful*: its ``client_update`` takes the state as a last
+        argument and returns ``(params, metrics, state)``; the engine keeps the state (the simulation
+        engines per client id, checkpointed with the run; a Flower ClientApp in ``context.state``) and
+        never sends it to the server. ``theta`` is the model's parameters at that client's first round.
+        """
+        return {}
+
+    @property
+    def stateful(self) -> bool:
+        return type(self).init_client_state is not MetaAlgorithm.init_client_state
 
     # -- client side (pure, vmappable) ---------------------------------------------
     def client_update(
@@ -100,13 +133,111 @@ class MetaAlgorithm:
         phi, _, recorded = inner_loop(model, model_params(params), *support, schedule, icfg, record_at=record_at)
         return phi, recorded
 
+    def evaluate(
+        self, model: nn.Module, params: Params, support: Set, query: Set, schedule: Tensor, icfg: InnerConfig, at_steps: tuple[int, ...] = ()
+    ) -> dict[str, Tensor]:
+        """The evaluation hook: scalar metric tensors of one client (pure, vmappable).
+
+        Default: adapt on the support rows (:meth:`adapt`), score on the query rows: ``loss_before``,
+        ``acc_before``, ``loss_after``, ``acc_after`` and ``loss_at_<s>``/``acc_at_<s>`` for ``s`` in ``at_steps``.
+        A metric-based method (Prototypical Networks) replaces it.
+        """
+        return adaptation_metrics(model, params, support, query, schedule, icfg, at_steps, self.adapt)
+
     # -- server side ---------------------------------------------------------------
     def step_size(self, server_round: int) -> float:
         m, total = self.cfg.meta, self.cfg.simulation.rounds
         return linear_anneal(server_round, total, m.outer_lr, m.outer_lr_final)
 
+    def init_server_state(self, theta: Params, num_clients: int) -> dict[str, Any]:
+        """The server state this method keeps across rounds (plain data: checkpointed with the run).
+
+        Default: ServerAdam's moments when ``meta.server_optimizer = "adam"``, else nothing.
+        ``num_clients`` is the training population's size (e.g. SCAFFOLD's N).
+        """
+        return {"adam": ServerAdam().state_dict()} if self.cfg.meta.server_optimizer == "adam" else {}
+
+    def aggregate(self, deltas: list[Params], weights: list[float], state: dict[str, Any]) -> Params:
+        """How the clients' updates (phi_i - theta) combine: ``meta.aggregation`` (weighted mean, median, trimmed mean).
+
+        Replaced, not called, when DP is on: the private server (:class:`fedmeta.privacy.server.PrivateServer`)
+        clips each delta, sums and noises them instead, then calls :meth:`server_apply`.
+        """
+        m = self.cfg.meta
+        return aggregate(deltas, weights, m.aggregation, m.trim_fraction, self.cfg.simulation.max_weight)
+
+    def server_apply(self, theta: Params, mean: Params, server_round: int, state: dict[str, Any]) -> tuple[Params, dict[str, Any], dict[str, float]]:
+        """The outer step from the aggregate: ``theta + beta * mean`` (or ServerAdam's step); returns (theta, state, info)."""
+        beta = self.step_size(server_round)
+        info: dict[str, float] = {"beta": beta}
+        if "adam" not in state:
+            return apply_step(theta, mean, beta), state, info
+        m = self.cfg.meta
+        adam = ServerAdam(m.server_beta1, m.server_beta2, m.server_eps)
+        adam.load_state_dict(state["adam"])
+        theta = apply_step(theta, adam.update(mean, beta), 1.0)
+        return theta, state | {"adam": adam.state_dict()}, info
+
+    def server_update(
+        self, theta: Params, deltas: list[Params], weights: list[float], server_round: int, state: dict[str, Any]
+    ) -> tuple[Params, dict[str, Any], dict[str, float]]:
+        """The whole server hook: :meth:`aggregate` then :meth:`server_apply`; returns (theta, state, info).
+
+        A method may override this instead of the two halves; DP then cannot wrap it and
+        :func:`algorithm_for` refuses ``privacy.enabled`` for it (see :attr:`private_server`).
+        """
+        return self.server_apply(theta, self.aggregate(deltas, weights, state), server_round, state)
+
+    @property
+    def private_server(self) -> bool:
+        """Whether DP can wrap this server hook: only when it is ``aggregate`` + ``server_apply`` (``server_update`` not overridden)."""
+        return type(self).server_update is MetaAlgorithm.server_update
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def client_step(
+    algorithm: MetaAlgorithm, model: nn.Module, params: Params, state: Params, support: Set, query: Set | None, schedule: Tensor, icfg: InnerConfig
+) -> tuple[Params, dict[str, Tensor], Params]:
+    """What every engine calls: the method's ``client_update`` with its client state, as ``(params, metrics, state)``.
+
+    Pure (vmappable over ``state``, ``support``, ``query`` and ``schedule``); a stateless method's state is ``{}``.
+    """
+    if algorithm.stateful:
+        return algorithm.client_update(model, params, support, query, schedule, icfg, state)
+    new, metrics = algorithm.client_update(model, params, support, query, schedule, icfg)
+    return new, metrics, state
+
+
+class ClientStates:
+    """The simulation engines' store of client state: one dict of tensors per client id, created lazily
+    (``init_client_state`` at the client's first round) and checkpointed with the run (:meth:`state_dict`).
+
+    In memory for now; a 1M-client population would keep one stacked ``[P, *shape]`` tensor per state key,
+    memory-mapped from the run directory and filled on first use (as :class:`fedmeta.engines.vectorized.ClientStore`
+    holds data), with a ``built`` mask.
+    """
+
+    def __init__(self, algorithm: MetaAlgorithm) -> None:
+        self.algorithm = algorithm
+        self.states: dict[int, Params] = {}
+
+    def get(self, cid: int, theta: Params) -> Params:
+        state = self.states.get(cid)
+        if state is None:
+            state = {k: v.detach().clone() for k, v in self.algorithm.init_client_state(model_params(theta)).items()} if self.algorithm.stateful else {}
+        return state
+
+    def put(self, cid: int, state: Params) -> None:
+        if self.algorithm.stateful:
+            self.states[int(cid)] = {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def state_dict(self) -> dict[str, Params]:
+        return {str(cid): s for cid, s in sorted(self.states.items())}
+
+    def load_state_dict(self, state: dict[str, Params] | None) -> None:
+        self.states = {int(cid): dict(s) for cid, s in (state or {}).items()}
 
 
 REGISTRY: dict[str, type[MetaAlgorithm]] = {}
@@ -176,19 +307,40 @@ class FOMAML(MAML):
     second_order = False
 
 
-def builtin_names() -> tuple[str, ...]:
-    import fedmeta.meta.metasgd  # noqa: F401 - registers "metasgd"
+#: Modules of the built-in methods beyond this one (each registers its names when imported).
+BUILTIN_MODULES = (
+    "fedmeta.meta.metasgd", "fedmeta.meta.perfedavg", "fedmeta.meta.ditto", "fedmeta.meta.fedrep",
+    "fedmeta.meta.scaffold", "fedmeta.meta.protonet",
+)
 
+
+def builtin_names() -> tuple[str, ...]:
+    """Every registered method name: the built-ins, and any a user's module registered (once imported)."""
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
     return tuple(REGISTRY)
 
 
 def resolve_algorithm(name: str) -> type[MetaAlgorithm]:
-    """A built-in name or ``"package.module:Name"`` -> the class; one-line ``ComponentError`` otherwise."""
-    from fedmeta.components import ComponentError, resolve
+    """A registered name, ``"package.module:Name"`` (a class, or a name that module ``@register``s) -> the class;
+    one-line ``ComponentError`` otherwise."""
+    from fedmeta.components import ComponentError, is_reference, resolve
 
-    if name in builtin_names():
+    names = builtin_names()
+    if name in names:
         return REGISTRY[name]
-    obj = resolve(name, "meta.algorithm")
+    if not is_reference(name):
+        listed = ", ".join(repr(n) for n in names)
+        raise ComponentError(f"config error: meta.algorithm: must be one of {listed} or a 'package.module:Name' reference (got {name!r})")
+    try:
+        obj = resolve(name, "meta.algorithm")
+    except ComponentError:
+        registered = name.partition(":")[2]
+        if registered in REGISTRY:  # the module imported fine and registered that name
+            return REGISTRY[registered]
+        raise
     if not (isinstance(obj, type) and issubclass(obj, MetaAlgorithm)):
         raise ComponentError(f"config error: meta.algorithm: {name!r} is not a subclass of fedmeta.meta.MetaAlgorithm (got {obj!r})")
     return obj
@@ -207,12 +359,27 @@ def algorithm_for(cfg: "Config") -> MetaAlgorithm:
         cls = resolve_algorithm(cfg.meta.algorithm)
         try:
             algo = cls(cfg)
+        except ValidationError as err:  # the method's Params refused meta.params
+            from fedmeta.components import ComponentError
+            from fedmeta.config import _format_error
+
+            raise ComponentError(_format_error(err, ("meta", "params"))) from None
         except Exception as err:  # noqa: BLE001 - a user's __init__ may raise anything
             from fedmeta.components import raised
 
             raise raised("meta.algorithm", cfg.meta.algorithm, err) from None
         try:
             algo.check_config()
+            if cfg.privacy.enabled and not algo.private_server:
+                raise ValueError(
+                    f"privacy.enabled: {cfg.meta.algorithm!r} overrides server_update, which the DP wrapper cannot make private "
+                    "(override aggregate/server_apply instead); set privacy.enabled = false"
+                )
+            if cfg.simulation.workers and algo.stateful:
+                raise ValueError(
+                    f"simulation.workers: {cfg.meta.algorithm!r} keeps client state, which the Ray workers do not hold yet; "
+                    f"set simulation.workers = 0 (got {cfg.simulation.workers})"
+                )
         except ValueError as err:
             from fedmeta.components import ComponentError
 

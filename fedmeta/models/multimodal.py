@@ -141,11 +141,15 @@ class MultimodalNet(nn.Module):
         self.head = nn.Linear(embed_dim, out)
 
     def forward(self, x: dict[str, Tensor], present: Tensor) -> Tensor:
+        return self.head(self.embed(x, present))
+
+    def embed(self, x: dict[str, Tensor], present: Tensor) -> Tensor:
+        """The fused embedding ``[B, embed_dim]`` the head reads (metric-based methods such as ``protonet`` use it)."""
         emb = torch.stack([self.encoders[name](x[name]) for name in self.names], dim=1)  # [B, M, E]
         mask = present.unsqueeze(-1)  # [B, M, 1]
         if self.fusion == "concat":
             emb = torch.where(mask, emb, self.missing.expand_as(emb))
-            return self.head(self.fuse(emb.flatten(1)))
+            return self.fuse(emb.flatten(1))
         if self.fusion == "gated":
             scores = self.gate(emb)  # [B, M, 1]
             values = emb
@@ -155,7 +159,7 @@ class MultimodalNet(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=1)
         weights = torch.nan_to_num(weights, nan=0.0)  # a client with no modality at all contributes nothing
-        return self.head((weights * values).sum(1))
+        return (weights * values).sum(1)
 
 
 def build_model(

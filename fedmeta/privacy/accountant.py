@@ -105,20 +105,7 @@ _STATE_VERSION = 1
 _log = logging.getLogger("fedmeta.privacy")
 
 
-class PrivacyError(ValueError):
-    """Invalid privacy parameter or an operation that would break the DP guarantee.
-
-    Messages are one line and name the parameter, e.g.
-    ``privacy.noise_multiplier: must be >= 0, got -1``.
-    """
-
-
-class PLDTooLargeError(PrivacyError):
-    """The PLD accountant would need a grid over the size limits; use RDP (``str(err)`` says how big)."""
-
-    def __init__(self, message: str, points: int) -> None:
-        super().__init__(message)
-        self.points = points
+from fedmeta.errors import PLDTooLargeError, PrivacyError  # noqa: E402,F401 - defined in fedmeta.errors
 
 
 # --------------------------------------------------------------------------- validation

@@ -87,8 +87,7 @@ Update = Mapping[str, Tensor]
 CLIENT_CLIP_TOLERANCE = 1e-5
 
 
-class NonFiniteUpdateError(PrivacyError):
-    """An update contains NaN or +-inf, so it has no finite norm and cannot be clipped."""
+from fedmeta.errors import NonFiniteUpdateError  # noqa: E402,F401 - defined in fedmeta.errors
 
 
 def _check_update(update: Update, name: str = "update") -> None:

@@ -167,3 +167,43 @@ class ServerPrivacy:
         if self.clipper is not None and state.get("clipper"):
             vars(self.clipper).update(state["clipper"])
         self._epsilon_cache = None
+
+
+class PrivateServer:
+    """DP as a wrapper of an algorithm's server hook: clip each delta, sum, noise (:meth:`ServerPrivacy.aggregate`),
+    account each attempted round, then the algorithm's own :meth:`~fedmeta.meta.MetaAlgorithm.server_apply`
+    (beta, ServerAdam, SCAFFOLD's control variates ...) on the private mean.
+
+    It replaces the algorithm's ``aggregate`` (the only step that sees individual clients), so any method
+    whose ``server_update`` is the default ``aggregate`` + ``server_apply`` can be made private; the others
+    are refused by ``algorithm_for`` (``MetaAlgorithm.private_server``). ``noise_generator(cfg, privacy, round, attempt)`` is the
+    DP noise seeding call site (:func:`fedmeta.federation.noise_generator`).
+    """
+
+    def __init__(self, algorithm, cfg: Config, num_train_clients: int, sample_rate: float, noise_generator) -> None:
+        self.algorithm = algorithm
+        self.cfg = cfg
+        self.privacy = ServerPrivacy(cfg, num_train_clients, sample_rate)
+        self.noise_generator = noise_generator
+
+    def update(self, theta, deltas, weights, server_round: int, state, attempt: int = 0):
+        generator = self.noise_generator(self.cfg, self.privacy, server_round, attempt)  # DP noise: the one generator of this attempt
+        like = {k: torch.zeros_like(v) for k, v in theta.items()}  # an empty cohort releases noise / D alone
+        mean, dp_info = self.privacy.aggregate(deltas, generator, like=like)
+        theta, state, info = self.algorithm.server_apply(theta, mean, server_round, state)
+        return theta, state, info | dp_info
+
+    def budget_exhausted(self) -> str | None:
+        return self.privacy.budget_exhausted()
+
+    def account_round(self) -> None:
+        self.privacy.account_round()
+
+    def report(self) -> dict[str, float]:
+        return self.privacy.report()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.privacy.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.privacy.load_state_dict(state)
