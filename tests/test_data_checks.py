@@ -110,3 +110,16 @@ def test_a_disk_client_without_a_query_set_is_one_line_from_the_cli(tmp_path, ca
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines
     assert f"client {cid}: n_support must be an integer in [1, n - 1]" in lines[0] and "data.path=" in lines[0]
+
+
+def test_a_store_with_carved_validation_clients_is_still_read_through_its_maps(tmp_path):
+    """WithValidation only regroups clients: the engine keeps the maps, and the groups are the wrapper's."""
+    from fedmeta.data.store import write_store
+
+    write_store(build_dataset(build_config(None, FAST).data), tmp_path / "s")
+    cfg = build_config(None, [*FAST, "data.dataset=store", f"data.path={tmp_path / 's'}", "data.validation_fraction=0.2", "simulation.clients_per_round=4"])
+    dataset = build_dataset(cfg.data)
+    store = ClientStore(dataset)
+    assert store.mapped and dataset.validation_clients and not set(dataset.validation_clients) & set(dataset.train_clients)
+    cid = dataset.validation_clients[0]
+    assert torch.equal(store.client(cid).x["image"], dataset.client(cid).x["image"])

@@ -277,3 +277,18 @@ class StoreDataset:
             n_support=int(self._n_support[cid]),
         )
 
+
+
+def mapped_store(dataset) -> "StoreDataset | None":
+    """The :class:`StoreDataset` whose memory maps hold exactly ``dataset``'s clients, or None.
+
+    Seen through wrappers that only regroup or check clients (``data.validation_fraction``'s
+    ``WithValidation``, ``CheckedClients``), never through ones that change them (``SampleDropout``,
+    a modality subset), whose ``__getattr__`` would otherwise hand out the base's unchanged maps.
+    """
+    from fedmeta.data import CheckedClients
+    from fedmeta.data.subset import WithValidation
+
+    while isinstance(dataset, (WithValidation, CheckedClients)):
+        dataset = dataset.base
+    return dataset if isinstance(dataset, StoreDataset) else None
