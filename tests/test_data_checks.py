@@ -87,3 +87,39 @@ def test_a_wrapped_store_is_not_read_through_its_maps(tmp_path):
     store.ensure([cid])
     assert torch.equal(store.client(cid).present, dataset.client(cid).present)
     assert not bool(store.client(cid).present.all())  # half the modalities dropped, as the dataset says
+
+
+def test_a_disk_client_without_a_query_set_is_one_line_from_the_cli(tmp_path, capsys):
+    """A partition's meta.json may say n_support == n (the disk format allows it); a run refuses it in one line."""
+    import json
+
+    from fedmeta.cli import main
+    from fedmeta.data.disk import write_partitions
+
+    cfg = build_config(None, FAST)
+    ds = build_dataset(cfg.data)
+    write_partitions(ds, tmp_path / "p")
+    cid = ds.train_clients[0]
+    meta = tmp_path / "p" / f"client_{cid:05d}" / "meta.json"
+    doc = json.loads(meta.read_text())
+    doc["n_support"] = doc["n"]
+    meta.write_text(json.dumps(doc))
+    code = main(["simulate", "--set", "data.dataset=disk", "--set", f"data.path={tmp_path / 'p'}", "--set", "data.num_clients=10",
+                 "--set", "simulation.clients_per_round=8", "--set", "simulation.rounds=1", "--set", "simulation.engine=sequential",
+                 "--set", "meta.inner_steps=2", "--set", "meta.eval_steps=2", "--out", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert f"client {cid}: n_support must be an integer in [1, n - 1]" in lines[0] and "data.path=" in lines[0]
+
+
+def test_a_store_with_carved_validation_clients_is_still_read_through_its_maps(tmp_path):
+    """WithValidation only regroups clients: the engine keeps the maps, and the groups are the wrapper's."""
+    from fedmeta.data.store import write_store
+
+    write_store(build_dataset(build_config(None, FAST).data), tmp_path / "s")
+    cfg = build_config(None, [*FAST, "data.dataset=store", f"data.path={tmp_path / 's'}", "data.validation_fraction=0.2", "simulation.clients_per_round=4"])
+    dataset = build_dataset(cfg.data)
+    store = ClientStore(dataset)
+    assert store.mapped and dataset.validation_clients and not set(dataset.validation_clients) & set(dataset.train_clients)
+    cid = dataset.validation_clients[0]
+    assert torch.equal(store.client(cid).x["image"], dataset.client(cid).x["image"])

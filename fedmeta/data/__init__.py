@@ -79,10 +79,8 @@ def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
     ``data.validation_fraction`` carves validation clients out of the training clients of a dataset
     that has no validation group of its own.
     """
-    from fedmeta.data.base import carve_validation, validation_clients, validation_count
+    from fedmeta.data.base import carve_validation, check_population, validation_clients, validation_count
     from fedmeta.data.subset import SampleDropout, WithValidation
-
-    from fedmeta.data.base import check_population
 
     dataset = _build(cfg)
     local = ":LOCAL." in cfg.dataset  # an object passed to fedmeta.simulate(dataset=...): its generated name says nothing

@@ -229,18 +229,19 @@ class StoreDataset:
     def _check_values(self) -> None:
         """Labels / targets and token ids of the whole store, ``CHECK_CHUNK`` clients at a time."""
         x, y, _, _, _ = self.arrays()
+        y = y.numpy()  # numpy's reductions over the maps: ~50x torch's single-threaded min/max here
         spec = self.spec
-        tokens = [m for m in spec.modalities if m.kind == "tokens"]
+        tokens = [(m, x[m.name].numpy()) for m in spec.modalities if m.kind == "tokens"]
         for lo in range(0, self.num_clients, CHECK_CHUNK):
             part = y[lo : lo + CHECK_CHUNK]
             if spec.task == "classification":
-                if part.numel() and (int(part.min()) < 0 or int(part.max()) >= spec.num_classes):
+                if part.size and (int(part.min()) < 0 or int(part.max()) >= spec.num_classes):
                     raise DataError(f"{self.root / 'y.npy'}: labels outside [0, {spec.num_classes})")
-            elif not bool(torch.isfinite(part).all()):
+            elif not bool(np.isfinite(part).all()):
                 raise DataError(f"{self.root / 'y.npy'}: non-finite targets")
-            for m in tokens:
-                t = x[m.name][lo : lo + CHECK_CHUNK]
-                if t.numel() and (int(t.min()) < 0 or int(t.max()) >= m.vocab_size):
+            for m, a in tokens:
+                t = a[lo : lo + CHECK_CHUNK]
+                if t.size and (int(t.min()) < 0 or int(t.max()) >= m.vocab_size):
                     raise DataError(f"{self.root / f'x.{m.name}.npy'}: token ids outside [0, {m.vocab_size})")
             self.release()
 
@@ -276,3 +277,18 @@ class StoreDataset:
             n_support=int(self._n_support[cid]),
         )
 
+
+
+def mapped_store(dataset) -> "StoreDataset | None":
+    """The :class:`StoreDataset` whose memory maps hold exactly ``dataset``'s clients, or None.
+
+    Seen through wrappers that only regroup or check clients (``data.validation_fraction``'s
+    ``WithValidation``, ``CheckedClients``), never through ones that change them (``SampleDropout``,
+    a modality subset), whose ``__getattr__`` would otherwise hand out the base's unchanged maps.
+    """
+    from fedmeta.data import CheckedClients
+    from fedmeta.data.subset import WithValidation
+
+    while isinstance(dataset, (WithValidation, CheckedClients)):
+        dataset = dataset.base
+    return dataset if isinstance(dataset, StoreDataset) else None

@@ -50,6 +50,7 @@ from torch.func import vmap
 from fedmeta.config import Config
 from fedmeta.data.base import validation_clients
 from fedmeta.data.base import ClientData, check_client
+from fedmeta.data.store import mapped_store
 from fedmeta.client import (
     CURVE_STEPS,
     client_side_clip,
@@ -119,10 +120,11 @@ class ClientStore:
         self.dataset = dataset
         self.size = int(dataset.num_clients)
         # a memory-mapped store (fedmeta.data.store): the stacked arrays already exist on disk; read rows on use
-        # (looked up on the type: a wrapper that forwards attributes, e.g. SampleDropout, changes the clients)
-        self.mapped = callable(getattr(type(dataset), "arrays", None))
+        # seen through wrappers that only regroup clients, never through ones that change them (SampleDropout...)
+        source = mapped_store(dataset)
+        self.mapped = source is not None
         if self.mapped:
-            self.x, self.y, self.present, self.n, self.n_support = dataset.arrays()
+            self.x, self.y, self.present, self.n, self.n_support = source.arrays()
             self.rows = int(self.y.shape[1])
             self.built = torch.ones(self.size, dtype=torch.bool)
             return
