@@ -73,6 +73,7 @@ def test_flwr_run_local_simulation(tmp_path):
         assert "deprecated" not in (r.stdout + r.stderr).lower()
         summary = check_run_dir(out)
         assert summary["heldout_acc_after"] is not None and "heldout_mse_after_steps" not in summary
+        assert (out / "curves.png").stat().st_size > 10_000  # the ServerApp draws the run's picture too
         # fewer SuperNodes than data.num_clients: refused before any round, with the one line that says why
         short = tmp_path / "short"
         r = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", run_config.replace(str(out), str(short)) + " simulation.round_timeout=15.0",
