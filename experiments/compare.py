@@ -70,9 +70,10 @@ def _run_one(job: tuple[str, list[str], str]) -> dict:
     else:
             summary = run_simulation(cfg, path, progress=False)
     row = {k: summary.get(f"heldout_{k}") for k in FINAL_KEYS} | {"wall_time_s": summary.get("wall_time_s")}
-    # a diverged run: a loss that is missing (summary.json stores NaN as null) or not finite (accuracy is
-    # NaN/None for regression, where it does not apply, so only losses count)
-    non_finite = [k for k, v in row.items() if k.startswith("loss_") and not (isinstance(v, (int, float)) and math.isfinite(v))]
+    # a diverged run: a loss that summary.json holds as null (NaN) or not finite; a key it does not hold at all
+    # does not apply (FedAvg's adaptation curve, accuracy on regression), so it is "–", never "diverged"
+    non_finite = [k for k, v in row.items() if k.startswith("loss_") and f"heldout_{k}" in summary
+                  and not (isinstance(v, (int, float)) and math.isfinite(v))]
     row = {k: v if isinstance(v, (int, float)) and math.isfinite(v) else None for k, v in row.items()}  # NaN -> None
     row["non_finite"] = non_finite
     return row

@@ -119,10 +119,14 @@ def run(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True)
     """Run ``cfg`` on its configured engine, writing into ``out_dir``; returns the summary."""
     import time
 
-    from fedmeta.components import check_components
-    from fedmeta.progress import round_printer, status
+    from fedmeta.progress import status
 
     launched = time.time()
+    if progress:  # first, before the imports and checks that take seconds (torch, Flower)
+        status(f"{'resuming' if resume else 'starting'} a run: {cfg.meta.algorithm} on {cfg.data.num_clients} {cfg.data.dataset} clients, "
+               f"{cfg.simulation.rounds} rounds, {cfg.simulation.engine} engine, into {out_dir}")
+    from fedmeta.components import check_components
+
     check_components(cfg)
     with run_dir_lock(out_dir, "out", create=not resume):  # re-entrant: already held when called by simulate / the CLI
         return _run(cfg, Path(out_dir), resume, progress, launched)
@@ -149,7 +153,7 @@ def _run(cfg: Config, out_dir: Path, resume: bool, progress: bool, launched: flo
     theta0 = initial_meta_parameters(model_for(cfg, dataset.spec), algorithm_for(cfg))
     show = round_printer(cfg.simulation.rounds, chance=chance_of(dataset.spec)) if progress else None
     if progress:
-        status(f"{'resuming' if resume else 'starting'} {cfg.simulation.rounds} rounds of {cfg.meta.algorithm} into {out_dir}")
+        status(f"population built; round 1 of {cfg.simulation.rounds} starts")
     try:
         return run_federation(cfg, backend, theta0, RunWriter(out_dir), resume=resume, progress=show, launched_at=launched)
     finally:

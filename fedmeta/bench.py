@@ -312,9 +312,12 @@ def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_
         cluster, before = start_cluster(cluster_nodes)
         result["cluster"] = {"nodes": cluster_nodes, "cpus_per_node": max(1, (os.cpu_count() or 1) // cluster_nodes), "address": cluster.address}
     try:
-        for name, engine, extra in runs:
+        from fedmeta.progress import status
+
+        for i, (name, engine, extra) in enumerate(runs, 1):
             if extra and cluster is not None:
                 extra = extra + [f"simulation.ray_address={cluster.address}"]
+            status(f"bench {i}/{len(runs)}: {name}, {rounds} rounds of {clients} clients (start-up included; a few minutes for flower)")
             result["engines"][name] = _run_one(engine, overrides + extra, threads, timeout)
     finally:
         if cluster is not None:

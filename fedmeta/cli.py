@@ -76,13 +76,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             args.run_dir = out
             summary = run_simulation(cfg, out, resume=False, progress=cfg.output.progress)
     print(f"run written to {out}")
-    try:
-        from fedmeta.plot import CURVES, plot_runs
+    from fedmeta.plot import write_curves
 
-        plot_runs([out], out / CURVES)
-        print(f"curves: {out / CURVES}")
-    except Exception as err:  # noqa: BLE001 - a figure never fails a finished run
-        print(f"fedmeta: curves not drawn ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); try fedmeta plot {out}", file=sys.stderr)
+    curves = write_curves(out)
+    if curves is not None:
+        print(f"curves: {curves}")
     print(summary_line(summary))
     return 0
 

@@ -109,6 +109,18 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     return path
 
 
+def write_curves(run_dir: str | Path) -> Path | None:
+    """``RUN/curves.png`` at the end of a run; a figure never fails a finished run (a warning says why instead)."""
+    import logging
+
+    try:
+        return plot_runs([run_dir], Path(run_dir) / CURVES)
+    except Exception as err:  # noqa: BLE001 - the run's results are written; only its picture is missing
+        first = str(err).splitlines()[0] if str(err) else ""
+        logging.getLogger("fedmeta").warning("curves not drawn (%s: %s); try fedmeta plot %s", type(err).__name__, first, run_dir)
+        return None
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (Path(args.runs[0]) / CURVES if len(args.runs) == 1 else Path(CURVES))
     if out.suffix.lower() != ".png":

@@ -19,4 +19,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    serve(grid, config_from_run_config(dict(context.run_config)))
+    cfg = config_from_run_config(dict(context.run_config))
+    serve(grid, cfg)
+    if cfg.output.dir:  # the run's picture beside its files (fedmeta simulate draws it the same way)
+        from fedmeta.plot import write_curves
+
+        write_curves(cfg.output.dir)

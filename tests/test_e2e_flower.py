@@ -49,7 +49,10 @@ def test_fedmeta_simulate_on_flower_simulation_engine(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedmeta.cli", "simulate", *sets, "--out", str(out)], capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "round    2/2" in r.stderr  # live progress
-    check_run_dir(out)
+    assert "starting Flower's Simulation Engine: Ray with 6 SuperNodes" in r.stderr  # said before the silent start-up
+    assert "DEPRECATED FEATURE" not in r.stderr  # fedmeta's own call of run_simulation is not the user's business
+    summary = check_run_dir(out)
+    assert summary["chance_acc"] == 0.2 and summary["startup_s"] > 0 and (out / "curves.png").exists()
 
 
 @pytest.mark.slow
@@ -57,16 +60,27 @@ def test_flwr_run_local_simulation(tmp_path):
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 6\n'
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
     )
     out = tmp_path / "run"
     run_config = " ".join(f"{k}={v}" for k, v in SMALL.items()) + f" output.dir='{out}'"
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     try:
-        r = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", run_config], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        # README's spelling (flwr 1.41): the SuperNode count in --federation-config, not the deprecated options.*
+        r = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", run_config, "--federation-config", "num-supernodes=6"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "deprecated" not in (r.stdout + r.stderr).lower()
         summary = check_run_dir(out)
-        assert summary["heldout_acc_after"] is not None
+        assert summary["heldout_acc_after"] is not None and "heldout_mse_after_steps" not in summary
+        assert (out / "curves.png").stat().st_size > 10_000  # the ServerApp draws the run's picture too
+        # fewer SuperNodes than data.num_clients: refused before any round, with the one line that says why
+        short = tmp_path / "short"
+        r = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", run_config.replace(str(out), str(short)) + " simulation.round_timeout=15.0",
+                            "--federation-config", "num-supernodes=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        both = r.stdout + r.stderr
+        assert "data.num_clients: is 6, but 2 SuperNode(s) connected" in both, both[-3000:]
+        assert not (short / "metrics.jsonl").exists() and not (short / "summary.json").exists()
     finally:
         # `flwr run` leaves its local SuperLink (and SuperExec) running: stop them by PID.
         superlinks = pids_with_cmdline(str(home))

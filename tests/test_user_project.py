@@ -71,7 +71,7 @@ def test_cli_from_the_example_directory(tmp_path, engine):
     out = tmp_path / engine
     r = _simulate(out, [f"simulation.engine={engine}", *QUICK])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "summary: heldout_acc_before=" in r.stdout
+    assert "summary: status=completed, heldout_acc_before=" in r.stdout
     summary = _check_run(out, engine, rounds=4)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["beta"] for r in records] == pytest.approx(_cosine_betas(4))  # the user's step_size, not the linear anneal

@@ -268,3 +268,21 @@ def test_load_run_gives_config_spec_and_the_trained_model(small_cfg, tmp_path):
     with pytest.raises(RunDirError, match=r"load_run .*: no model.pt there \(the run has not finished"):
         (tmp_path / "r" / "model.pt").unlink()
         fedmeta.load_run(tmp_path / "r")
+
+
+def test_compare_marks_only_diverged_losses_never_the_ones_a_method_does_not_have(tmp_path):
+    from experiments.compare import _fmt, _run_one, _value
+    from fedmeta.config import load_config
+
+    overrides = ["meta.algorithm=fedavg", "output.progress=false"]
+    cfg = load_config(None, overrides)
+    fedavg, diverged = tmp_path / "fedavg", tmp_path / "diverged"
+    for d, summary in ((fedavg, {"heldout_loss_before": 1.5, "heldout_loss_after": 1.5, "heldout_acc_before": 0.3, "heldout_acc_after": 0.3}),
+                       (diverged, {"heldout_loss_before": 1.5, "heldout_loss_after": None, "heldout_acc_after": 0.2})):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+        (d / "summary.json").write_text(json.dumps(summary))
+    row = _run_one((None, overrides, str(fedavg)))  # reused: a finished run of this config
+    assert row["non_finite"] == [] and _fmt([_value(row, "loss_at_5")]) == "–"
+    row = _run_one((None, overrides, str(diverged)))
+    assert row["non_finite"] == ["loss_after"] and _fmt([_value(row, "loss_after")]) == "diverged (1 of 1 seeds)"

@@ -68,7 +68,7 @@ class FlowerBackend:
         deadline = time.time() + wait_s
         nodes = list(self.grid.get_node_ids())
         if len(nodes) < expected and self.cfg.output.progress:
-            status(f"waiting up to {wait_s:.0f} s for {expected} SuperNodes (data.num_clients); {len(nodes)} connected")
+            status(f"waiting for the SuperNodes to connect: {len(nodes)} of {expected} so far (up to {wait_s:.0f} s)")
         while len(nodes) < expected and time.time() < deadline:
             time.sleep(0.5)
             nodes = list(self.grid.get_node_ids())
