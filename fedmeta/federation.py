@@ -26,6 +26,7 @@ from fedmeta.meta.aggregate import aggregate, weighted_average
 from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
 from fedmeta.meta.outer import ServerAdam, apply_step, difference
+from fedmeta.meta.robust import norm_outliers
 from fedmeta.results import CHECKPOINT, CONFIG, RunWriter, check_resume, read_run_config
 
 log = logging.getLogger("fedmeta")
@@ -106,9 +107,10 @@ def summarise_eval(replies: Replies, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": _mean(metrics, k) for k in EVAL_KEYS if any(k in m for m in metrics)}
 
 
-def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float) -> tuple[list[ClientUpdate], list[str]]:
-    """Drop updates that are non-finite or whose ||phi - theta|| exceeds ``max_norm`` (every engine)."""
-    good, rejected = [], []
+def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float, max_norm_ratio: float = 0.0) -> tuple[list[ClientUpdate], list[str]]:
+    """Drop updates that are non-finite or whose ||phi - theta|| exceeds ``max_norm`` (every engine), then
+    those above ``max_norm_ratio`` x the cohort's median norm (:func:`fedmeta.meta.robust.norm_outliers`; 0 = off)."""
+    good, rejected, norms = [], [], []
     for u in updates:
         sq = sum(float(((u.phi[k] - theta[k]) ** 2).sum()) for k in theta)
         if not math.isfinite(sq):
@@ -117,7 +119,13 @@ def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float) 
             rejected.append(f"client {u.cid}: update norm {math.sqrt(sq):.3g} exceeds simulation.max_update_norm={max_norm:g}")
         else:
             good.append(u)
-    return good, rejected
+            norms.append(math.sqrt(sq))
+    outliers, bound = norm_outliers(norms, max_norm_ratio)
+    for i in outliers:
+        rejected.append(f"client {good[i].cid}: update norm {norms[i]:.3g} exceeds simulation.max_norm_ratio={max_norm_ratio:g} "
+                        f"x the cohort's median norm ({bound:.3g})")
+    drop = set(outliers)
+    return [u for i, u in enumerate(good) if i not in drop], rejected
 
 
 MAX_CLIENT_METRICS = 32
@@ -164,7 +172,8 @@ class Server:
         deltas = [difference(u.phi, self.theta) for u in updates]
         info: dict[str, float] = {"beta": beta}
         if self.privacy is None:
-            mean = aggregate(deltas, [u.num_examples for u in updates], cfg.meta.aggregation, cfg.meta.trim_fraction, cfg.simulation.max_weight)
+            mean = aggregate(deltas, [u.num_examples for u in updates], cfg.meta.aggregation, cfg.meta.trim_fraction, cfg.simulation.max_weight,
+                             cfg.meta.krum_malicious, cfg.meta.krum_keep)
         else:
             generator = torch.Generator().manual_seed(
                 client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
@@ -253,7 +262,8 @@ def run_federation(
                     break
             cohort = sample_cohort(cfg, train_pop, rnd, attempt)
             replies = backend.train(server.theta, cohort, rnd) if cohort else Replies()
-            replies.results, screened = screen_updates(replies.results, server.theta, cfg.simulation.max_update_norm)
+            ratio = 0.0 if cfg.privacy.enabled else cfg.simulation.max_norm_ratio  # DP: clipping bounds every update
+            replies.results, screened = screen_updates(replies.results, server.theta, cfg.simulation.max_update_norm, ratio)
             replies.rejected += screened
             for reason in replies.rejected:
                 log.warning("round %s: rejected update: %s", rnd, reason)
