@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--attackers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), metavar="NAME", help="rows (default: all)")
     p.add_argument("--out", default="runs/robust_screen")
     p.add_argument("--honest-ratios", action="store_true", help="only report max/median norm of honest cohorts")
     args = p.parse_args(argv)
@@ -90,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                                  Path(args.out) / f"honest-{seed}")
             ratios += [max(n) / statistics.median_low(n) for n in backend.norms if n and statistics.median_low(n) > 0]
         print(json.dumps({"config": args.config, "set": args.set, "rounds": len(ratios), "max_ratio": max(ratios),
-                          "median_ratio": statistics.median(ratios)}))
+                          "median_ratio": statistics.median(ratios), **{f"rounds_above_{k}": sum(r > k for r in ratios) for k in (10, 20, 30, 50)}}))
         return 0
     rows = {}
-    for name, sets in SETTINGS.items():
+    for name in args.settings:
+        sets = SETTINGS[name]
         for k in args.attackers:
             accs = []
             for seed in range(args.seeds):
