@@ -115,8 +115,10 @@ class MetaConfig(_Section):
     maml_query_fraction: float = Field(0.0, ge=0, lt=1)
     # how the server combines the clients' updates (without DP): weighted mean, or coordinate-wise
     # median / trimmed mean (unweighted, robust to a minority of malicious clients; see docs/design.md)
-    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    aggregation: Literal["mean", "median", "trimmed_mean", "krum"] = "mean"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)  # trimmed_mean: fraction cut from each end per coordinate
+    krum_malicious: int = Field(1, ge=0, le=COUNT_MAX)  # krum: f, the attackers a cohort may hold (Blanchard et al. 2017)
+    krum_keep: int = Field(0, ge=0, le=COUNT_MAX)  # krum: 0 = the one best update (Krum); m = the mean of the m best (multi-Krum)
 
     # the method's own hyper-parameters (its Params model validates them when the run starts: meta.params.<key>)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -150,6 +152,9 @@ class SimulationConfig(_Section):
     eval_clients: int = Field(0, ge=0, le=COUNT_MAX)  # held-out clients evaluated; 0 = all
     round_timeout: float = Field(600.0, gt=0, le=1e6)  # seconds to wait for replies
     max_update_norm: float = Field(1e4, gt=0)  # replies with a larger ||phi - theta|| are rejected
+    # without DP: replies whose ||phi - theta|| exceeds this many times the cohort's median norm are rejected
+    # (norm bounding, Sun et al. 2019; fedmeta/meta/robust.py, docs/design.md "Threat model"); 0 = off
+    max_norm_ratio: float = Field(20.0, ge=0, le=1e6)
     max_weight: float = Field(0.0, ge=0)  # cap on any client's weight (examples) in the mean; 0 = no explicit cap
     seed: int = Field(0, ge=0, le=SEED_MAX)
     deterministic: bool = True

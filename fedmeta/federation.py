@@ -26,6 +26,7 @@ from fedmeta.meta.aggregate import weighted_average
 from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, extra_params, model_params
 from fedmeta.meta.outer import difference
+from fedmeta.meta.robust import norm_outliers
 from fedmeta.results import CHECKPOINT, CONFIG, SUMMARY, RunWriter, check_resume, read_run_config
 
 log = logging.getLogger("fedmeta")
@@ -144,9 +145,10 @@ def summarise_eval(replies: Replies, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": _mean(kept, k) for k in keys}
 
 
-def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float) -> tuple[list[ClientUpdate], list[str]]:
-    """Drop updates that are non-finite or whose ||phi - theta|| exceeds ``max_norm`` (every engine)."""
-    good, rejected = [], []
+def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float, max_norm_ratio: float = 0.0) -> tuple[list[ClientUpdate], list[str]]:
+    """Drop updates that are non-finite or whose ||phi - theta|| exceeds ``max_norm`` (every engine), then
+    those above ``max_norm_ratio`` x the cohort's median norm (:func:`fedmeta.meta.robust.norm_outliers`; 0 = off)."""
+    good, rejected, norms = [], [], []
     for u in updates:
         sq = sum(float(((u.phi[k] - theta[k]) ** 2).sum()) for k in theta)
         if not math.isfinite(sq):
@@ -155,7 +157,13 @@ def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float) 
             rejected.append(f"client {u.cid}: update norm {math.sqrt(sq):.3g} exceeds simulation.max_update_norm={max_norm:g}")
         else:
             good.append(u)
-    return good, rejected
+            norms.append(math.sqrt(sq))
+    outliers, bound = norm_outliers(norms, max_norm_ratio)
+    for i in outliers:
+        rejected.append(f"client {good[i].cid}: update norm {norms[i]:.3g} exceeds simulation.max_norm_ratio={max_norm_ratio:g} "
+                        f"x the cohort's median norm ({bound:.3g})")
+    drop = set(outliers)
+    return [u for i, u in enumerate(good) if i not in drop], rejected
 
 
 MAX_CLIENT_METRICS = 32
@@ -362,7 +370,8 @@ def run_federation(
                 break
             cohort = server.cohort(train_pop, rnd, attempt)
             replies = backend.train(server.theta, cohort, rnd) if cohort else Replies()
-            replies.results, screened = screen_updates(replies.results, server.theta, cfg.simulation.max_update_norm)
+            ratio = 0.0 if cfg.privacy.enabled else cfg.simulation.max_norm_ratio  # DP: clipping bounds every update
+            replies.results, screened = screen_updates(replies.results, server.theta, cfg.simulation.max_update_norm, ratio)
             replies.rejected += screened
             for reason in replies.rejected:
                 log.warning("round %s: rejected update: %s", rnd, reason)

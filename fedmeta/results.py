@@ -1,8 +1,12 @@
 """Run outputs: config.json, metrics.jsonl, checkpoint.pt, summary.json, model.pt.
 
+One process at a time uses a run directory (:func:`run_dir_lock`: an
+exclusive ``flock`` on ``.fedmeta.lock``, taken before anything is written).
 Files that mark a finished run (``summary.json``, ``model.pt``) are written
-last and atomically (write to a temp file, then ``os.replace``), so a crash
-never leaves a run that looks finished. ``metrics.jsonl`` is appended and
+last and atomically (write to a temp file, fsync it, ``os.replace``, fsync
+the directory), so neither a crash nor a power loss leaves a run that looks
+finished; a full or read-only disk is one line saying from which round the
+run is resumable. ``metrics.jsonl`` is appended and
 flushed each round; on resume it is cut back to the checkpointed round.
 
 Run directories are never overwritten silently (:func:`prepare_out_dir`), a

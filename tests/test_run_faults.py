@@ -146,3 +146,20 @@ def test_ctrl_c_after_a_checkpoint_says_it_is_kept(stopped, tmp_path, monkeypatc
     monkeypatch.setattr(fedmeta.cli, "run_simulation", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert fedmeta.cli.main(["simulate", "--resume", str(run), "--set", "simulation.rounds=3"]) == 130
     assert capsys.readouterr().err == f"fedmeta: interrupted; the last checkpoint is kept (resume with --resume {run})\n"
+
+
+def test_a_run_dir_error_in_the_flower_server_app_reaches_the_caller_as_itself(monkeypatch, small_cfg):
+    """On the Flower engine the round loop runs in Flower's ServerApp thread; a full disk there is handed back
+    to simulate_flower (then the CLI's one line), not lost in Flower's log as "ended without a result"."""
+    import fedmeta.engines.flower as flower
+
+    def full(*args, **kwargs):
+        raise results.RunDirError("no space left on device writing R/checkpoint.pt; the run is resumable from round 3")
+
+    monkeypatch.setattr(flower, "serve", full)
+    result: dict = {}
+    app = flower.make_server_app(small_cfg(), "R", result=result)
+    app._main(None, None)  # what Flower's ServerApp thread calls
+    assert isinstance(result["__error__"], results.RunDirError) and "round 3" in str(result["__error__"])
+    with pytest.raises(results.RunDirError):  # the deployed ServerApp (no result dict) raises it to Flower
+        flower.make_server_app(small_cfg(), "R")._main(None, None)

@@ -34,7 +34,7 @@ from fedmeta.federation import Params, Replies, RunError, run_federation
 from fedmeta.engines.messages import MetaStrategy
 from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
 from fedmeta.progress import round_printer, status
-from fedmeta.results import RunWriter, check_resume, close_writers, default_out_dir, prepare_out_dir, run_dir_lock
+from fedmeta.results import RunDirError, RunWriter, check_resume, close_writers, default_out_dir, prepare_out_dir, run_dir_lock
 
 log = logging.getLogger("fedmeta.server")
 CLIENT_APP = "clients.app:app"  # the Flower App's ClientApp component ([tool.flwr.app.components])
@@ -201,7 +201,13 @@ def make_server_app(cfg: Config, out_dir: str | Path | None = None, resume: bool
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summary = serve(grid, cfg, out_dir, resume, progress, launched_at=launched_at)
+        try:
+            summary = serve(grid, cfg, out_dir, resume, progress, launched_at=launched_at)
+        except (RunDirError, RunError) as err:  # e.g. a full disk: the caller reports it as one line
+            if result is None:
+                raise
+            result["__error__"] = err
+            return
         if result is not None:
             result.update(summary)
 
@@ -299,6 +305,8 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
             signal.signal(signal.SIGINT, previous)
         flwr_log.setLevel(flwr_level)
         flwr_log.removeFilter(not_for_the_user)
+    if "__error__" in result:
+        raise result["__error__"]
     if not result:
         raise RunError("the Flower simulation ended without a result; see the log above")
     return result

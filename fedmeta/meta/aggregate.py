@@ -17,7 +17,9 @@ that no single client can take over a weighted mean:
 
 ``meta.aggregation = "median" | "trimmed_mean"`` are coordinate-wise and
 unweighted, as Flower's ``FedMedian`` and ``FedTrimmedAvg``: each client is one
-vote whatever it reports.
+vote whatever it reports. ``"krum"`` is Krum / multi-Krum (Blanchard et al. 2017),
+Flower's own ``aggregate_krum``, also unweighted (``meta.krum_malicious`` = f,
+``meta.krum_keep`` = m: 0 picks one update, m > 0 averages the m best).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fedmeta.meta.inner import Params
 from fedmeta.meta.outer import weighted_mean
 
 MAX_EXAMPLES = 2**53  # the largest count a float64 holds exactly; larger "num-examples" are rejected
-AGGREGATORS = ("mean", "median", "trimmed_mean")
+AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 
 
 def valid_count(n: object) -> float:
@@ -94,11 +96,26 @@ def trimmed_mean(updates: Sequence[Params], fraction: float) -> Params:
     return out
 
 
-def aggregate(updates: Sequence[Params], weights: Sequence[float], method: str = "mean", trim_fraction: float = 0.2, max_weight: float = 0.0) -> Params:
+def krum(updates: Sequence[Params], num_malicious: int = 1, to_keep: int = 0) -> Params:
+    """Krum (``to_keep = 0``: the update closest to its n - f - 2 nearest neighbours) or multi-Krum (the mean
+    of the ``to_keep`` best), unweighted: Flower's ``aggregate_krum`` on the flattened updates."""
+    from flwr.server.strategy.aggregate import aggregate_krum
+
+    if not updates:
+        raise ValueError("aggregate: needs at least one update")
+    keys = list(updates[0])
+    arrays = [[u[k].detach().cpu().double().numpy() for k in keys] for u in updates]
+    chosen = aggregate_krum([(a, 1) for a in arrays], num_malicious, min(to_keep, len(updates)))
+    ref = updates[0]
+    return {k: torch.as_tensor(c, dtype=ref[k].dtype, device=ref[k].device).reshape(ref[k].shape) for k, c in zip(keys, chosen)}
+
+
+def aggregate(updates: Sequence[Params], weights: Sequence[float], method: str = "mean", trim_fraction: float = 0.2, max_weight: float = 0.0,
+              krum_malicious: int = 1, krum_keep: int = 0) -> Params:
     """The server's aggregate of the clients' updates (deltas).
 
     ``mean``: weighted mean with every weight capped at ``max_weight`` (0 = no cap);
-    ``median`` / ``trimmed_mean``: coordinate-wise, unweighted.
+    ``median`` / ``trimmed_mean``: coordinate-wise, unweighted; ``krum``: :func:`krum`, unweighted.
     """
     if method == "mean":
         return weighted_mean(updates, cap_weights(weights, max_weight))
@@ -106,6 +123,8 @@ def aggregate(updates: Sequence[Params], weights: Sequence[float], method: str =
         return coordinate_median(updates)
     if method == "trimmed_mean":
         return trimmed_mean(updates, trim_fraction)
+    if method == "krum":
+        return krum(updates, krum_malicious, krum_keep)
     raise ValueError(f"aggregate: unknown method {method!r} (expected one of {AGGREGATORS})")
 
 

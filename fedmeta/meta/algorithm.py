@@ -164,7 +164,7 @@ class MetaAlgorithm:
         clips each delta, sums and noises them instead, then calls :meth:`server_apply`.
         """
         m = self.cfg.meta
-        return aggregate(deltas, weights, m.aggregation, m.trim_fraction, self.cfg.simulation.max_weight)
+        return aggregate(deltas, weights, m.aggregation, m.trim_fraction, self.cfg.simulation.max_weight, m.krum_malicious, m.krum_keep)
 
     def server_apply(self, theta: Params, mean: Params, server_round: int, state: dict[str, Any]) -> tuple[Params, dict[str, Any], dict[str, float]]:
         """The outer step from the aggregate: ``theta + beta * mean`` (or ServerAdam's step); returns (theta, state, info)."""
