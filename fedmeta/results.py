@@ -244,12 +244,17 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write ``path`` so that it is either the old file or the whole new one, also after a power loss:
     the temp file is fsync'd before ``os.replace`` and the directory after it (as databases do).
-    On an ``OSError`` (disk full, read-only) the temp file is removed and the old file is untouched."""
+    On an ``OSError`` (disk full, read-only) the temp file is removed and the old file is untouched.
+    ``mode`` (e.g. ``0o600``): the file's permissions from its creation on, whatever the umask."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        if mode is not None:
+            tmp.unlink(missing_ok=True)  # a leftover temp file keeps its old mode: start from a new one
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            os.chmod(tmp, mode)  # os.open's mode is masked by the umask; chmod is not
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -268,10 +273,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path, mode: int | None = None) -> None:
     buf = io.BytesIO()  # serialised in memory: a full disk is then an OSError of our own write, not torch's
     torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), mode)
 
 
 _WHAT = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system",
@@ -393,7 +398,8 @@ class RunWriter:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         self._check_open()
         with self._writing(CHECKPOINT):
-            atomic_torch_save(to_plain(state), self.dir / CHECKPOINT)
+            # 0600: a private run's checkpoint holds the server's noise secret (docs/design.md, "Threat model")
+            atomic_torch_save(to_plain(state), self.dir / CHECKPOINT, mode=0o600)
         if type(state.get("round")) is int:
             self.checkpoint_round = state["round"]
 

@@ -86,6 +86,8 @@ def test_two_private_runs_with_the_same_config_draw_different_noise_and_the_secr
     for r, s in zip("ab", secrets_):
         for name in ("config.json", "metrics.jsonl", "summary.json"):
             assert s not in (tmp_path / r / name).read_text()
+        # only the owner may read the file that holds it (0600, whatever the umask)
+        assert (tmp_path / r / "checkpoint.pt").stat().st_mode & 0o777 == 0o600
 
 
 def test_private_cohorts_cannot_be_recomputed_from_the_config(small_cfg, tmp_path, monkeypatch):
