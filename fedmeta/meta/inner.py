@@ -50,7 +50,10 @@ class InnerConfig:
 
 def client_seed(*keys: int) -> int:
     """A 63-bit seed derived from integer keys (e.g. run seed, round, client id)."""
-    return int(np.random.SeedSequence([int(k) % (2**63) for k in keys]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    # two 32-bit words as one little-endian 64-bit int, shifted on a Python int: numpy 1.26 has no
+    # right_shift for (uint64, int) and numpy 2 does, so shifting the numpy scalar breaks on 1.26
+    lo, hi = (int(w) for w in np.random.SeedSequence([int(k) % (2**63) for k in keys]).generate_state(2, np.uint32))
+    return (lo | (hi << 32)) >> 1
 
 
 def batch_schedule(n_support: int, steps: int, batch_size: int, seed: int) -> Tensor:
