@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fedmeta.config import Config
-from fedmeta.meta.aggregate import aggregate, weighted_average
+from fedmeta.meta.aggregate import aggregate_stacked, weighted_average
 from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import algorithm_for, extra_params, model_params
 from fedmeta.meta.outer import ServerAdam, apply_step, difference
@@ -38,6 +38,54 @@ class ClientUpdate:
     phi: Params
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StackedUpdates:
+    """A cohort's training updates kept stacked (the vectorised engine's reply; issue 21).
+
+    ``phi[k][i]`` is client ``cids[i]``'s new value of parameter ``k``; ``metrics[name][i]`` its metric.
+    The round loop screens, aggregates and steps on these tensors directly; iterating yields one
+    :class:`ClientUpdate` per client (views, no copy) for code that wants them one at a time.
+    """
+
+    cids: list[int]
+    phi: Params
+    num_examples: list[int]
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.cids)
+
+    def __iter__(self):
+        for i, cid in enumerate(self.cids):
+            n = int(self.num_examples[i])
+            yield ClientUpdate(cid, {k: v[i] for k, v in self.phi.items()}, n,
+                               {"num-examples": n} | {k: float(v[i]) for k, v in self.metrics.items()})
+
+    def select(self, keep: list[int]) -> "StackedUpdates":
+        """The updates at positions ``keep`` (in that order)."""
+        if len(keep) == len(self.cids):
+            return self
+        idx = torch.tensor(keep, dtype=torch.long)
+        return StackedUpdates([self.cids[i] for i in keep], {k: v[idx] for k, v in self.phi.items()},
+                              [self.num_examples[i] for i in keep], {k: [v[i] for i in keep] for k, v in self.metrics.items()})
+
+
+def stacked_phi(updates: "list[ClientUpdate] | StackedUpdates") -> Params:
+    """The cohort's phi as one stacked tensor per key (a list of updates is stacked once)."""
+    if isinstance(updates, StackedUpdates):
+        return updates.phi
+    return {k: torch.stack([u.phi[k] for u in updates]) for k in updates[0].phi}
+
+
+def update_norms(updates: "list[ClientUpdate] | StackedUpdates", theta: Params) -> list[float]:
+    """``||phi_i - theta||`` per update, computed on stacked tensors with one host sync for the cohort."""
+    if len(updates) == 0:
+        return []
+    phi = stacked_phi(updates)
+    per_key = [(phi[k] - theta[k]).to(torch.float64).pow(2).flatten(1).sum(1) for k in theta]
+    return torch.stack(per_key).sum(0).sqrt().tolist()
 
 
 @dataclass
@@ -106,18 +154,23 @@ def summarise_eval(replies: Replies, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": _mean(metrics, k) for k in EVAL_KEYS if any(k in m for m in metrics)}
 
 
-def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float) -> tuple[list[ClientUpdate], list[str]]:
-    """Drop updates that are non-finite or whose ||phi - theta|| exceeds ``max_norm`` (every engine)."""
-    good, rejected = [], []
-    for u in updates:
-        sq = sum(float(((u.phi[k] - theta[k]) ** 2).sum()) for k in theta)
-        if not math.isfinite(sq):
-            rejected.append(f"client {u.cid}: update contains NaN or Inf")
-        elif math.sqrt(sq) > max_norm:
-            rejected.append(f"client {u.cid}: update norm {math.sqrt(sq):.3g} exceeds simulation.max_update_norm={max_norm:g}")
+def screen_updates(updates: "list[ClientUpdate] | StackedUpdates", theta: Params, max_norm: float) -> tuple["list[ClientUpdate] | StackedUpdates", list[str]]:
+    """Drop updates that are non-finite or whose ||phi - theta|| exceeds ``max_norm`` (every engine).
+
+    Takes and returns a list of :class:`ClientUpdate` or a :class:`StackedUpdates`; the norms come
+    from :func:`update_norms` (stacked, one host sync per round).
+    """
+    stacked = isinstance(updates, StackedUpdates)
+    cids = updates.cids if stacked else [u.cid for u in updates]
+    keep, rejected = [], []
+    for i, (cid, norm) in enumerate(zip(cids, update_norms(updates, theta))):
+        if not math.isfinite(norm):
+            rejected.append(f"client {cid}: update contains NaN or Inf")
+        elif norm > max_norm:
+            rejected.append(f"client {cid}: update norm {norm:.3g} exceeds simulation.max_update_norm={max_norm:g}")
         else:
-            good.append(u)
-    return good, rejected
+            keep.append(i)
+    return (updates.select(keep) if stacked else [updates[i] for i in keep]), rejected
 
 
 MAX_CLIENT_METRICS = 32
@@ -157,15 +210,20 @@ class Server:
 
             self.privacy = ServerPrivacy(cfg, num_train_clients, sample_rate(cfg, num_train_clients))
 
-    def step(self, updates: list[ClientUpdate], server_round: int) -> dict[str, float]:
-        """Apply one outer step from the clients' phi; returns round info (beta, clip, ...)."""
+    def step(self, updates: "list[ClientUpdate] | StackedUpdates", server_round: int) -> dict[str, float]:
+        """Apply one outer step from the clients' phi; returns round info (beta, clip, ...).
+
+        Without DP the deltas are stacked per key (``[N, *shape]``) and reduced once per key.
+        """
         cfg = self.cfg
         beta = self.algorithm.step_size(server_round)
-        deltas = [difference(u.phi, self.theta) for u in updates]
         info: dict[str, float] = {"beta": beta}
         if self.privacy is None:
-            mean = aggregate(deltas, [u.num_examples for u in updates], cfg.meta.aggregation, cfg.meta.trim_fraction, cfg.simulation.max_weight)
+            deltas = difference(stacked_phi(updates), self.theta)  # broadcast: theta has no cohort axis
+            weights = updates.num_examples if isinstance(updates, StackedUpdates) else [u.num_examples for u in updates]
+            mean = aggregate_stacked(deltas, weights, cfg.meta.aggregation, cfg.meta.trim_fraction, cfg.simulation.max_weight)
         else:
+            deltas = [difference(u.phi, self.theta) for u in updates]
             generator = torch.Generator().manual_seed(
                 client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
             )

@@ -24,3 +24,117 @@ def test_client_seed_is_stable_across_numpy_versions():
         assert 0 <= got < 2**63
     # numpy integers as keys give the same seeds as Python ints
     assert client_seed(np.int64(123), np.uint32(11), 5, 0) == EXPECTED_SEEDS[(123, 11, 5, 0)]
+
+
+# -- the round on stacked tensors ---------------------------------------------------------
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fedmeta.config import build_config  # noqa: E402
+from fedmeta.federation import ClientUpdate, Server, StackedUpdates, screen_updates, update_norms  # noqa: E402
+
+THETA = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+
+
+def _cohort(n: int = 7, seed: int = 0) -> list[ClientUpdate]:
+    g = torch.Generator().manual_seed(seed)
+    return [ClientUpdate(100 + i, {k: torch.randn(v.shape, generator=g) * (i + 1) for k, v in THETA.items()}, 5 + i,
+                         {"num-examples": 5 + i, "train_loss": float(i)}) for i in range(n)]
+
+
+def _stack(updates: list[ClientUpdate]) -> StackedUpdates:
+    return StackedUpdates([u.cid for u in updates], {k: torch.stack([u.phi[k] for u in updates]) for k in THETA},
+                          [u.num_examples for u in updates], {"train_loss": [u.metrics["train_loss"] for u in updates]})
+
+
+def test_stacked_updates_iterate_as_client_updates():
+    ups = _cohort()
+    st = _stack(ups)
+    assert len(st) == 7
+    back = list(st)
+    assert [u.cid for u in back] == [u.cid for u in ups]
+    assert all(torch.equal(a.phi[k], b.phi[k]) for a, b in zip(back, ups) for k in THETA)
+    assert [u.metrics for u in back] == [u.metrics for u in ups]
+    sub = st.select([5, 1])
+    assert sub.cids == [105, 101] and sub.num_examples == [10, 6] and torch.equal(sub.phi["w"][0], ups[5].phi["w"])
+
+
+def test_update_norms_match_per_client_norms():
+    ups = _cohort()
+    want = [math.sqrt(sum(float(((u.phi[k] - THETA[k]) ** 2).sum()) for k in THETA)) for u in ups]
+    for got in (update_norms(ups, THETA), update_norms(_stack(ups), THETA)):
+        assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_screen_stacked_rejects_what_the_list_path_rejects():
+    ups = _cohort()
+    ups[2].phi["b"][0] = float("nan")
+    ups[4].phi["w"][1, 1] = float("inf")
+    norms = update_norms(ups, THETA)
+    limit = sorted(n for n in norms if math.isfinite(n))[-2] + 1e-3  # rejects exactly the largest finite one
+    kept_list, why_list = screen_updates(ups, THETA, limit)
+    kept_st, why_st = screen_updates(_stack(ups), THETA, limit)
+    assert isinstance(kept_st, StackedUpdates)
+    assert why_st == why_list and len(why_list) == 3
+    assert "client 102: update contains NaN or Inf" in why_list and "client 104: update contains NaN or Inf" in why_list
+    assert any("exceeds simulation.max_update_norm" in w for w in why_list)
+    assert kept_st.cids == [u.cid for u in kept_list] and len(kept_st) == 4
+    assert all(torch.equal(kept_st.phi[k][i], u.phi[k]) for i, u in enumerate(kept_list) for k in THETA)
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median", "trimmed_mean"])
+def test_server_step_stacked_equals_list(aggregation):
+    cfg = build_config({}, [f"meta.aggregation={aggregation}", "simulation.max_weight=8", "simulation.rounds=4"])
+    ups = _cohort()
+    a, b = Server(cfg, THETA, 10), Server(cfg, THETA, 10)
+    info_a, info_b = a.step(ups, 2), b.step(_stack(ups), 2)
+    assert info_a == info_b
+    for k in THETA:
+        assert torch.equal(a.theta[k], b.theta[k]), k
+    if aggregation == "mean":  # the capped, weighted mean, by hand
+        w = [min(u.num_examples, 8) for u in ups]
+        mean = sum(wi * u.phi["w"] for wi, u in zip(w, ups)) / sum(w)
+        torch.testing.assert_close(a.theta["w"], info_a["beta"] * mean, rtol=1e-6, atol=1e-6)
+
+
+class _Ragged:
+    """A synthetic population with 3 support sizes (so the cohort splits into interleaved vmap groups)."""
+
+    def __init__(self, base) -> None:
+        self.base, self.spec, self.num_clients = base, base.spec, base.num_clients
+        self.train_clients, self.heldout_clients = base.train_clients, base.heldout_clients
+
+    def client(self, cid: int):
+        from fedmeta.data.base import ClientData
+
+        full = self.base.client(cid)
+        n_support = full.n_support - cid % 3
+        keep = torch.cat([torch.arange(n_support), torch.arange(full.n_support, full.n)])
+        return ClientData({k: v[keep] for k, v in full.x.items()}, full.y[keep], full.present[keep], n_support)
+
+
+def test_vectorized_train_is_stacked_in_cohort_order():
+    from fedmeta.client import model_for
+    from fedmeta.data import build_dataset
+    from fedmeta.engines.vectorized import VectorizedBackend, client_updates
+    from fedmeta.meta import params_of
+
+    cfg = build_config({}, ["data.num_clients=16", "data.examples_per_client=20", "model.embed_dim=8", "model.hidden_dim=8",
+                            "meta.inner_steps=3", "meta.inner_batch_size=4", "simulation.chunk_size=2"])
+    ds = _Ragged(build_dataset(cfg.data))
+    backend = VectorizedBackend(cfg, ds)
+    theta = params_of(model_for(cfg, ds.spec))
+    cohort = [0, 1, 2, 3, 4, 5, 7, 9]
+    replies = backend.train(theta, cohort, 3)
+    assert isinstance(replies.results, StackedUpdates) and replies.results.cids == cohort
+    chunks = backend.train_chunks(theta, cohort, 3)
+    assert len(chunks) > 3 and any(ch.positions != sorted(ch.positions) or ch.positions[0] != 0 for ch in chunks)
+    per_client = client_updates(cfg, theta, cohort, chunks)
+    for i, u in enumerate(per_client):
+        assert replies.results.num_examples[i] == u.num_examples == ds.client(cohort[i]).n_support
+        assert replies.results.metrics["train_loss"][i] == u.metrics["train_loss"]
+        for k in theta:
+            assert torch.equal(replies.results.phi[k][i], u.phi[k]), (i, k)

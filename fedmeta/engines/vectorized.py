@@ -60,7 +60,7 @@ from fedmeta.client import (
     resolve_device,
     train_plan,
 )
-from fedmeta.federation import ClientUpdate, Params, Replies, RunError
+from fedmeta.federation import ClientUpdate, Params, Replies, RunError, StackedUpdates
 from fedmeta.meta.algorithm import algorithm_for
 from fedmeta.meta.inner import adaptation_metrics
 
@@ -288,8 +288,8 @@ class VectorizedBackend:
         return out
 
     def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
-        """``train_client`` for the whole cohort (see :meth:`train_chunks`)."""
-        return Replies(results=client_updates(self.cfg, theta, cids, self.train_chunks(theta, cids, server_round)))
+        """``train_client`` for the whole cohort (see :meth:`train_chunks`), as one :class:`StackedUpdates`."""
+        return Replies(results=cohort_updates(self.cfg, theta, cids, self.train_chunks(theta, cids, server_round)))
 
     # -- evaluation --------------------------------------------------------------
     def evaluate_chunks(self, theta: Params, cids: list[int], server_round: int) -> list[EvalChunk]:
@@ -358,6 +358,31 @@ def client_updates(cfg: Config, theta: Params, cids: list[int], chunks: list[Tra
     if missing:
         raise RunError(f"vectorized engine: no result for clients {missing[:5]} (internal error)")
     return updates
+
+
+def stacked_updates(cids: list[int], chunks: list[TrainChunk]) -> StackedUpdates:
+    """The chunks' results as one :class:`StackedUpdates` in cohort order (no per-client dicts)."""
+    positions = [p for ch in chunks for p in ch.positions]
+    if sorted(positions) != list(range(len(cids))):
+        missing = sorted(set(range(len(cids))) - set(positions))
+        raise RunError(f"vectorized engine: no result for clients {[cids[p] for p in missing[:5]]} (internal error)")
+    if len(chunks) == 1 and positions == list(range(len(cids))):
+        ch = chunks[0]
+        return StackedUpdates(list(cids), ch.phi, [int(n) for n in ch.num_examples], ch.metrics)
+    order = torch.empty(len(cids), dtype=torch.long)
+    order[torch.tensor(positions)] = torch.arange(len(cids))  # cohort position -> row of the concatenation
+    phi = {k: torch.cat([ch.phi[k] for ch in chunks])[order] for k in chunks[0].phi}
+    flat_n = [int(n) for ch in chunks for n in ch.num_examples]
+    flat_m = {k: [v for ch in chunks for v in ch.metrics[k]] for k in chunks[0].metrics}
+    rows = order.tolist()
+    return StackedUpdates(list(cids), phi, [flat_n[r] for r in rows], {k: [v[r] for r in rows] for k, v in flat_m.items()})
+
+
+def cohort_updates(cfg: Config, theta: Params, cids: list[int], chunks: list[TrainChunk]) -> "StackedUpdates | list[ClientUpdate]":
+    """Stacked updates, or one ``ClientUpdate`` per client where each client clips its own (``privacy.mode = "client"``)."""
+    if cfg.privacy.enabled and cfg.privacy.mode == "client":
+        return client_updates(cfg, theta, cids, chunks)
+    return stacked_updates(cids, chunks)
 
 
 def eval_results(cids: list[int], chunks: list[EvalChunk]) -> list[tuple[int, dict[str, float]]]:
