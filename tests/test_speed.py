@@ -138,3 +138,18 @@ def test_vectorized_train_is_stacked_in_cohort_order():
         assert replies.results.metrics["train_loss"][i] == u.metrics["train_loss"]
         for k in theta:
             assert torch.equal(replies.results.phi[k][i], u.phi[k]), (i, k)
+
+
+def test_sequence_encoder_equals_conv1d():
+    """The windowed-matmul convolution is nn.Conv1d's cross-correlation (padding 1), so checkpoints keep their meaning."""
+    from fedmeta.data.base import ModalitySpec
+    from fedmeta.models.multimodal import SequenceEncoder
+
+    torch.manual_seed(0)
+    enc = SequenceEncoder(ModalitySpec("audio", "sequence", (12, 8)), embed_dim=6, hidden_dim=5)
+    x = torch.randn(4, 12, 8)
+    want = torch.relu(enc.out(torch.relu(enc.conv(x.transpose(1, 2))).mean(dim=2)))
+    torch.testing.assert_close(enc(x), want, rtol=1e-5, atol=1e-6)
+    g_new = torch.autograd.grad(enc(x).sum(), enc.conv.weight)[0]
+    g_ref = torch.autograd.grad(torch.relu(enc.out(torch.relu(enc.conv(x.transpose(1, 2))).mean(dim=2))).sum(), enc.conv.weight)[0]
+    torch.testing.assert_close(g_new, g_ref, rtol=1e-5, atol=1e-6)

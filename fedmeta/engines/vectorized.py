@@ -242,6 +242,7 @@ class VectorizedBackend:
         self.algorithm = algorithm_for(cfg)
         self.chunk_size = cfg.simulation.chunk_size
         self.store = ClientStore(dataset)
+        self._compiled = None  # simulation.compile: the compiled vmapped update
 
     def populations(self) -> tuple[list[int], list[int]]:
         return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
@@ -252,6 +253,15 @@ class VectorizedBackend:
     def prefetch(self, cids: Sequence[int] | None = None) -> None:
         """Build clients ahead of the rounds (default: the whole population)."""
         self.store.ensure(range(self.store.size) if cids is None else cids)
+
+    def _update(self, query_dim: int | None):
+        """The vmapped ``client_update``; with ``simulation.compile`` compiled once per backend (inductor, static shapes)."""
+        update = vmap(self.algorithm.client_update, in_dims=(None, None, 0, query_dim, 0, None), randomness="error")
+        if not self.cfg.simulation.compile:
+            return update
+        if self._compiled is None:
+            self._compiled = torch.compile(update, dynamic=False)
+        return self._compiled
 
     def _on_device(self, params: Params) -> Params:
         return {k: v.to(self.device) for k, v in params.items()}
@@ -267,7 +277,7 @@ class VectorizedBackend:
         plans = [train_plan(cfg, algorithm, store.client(cid), server_round, cid) for cid in cids]
         theta_d = self._on_device(theta)
         query_dim = 0 if algorithm.needs_query else None
-        update = vmap(algorithm.client_update, in_dims=(None, None, 0, query_dim, 0, None), randomness="error")
+        update = self._update(query_dim)
         out: list[TrainChunk] = []
         for chunk in _groups([(*plans[p][1].shape, plans[p][0].n_query) for p in range(len(cids))], self.chunk_size):
             idx = torch.tensor([cids[p] for p in chunk])
