@@ -12,10 +12,18 @@ Each engine runs in its own subprocess (so peak memory does not mix) through
 the real round loop (:func:`fedmeta.federation.run_federation`, or the Flower
 ServerApp for ``flower``). It runs R + 2 rounds: round 1 is warm-up and counts
 as start-up (Ray workers starting, first-call overheads), rounds 2..R+1 are
-timed, the last round (which evaluates) is not. A thread notes when each
-round's line appears in ``metrics.jsonl``.
+timed, the last round (which evaluates) is not. Round times are the engine's
+own: the ``time_s`` the round loop writes into each ``metrics.jsonl`` line
+(a timer around the round inside the process that runs it), never file polling.
 
-* ``updates_per_s``: N * R / (time of the timed rounds);
+* ``updates_per_s``: N * R / (sum of the timed rounds' ``time_s``);
+* ``gflops_per_s`` / ``matmul_fraction`` / ``bmm_fraction``: ``updates_per_s`` times the FLOPs of
+  one client update (``torch.utils.flop_counter.FlopCounterMode`` on one client's update), and that
+  as a fraction of two ceilings measured in the same run on one thread: a 2048² matmul and a
+  ``torch.bmm`` shaped like the workload's first layer ([N, 16, 64] x [N, 64, 32]);
+* the ``torch-loop`` row: the reference a plain PyTorch user would write, one ``nn.Module`` per
+  client, ``loss.backward()`` and ``torch.optim.SGD`` on the same batch schedules, then the same
+  server step (:class:`fedmeta.federation.Server`); timed per round with ``time.perf_counter``;
 * ``startup_s``: worker start (before importing torch/flwr) to the end of round 1,
   including building the population (in-process engines build every client up front,
   so their rounds measure compute; Flower's clients build their data on first use);
@@ -46,7 +54,7 @@ import threading
 import time
 from pathlib import Path
 
-ENGINES = ("flower", "vectorized", "sequential")
+ENGINES = ("flower", "vectorized", "sequential", "torch-loop")
 WORKLOAD = ["meta.inner_steps=5", "meta.inner_batch_size=16"]
 
 
@@ -131,8 +139,20 @@ def tree_memory_mb(root: int, *more: int) -> tuple[float, float, float]:
     return rss / 1024, pss / 1024, anon / 1024
 
 
+def round_times(metrics: Path) -> dict[int, float]:
+    """``{round: time_s}`` from a run's ``metrics.jsonl``: the round loop's own timer (see the module docstring)."""
+    out: dict[int, float] = {}
+    for line in metrics.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            out[int(rec["round"])] = float(rec["time_s"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
 class Watcher(threading.Thread):
-    """Samples the tree's memory and notes when each round's metrics line appears."""
+    """Samples the tree's memory (and notes when each round's metrics line appears: start-up of the Flower engine only)."""
 
     def __init__(self, metrics: Path, interval: float = 0.25) -> None:
         super().__init__(daemon=True)
@@ -180,10 +200,13 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
 
     from fedmeta.config import build_config
 
+    if engine == "torch-loop":
+        return run_torch_loop(overrides, t0)
     cfg = build_config({}, overrides + [f"simulation.engine={engine}"])
     nodes = 0
     watcher = Watcher(out_dir / "metrics.jsonl")
     watcher.start()
+    ends: dict[int, float] = {}  # in-process engines: perf_counter at the end of each round (the round loop's callback)
     if engine == "flower":
         from fedmeta.engines.flower import simulate_flower
 
@@ -214,22 +237,24 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
                 configure_torch(threads)
         theta0 = params_of(model_for(cfg, dataset.spec))
         try:
-            run_federation(cfg, backend, theta0, RunWriter(out_dir))
+            run_federation(cfg, backend, theta0, RunWriter(out_dir), progress=lambda rec: ends.setdefault(int(rec["round"]), time.perf_counter()))
         finally:
             if hasattr(backend, "close"):
                 backend.close()
     watcher.stop.set()
     watcher.join()
     watcher.poll()
-    done = watcher.round_done
     rounds = cfg.simulation.rounds - 2
-    timed = done[rounds + 1] - done[1]
+    times = round_times(out_dir / "metrics.jsonl")
+    timed = sum(times[r] for r in range(2, rounds + 2))
+    first_end = ends.get(1, watcher.round_done.get(1, time.perf_counter()))  # Flower: the ServerApp's metrics line
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import torch
 
     return {
         "updates_per_s": cfg.simulation.clients_per_round * rounds / timed,
-        "startup_s": done[1] - t0,
+        "round_times_s": [times[r] for r in range(2, rounds + 2)],
+        "startup_s": first_end - t0,
         "round_s": timed / rounds,
         "peak_rss_mb": max(watcher.peak_rss, own),
         "peak_pss_mb": max(watcher.peak_pss, 0.0),
@@ -241,6 +266,118 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
         "timed_rounds": rounds,
         "population": cfg.data.num_clients,
     }
+
+
+def run_torch_loop(overrides: list[str], t0: float, keep_theta: bool = False) -> dict:
+    """The plain-PyTorch reference row: per client ``load_state_dict`` + ``backward()`` + ``torch.optim.SGD``
+    on the same batch schedules as the engines, then fedmeta's server step; each round timed in process."""
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from fedmeta.client import configure_torch, model_for, train_schedule
+    from fedmeta.config import build_config
+    from fedmeta.data import build_dataset
+    from fedmeta.federation import ClientUpdate, Server, sample_cohort
+    from fedmeta.meta import params_of
+
+    cfg = build_config({}, overrides + ["simulation.engine=sequential"])
+    configure_torch(1)
+    dataset = build_dataset(cfg.data, cfg.model.modalities)
+    clients = [dataset.client(c) for c in range(dataset.num_clients)]
+    model = model_for(cfg, dataset.spec)
+    server = Server(cfg, params_of(model), len(dataset.train_clients))
+    rounds = cfg.simulation.rounds - 2
+    times, first_end = [], 0.0
+    for rnd in range(1, rounds + 2):
+        start = time.perf_counter()
+        updates = []
+        for cid in sample_cohort(cfg, list(dataset.train_clients), rnd):
+            data = clients[cid]
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(server.theta[name])
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.meta.inner_lr)
+            for idx in train_schedule(cfg, data, rnd, cid):
+                opt.zero_grad()
+                F.cross_entropy(model({k: v[idx] for k, v in data.x.items()}, data.present[idx]), data.y[idx]).backward()
+                opt.step()
+            updates.append(ClientUpdate(cid, {k: v.detach().clone() for k, v in model.named_parameters()}, data.n_support))
+        server.step(updates, rnd)
+        end = time.perf_counter()
+        if rnd == 1:
+            first_end = end
+        else:
+            times.append(end - start)
+    n = cfg.simulation.clients_per_round
+    return {
+        "updates_per_s": n * rounds / sum(times),
+        "round_times_s": times,
+        "startup_s": first_end - t0,
+        "round_s": sum(times) / rounds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_pss_mb": 0.0,
+        "peak_anon_mb": 0.0,
+        "workers": 0,
+        "worker_nodes": 0,
+        "torch_threads": torch.get_num_threads(),
+        "clients_per_round": n,
+        "timed_rounds": rounds,
+        "population": cfg.data.num_clients,
+    } | ({"theta": server.theta} if keep_theta else {})
+
+
+def update_flops(overrides: list[str]) -> int:
+    """FLOPs of one client update on the workload (``FlopCounterMode`` around ``train_client`` of one client)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedmeta.client import model_for, train_client
+    from fedmeta.config import build_config
+    from fedmeta.data import build_dataset
+    from fedmeta.meta import params_of
+
+    cfg = build_config({}, overrides + ["simulation.engine=sequential"])
+    dataset = build_dataset(cfg.data, cfg.model.modalities)
+    model = model_for(cfg, dataset.spec)
+    cid = int(dataset.train_clients[0])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_client(model, params_of(model), dataset.client(cid), cfg, dataset.spec, 1, cid)
+    return int(counter.get_total_flops())
+
+
+def ceilings(clients: int, device: str = "cpu", repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a 2048² matmul and of ``torch.bmm`` [N, 16, 64] x [N, 64, 32] (the workload's first layer), one thread, best of ``repeats``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dev = torch.device(device)
+
+    def best(fn, flops: float) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return flops / min(times) / 1e9
+
+    try:
+        a = torch.randn(2048, 2048, device=dev)
+        x, w = torch.randn(clients, 16, 64, device=dev), torch.randn(clients, 64, 32, device=dev)
+        reps = max(1, 20000 // clients)
+        return {
+            "matmul_2048_gflops": best(lambda: a @ a, 2 * 2048**3),
+            "bmm_gflops": best(lambda: [torch.bmm(x, w) for _ in range(reps)], 2 * clients * 16 * 64 * 32 * reps),
+        }
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- the command ------------------------------------------------------------------------
@@ -320,6 +457,14 @@ def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_
         if cluster is not None:
             stop_cluster(cluster, before)
     result["load_avg_after"] = list(os.getloadavg())
+    result["ceilings"] = ceilings(clients, device if device and device.startswith("cuda") else "cpu")
+    flops = update_flops(overrides)
+    result["flops_per_update"] = flops
+    for r in result["engines"].values():
+        if "updates_per_s" in r:
+            r["gflops_per_s"] = r["updates_per_s"] * flops / 1e9
+            r["matmul_fraction"] = r["gflops_per_s"] / result["ceilings"]["matmul_2048_gflops"]
+            r["bmm_fraction"] = r["gflops_per_s"] / result["ceilings"]["bmm_gflops"]
     ups = {e: r["updates_per_s"] for e, r in result["engines"].items() if "updates_per_s" in r}
     if "vectorized" in ups:
         result["ratios"] = {f"vectorized/{e}": ups["vectorized"] / v for e, v in ups.items() if e != "vectorized" and not e.startswith("vectorized-w")}
@@ -347,12 +492,12 @@ def print_table(result: dict) -> None:
     w = result["workload"]
     settings = ", ".join(f"{k}={v}" for k, v in workload_settings().items())
     table = Table(title=f"{w['clients_per_round']} clients/round, {w['rounds']} timed rounds, population {w['population']}, {settings}")
-    for col in ("engine", "updates/s", "start-up s", "s/round", "peak RSS MB", "peak PSS MB", "peak anon MB", "vec. ×"):
+    for col in ("engine", "updates/s", "GFLOP/s", "% bmm", "start-up s", "s/round", "peak RSS MB", "peak PSS MB", "peak anon MB", "vec. ×"):
         table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
     vec = result["engines"].get("vectorized", {}).get("updates_per_s")
     for engine, r in result["engines"].items():
         if "error" in r:
-            table.add_row(engine, f"[red]failed: {r['error']}[/red]", "", "", "", "", "", "")
+            table.add_row(engine, f"[red]failed: {r['error']}[/red]", "", "", "", "", "", "", "", "")
             continue
         if vec is None or engine == "vectorized":
             ratio = ""
@@ -360,12 +505,17 @@ def print_table(result: dict) -> None:
             ratio = f"{r['updates_per_s'] / vec:.2f}"
         else:  # another engine: how many times faster the vectorised engine is
             ratio = f"{vec / r['updates_per_s']:.1f}"
-        table.add_row(engine, f"{r['updates_per_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['round_s']:.3f}", f"{r['peak_rss_mb']:.0f}",
+        table.add_row(engine, f"{r['updates_per_s']:.1f}", f"{r.get('gflops_per_s', 0):.2f}", f"{100 * r.get('bmm_fraction', 0):.1f}",
+                      f"{r['startup_s']:.1f}", f"{r['round_s']:.3f}", f"{r['peak_rss_mb']:.0f}",
                       f"{r['peak_pss_mb']:.0f}", f"{r.get('peak_anon_mb', 0):.0f}", ratio)
     console = Console(width=max(100, Console().width))
     console.print(table)
     if any(e.startswith("vectorized-w") for e in result["engines"]):
         console.print("vec. ×: vectorized ÷ that engine; on vectorized-wN rows (N Ray workers): that row ÷ the in-process vectorized")
+    if "ceilings" in result:
+        c = result["ceilings"]
+        console.print(f"one client update = {result['flops_per_update']:,} FLOPs (FlopCounterMode); ceilings measured in this run, one thread: "
+                      f"matmul 2048² {c['matmul_2048_gflops']:.1f} GFLOP/s, bmm {c['bmm_gflops']:.1f} GFLOP/s (% bmm = achieved ÷ bmm)")
     console.print(f"load average before {result['load_avg_before'][0]:.2f}, after {result['load_avg_after'][0]:.2f} ({result['cpus']} CPUs)")
 
 
@@ -424,7 +574,7 @@ def register(sub) -> None:
     p.add_argument("--clients", type=int, default=100, help="clients per round (N)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (R); one warm-up and one final round are added")
     p.add_argument("--population", type=int, default=0, help="population size P (default: just enough training clients)")
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of flower,vectorized,sequential")
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     p.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
     p.add_argument("--chunk-size", type=int, default=None, help="vectorized: clients per vmap chunk (default: simulation.chunk_size)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the in-process engines (default: the engine's)")

@@ -153,3 +153,47 @@ def test_sequence_encoder_equals_conv1d():
     g_new = torch.autograd.grad(enc(x).sum(), enc.conv.weight)[0]
     g_ref = torch.autograd.grad(torch.relu(enc.out(torch.relu(enc.conv(x.transpose(1, 2))).mean(dim=2))).sum(), enc.conv.weight)[0]
     torch.testing.assert_close(g_new, g_ref, rtol=1e-5, atol=1e-6)
+
+
+# -- fedmeta bench ---------------------------------------------------------------------------
+
+
+def test_bench_round_times_come_from_the_round_loop(tmp_path):
+    from fedmeta.bench import round_times
+
+    m = tmp_path / "metrics.jsonl"
+    m.write_text('{"round": 1, "time_s": 2.5}\n{"round": 2, "time_s": 0.125}\nnot json\n{"round": 3}\n')
+    assert round_times(m) == {1: 2.5, 2: 0.125}
+
+
+def test_bench_flops_per_update_of_the_default_workload():
+    """82,880 FLOPs per example (forward + backward) x 16 rows x 5 steps, as counted by hand in issue 21."""
+    from fedmeta import bench
+
+    assert bench.update_flops(bench.bench_overrides(4, 1, bench.default_population(4))) == 82_880 * 16 * 5
+
+
+def test_bench_torch_loop_row_matches_the_sequential_engine(tmp_path):
+    """The plain-PyTorch reference does the same work: after its rounds theta equals the sequential engine's."""
+    import torch
+
+    from fedmeta import bench
+    from fedmeta.client import configure_torch, model_for
+    from fedmeta.config import build_config
+    from fedmeta.data import build_dataset
+    from fedmeta.engines.sequential import SequentialBackend
+    from fedmeta.federation import Server, sample_cohort
+    from fedmeta.meta import params_of
+
+    ov = bench.WORKLOAD + ["data.num_clients=8", "simulation.clients_per_round=3", "simulation.rounds=3", "model.embed_dim=8", "model.hidden_dim=8"]
+    report = bench.run_torch_loop(ov, 0.0, keep_theta=True)
+    assert report["timed_rounds"] == 1 and report["updates_per_s"] == pytest.approx(3 / report["round_times_s"][0])
+    # the same rounds through the sequential engine's backend and the shared server step
+    cfg = build_config({}, ov + ["simulation.engine=sequential"])
+    configure_torch(1)
+    ds = build_dataset(cfg.data, cfg.model.modalities)
+    backend = SequentialBackend(cfg, ds)
+    server = Server(cfg, params_of(model_for(cfg, ds.spec)), len(ds.train_clients))
+    for rnd in (1, 2):
+        server.step(backend.train(server.theta, sample_cohort(cfg, list(ds.train_clients), rnd), rnd).results, rnd)
+    assert torch.allclose(report["theta"]["head.weight"], server.theta["head.weight"], atol=1e-5)
