@@ -197,3 +197,50 @@ def test_bench_torch_loop_row_matches_the_sequential_engine(tmp_path):
     for rnd in (1, 2):
         server.step(backend.train(server.theta, sample_cohort(cfg, list(ds.train_clients), rnd), rnd).results, rnd)
     assert torch.allclose(report["theta"]["head.weight"], server.theta["head.weight"], atol=1e-5)
+
+
+# -- the eager inner loop (sequential engine, Flower ClientApp) -------------------------------
+
+
+def _tiny():
+    from fedmeta.data import build_dataset
+    from fedmeta.client import inner_config, model_for, train_schedule
+    from fedmeta.meta import params_of
+
+    cfg = build_config({}, ["data.num_clients=6", "simulation.clients_per_round=2", "model.embed_dim=8", "model.hidden_dim=8", "meta.inner_steps=4", "meta.inner_batch_size=5"])
+    ds = build_dataset(cfg.data)
+    data = ds.client(1)
+    s = data.support()
+    return model_for(cfg, ds.spec), params_of(model_for(cfg, ds.spec)), (s.x, s.y, s.present), train_schedule(cfg, data, 1, 1), inner_config(cfg, ds.spec)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_eager_inner_loop_equals_the_transformed_one(optimizer):
+    """Outside torch.func the inner loop uses plain autograd (and fused SGD); the result is the vmapped path's (1e-5, the engines' tolerance)."""
+    from dataclasses import replace
+
+    from torch.func import vmap
+
+    from fedmeta.meta.inner import _plain_eager, inner_loop
+
+    model, theta, (x, y, p), schedule, icfg = _tiny()
+    icfg = replace(icfg, optimizer=optimizer)
+    assert _plain_eager(theta)
+    phi, loss, _ = inner_loop(model, theta, x, y, p, schedule, icfg)
+    batched = vmap(lambda xx, yy, pp, ss: inner_loop(model, theta, xx, yy, pp, ss, icfg)[:2])
+    phi_v, loss_v = batched({k: v[None] for k, v in x.items()}, y[None], p[None], schedule[None])
+    assert max(float((phi[k] - phi_v[k][0]).abs().max()) for k in theta) < 1e-5
+    assert float((loss - loss_v[0]).abs()) < 1e-5
+    assert max(float((phi[k] - theta[k]).abs().max()) for k in theta) > 1e-4  # it trained
+
+
+def test_inner_loop_stays_differentiable_when_theta_requires_grad():
+    """A caller differentiating through the inner loop (plain autograd) does not get the detached fast path."""
+    from fedmeta.meta.inner import _plain_eager, inner_loop
+
+    model, theta, (x, y, p), schedule, icfg = _tiny()
+    theta = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    assert not _plain_eager(theta)
+    phi, _, _ = inner_loop(model, theta, x, y, p, schedule, icfg)
+    grads = torch.autograd.grad(sum(v.sum() for v in phi.values()), list(theta.values()), allow_unused=True)
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
