@@ -244,3 +244,28 @@ def test_inner_loop_stays_differentiable_when_theta_requires_grad():
     phi, _, _ = inner_loop(model, theta, x, y, p, schedule, icfg)
     grads = torch.autograd.grad(sum(v.sum() for v in phi.values()), list(theta.values()), allow_unused=True)
     assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "maml"])
+def test_vectorized_copies_only_scheduled_rows_and_matches_train_client(algorithm, monkeypatch):
+    """A schedule shorter than the support set: the chunk gathers just the visited rows; phi is train_client's."""
+    from fedmeta.client import model_for, train_client
+    from fedmeta.data import build_dataset
+    from fedmeta.engines.vectorized import ClientStore, VectorizedBackend
+    from fedmeta.meta import params_of
+
+    cfg = build_config({}, ["data.num_clients=10", "data.examples_per_client=40", "model.embed_dim=8", "model.hidden_dim=8",
+                            f"meta.algorithm={algorithm}", "meta.inner_steps=2", "meta.inner_batch_size=3", "simulation.clients_per_round=4"])
+    ds = build_dataset(cfg.data)
+    backend = VectorizedBackend(cfg, ds)
+    calls = []
+    original = ClientStore.take
+    monkeypatch.setattr(ClientStore, "take", lambda self, c, r, d: calls.append(tuple(r.shape)) or original(self, c, r, d))
+    theta = params_of(model_for(cfg, ds.spec))
+    cohort = [0, 2, 3, 5]
+    got = backend.train(theta, cohort, 4).results
+    assert (4, 6) in calls  # 2 steps x 3 rows per client, not the 20 support rows
+    model = model_for(cfg, ds.spec)
+    for i, cid in enumerate(cohort):
+        phi, _ = train_client(model, theta, ds.client(cid), cfg, ds.spec, 4, cid)
+        assert max(float((phi[k] - got.phi[k][i]).abs().max()) for k in theta) < 1e-5

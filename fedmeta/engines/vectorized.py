@@ -201,7 +201,10 @@ class ClientStore:
 
     def gather(self, cids: Tensor, start: Tensor, length: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Rows ``start[i] .. start[i] + length`` of each client ``cids[i]``, stacked (no padding)."""
-        rows = start.unsqueeze(1) + torch.arange(length)  # [C, length]: each client's own rows
+        return self.take(cids, start.unsqueeze(1) + torch.arange(length), device)
+
+    def take(self, cids: Tensor, rows: Tensor, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Rows ``rows[i]`` (``[C, k]`` row numbers) of each client ``cids[i]``, stacked: ``[C, k, ...]``."""
         c = cids.unsqueeze(1)
         out = {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
         self._release()
@@ -281,8 +284,14 @@ class VectorizedBackend:
         out: list[TrainChunk] = []
         for chunk in _groups([(*plans[p][1].shape, plans[p][0].n_query) for p in range(len(cids))], self.chunk_size):
             idx = torch.tensor([cids[p] for p in chunk])
-            support = store.support(idx, self.device, rows=max(plans[p][0].n_inner for p in chunk))
-            schedule = torch.stack([plans[p][1] for p in chunk]).to(self.device)
+            schedule = torch.stack([plans[p][1] for p in chunk])  # [C, steps, b]
+            rows = max(plans[p][0].n_inner for p in chunk)
+            if schedule[0].numel() < rows:  # copy only the rows the schedules visit, in visiting order (never the padding)
+                support = store.take(idx, schedule.flatten(1), self.device)
+                schedule = torch.arange(schedule[0].numel()).view(schedule.shape[1:]).expand_as(schedule)
+            else:
+                support = store.support(idx, self.device, rows=rows)
+            schedule = schedule.to(self.device)
             query = None
             if algorithm.needs_query:
                 start = torch.tensor([plans[p][0].query_start for p in chunk])
