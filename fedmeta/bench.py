@@ -426,9 +426,11 @@ def stop_cluster(cluster, before: set[int]) -> None:
 
 def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_size: int | None = None, threads: int | None = None,
           timeout: float = 3600, workers: list[int] | None = None, cluster_nodes: int = 0, store: str | None = None,
-          device: str | None = None) -> dict:
-    """Run each engine (the vectorised one once per ``workers`` value) in a fresh subprocess; returns the JSON document."""
-    overrides = bench_overrides(clients, rounds, population, chunk_size, store, device)
+          device: str | None = None, extra: list[str] | None = None) -> dict:
+    """Run each engine (the vectorised one once per ``workers`` value) in a fresh subprocess; returns the JSON document.
+
+    ``extra``: more ``key=value`` overrides after the workload's (``--set``: another model or dataset)."""
+    overrides = bench_overrides(clients, rounds, population, chunk_size, store, device) + list(extra or [])
     workers = workers or [0]
     result: dict = {
         "workload": {"clients_per_round": clients, "rounds": rounds, "population": population, "overrides": overrides,
@@ -550,6 +552,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if population < default_population(args.clients):
         print(f"fedmeta: --population: must be >= {default_population(args.clients)} for {args.clients} training clients per round (got {population})", file=sys.stderr)
         return 2
+    extra = list(getattr(args, "set", None) or [])
+    if extra:
+        from fedmeta.config import ConfigError, build_config
+
+        try:
+            build_config({}, extra)
+        except (ConfigError, ValueError) as err:
+            print(f"fedmeta: --set: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
     device = getattr(args, "device", None)
     if device:
         from fedmeta.config import ConfigError, build_config
@@ -560,7 +571,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"fedmeta: --device: {str(err).split(': ', 2)[-1]}", file=sys.stderr)
             return 2
     result = bench(engines, args.clients, args.rounds, population, args.chunk_size, args.threads,
-                   workers=workers, cluster_nodes=cluster, store=store, device=device)
+                   workers=workers, cluster_nodes=cluster, store=store, device=device, extra=extra)
     print_table(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -583,6 +594,8 @@ def register(sub) -> None:
     p.add_argument("--cluster", type=int, default=0, metavar="K",
                    help="start a local K-node Ray cluster that the runs with workers join (stopped at the end)")
     p.add_argument("--device", default=None, help="simulation.device for every engine (cpu, cuda, cuda:i, auto; default cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another config override after the workload's (repeatable), e.g. --set model.image_encoder=cnn")
     p.add_argument("--store", metavar="DIR", help="the population is this store (fedmeta partition --format store); sets --population")
     p.set_defaults(func=cmd_bench)
 
