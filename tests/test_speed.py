@@ -269,3 +269,13 @@ def test_vectorized_copies_only_scheduled_rows_and_matches_train_client(algorith
     for i, cid in enumerate(cohort):
         phi, _ = train_client(model, theta, ds.client(cid), cfg, ds.spec, 4, cid)
         assert max(float((phi[k] - got.phi[k][i]).abs().max()) for k in theta) < 1e-5
+
+
+def test_bench_set_is_validated(capsys):
+    from fedmeta import bench
+
+    args = bench.argparse.Namespace(engines="vectorized", clients=4, rounds=1, population=0, json=None, chunk_size=None, threads=None,
+                                    set=["model.fusion=bogus"])
+    assert bench.cmd_bench(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--set" in err and "model.fusion" in err

@@ -285,6 +285,7 @@ def test_bench_command_writes_json(tmp_path, monkeypatch, capsys):
         assert len(entry["round_times_s"]) == 1 and entry["updates_per_s"] == pytest.approx(4 / entry["round_times_s"][0])
         assert entry["gflops_per_s"] == pytest.approx(entry["updates_per_s"] * result["flops_per_update"] / 1e9)
         assert entry["bmm_fraction"] == pytest.approx(entry["gflops_per_s"] / result["ceilings"]["bmm_gflops"])
+        assert entry["updates_per_cpu_s"] > 0
     assert result["ceilings"]["matmul_2048_gflops"] > 0 and result["ceilings"]["bmm_gflops"] > 0
 
 
