@@ -279,3 +279,29 @@ def test_bench_set_is_validated(capsys):
     assert bench.cmd_bench(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--set" in err and "model.fusion" in err
+
+
+def test_forward_skips_the_tie_search_only_for_untied_models():
+    from torch import nn
+
+    from fedmeta.meta.inner import _has_no_tied_tensors, forward
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight  # one tensor, two names
+
+        def forward(self, x, present):
+            return self.b(self.a(x["v"]))
+
+    tied = Tied()
+    assert not _has_no_tied_tensors(tied)
+    w = torch.eye(3) * 2
+    x = {"v": torch.ones(1, 3)}
+    # the tie holds: the new weight reaches both layers (2 * 2 * 1 = 4), as with functional_call's default
+    assert torch.equal(forward(tied, {"a.weight": w}, x, torch.ones(1, 1, dtype=torch.bool)), torch.full((1, 3), 4.0))
+    model, theta, (sx, sy, sp), _, _ = _tiny()
+    assert _has_no_tied_tensors(model)
+    want = torch.func.functional_call(model, theta, ({k: v for k, v in sx.items()}, sp))
+    assert torch.equal(forward(model, theta, sx, sp), want)
