@@ -305,3 +305,28 @@ def test_forward_skips_the_tie_search_only_for_untied_models():
     assert _has_no_tied_tensors(model)
     want = torch.func.functional_call(model, theta, ({k: v for k, v in sx.items()}, sp))
     assert torch.equal(forward(model, theta, sx, sp), want)
+
+
+@pytest.mark.slow
+def test_compiled_update_equals_eager(tmp_path):
+    """simulation.compile = true (inductor) gives the eager vectorised engine's theta (1e-5); compiles for a minute or more."""
+    from fedmeta.client import configure_torch, model_for
+    from fedmeta.data import build_dataset
+    from fedmeta.engines.vectorized import VectorizedBackend
+    from fedmeta.federation import run_federation
+    from fedmeta.meta import params_of
+    from fedmeta.results import RunWriter
+
+    base = ["data.num_clients=10", "model.embed_dim=8", "model.hidden_dim=8", "meta.inner_steps=2", "meta.inner_batch_size=4",
+            "simulation.rounds=2", "simulation.clients_per_round=4", "simulation.eval_every=5", "output.progress=false"]
+    thetas = []
+    for flag in ("false", "true"):
+        cfg = build_config({}, base + [f"simulation.compile={flag}"])
+        configure_torch(1)
+        ds = build_dataset(cfg.data)
+        backend = VectorizedBackend(cfg, ds)
+        writer = RunWriter(tmp_path / flag)
+        run_federation(cfg, backend, params_of(model_for(cfg, ds.spec)), writer)
+        thetas.append(writer.load_checkpoint()["server"]["theta"])
+        assert (backend._compiled is not None) == (flag == "true")
+    assert max(float((thetas[0][k] - thetas[1][k]).abs().max()) for k in thetas[0]) < 1e-5
