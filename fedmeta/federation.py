@@ -65,7 +65,7 @@ class StackedUpdates:
 
     def select(self, keep: list[int]) -> "StackedUpdates":
         """The updates at positions ``keep`` (in that order)."""
-        if len(keep) == len(self.cids):
+        if list(keep) == list(range(len(self.cids))):
             return self
         idx = torch.tensor(keep, dtype=torch.long)
         return StackedUpdates([self.cids[i] for i in keep], {k: v[idx] for k, v in self.phi.items()},

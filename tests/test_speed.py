@@ -58,6 +58,7 @@ def test_stacked_updates_iterate_as_client_updates():
     assert [u.cid for u in back] == [u.cid for u in ups]
     assert all(torch.equal(a.phi[k], b.phi[k]) for a, b in zip(back, ups) for k in THETA)
     assert [u.metrics for u in back] == [u.metrics for u in ups]
+    assert st.select(list(range(7))) is st and st.select([6, 5, 4, 3, 2, 1, 0]).cids == [106, 105, 104, 103, 102, 101, 100]
     sub = st.select([5, 1])
     assert sub.cids == [105, 101] and sub.num_examples == [10, 6] and torch.equal(sub.phi["w"][0], ups[5].phi["w"])
 
