@@ -46,6 +46,7 @@ class Attack:
 
     def train(self, theta, cids, server_round):
         out = self.inner.train(theta, cids, server_round)
+        out.results = list(out.results)  # the vectorised engine replies stacked (StackedUpdates): one update per client here
         for u in out.results[: self.k]:
             u.phi = {name: v + self.offset for name, v in theta.items()}
         self.norms.append([math.sqrt(sum(float(((u.phi[n] - theta[n]) ** 2).sum()) for n in theta)) for u in out.results])

@@ -12,10 +12,20 @@ Each engine runs in its own subprocess (so peak memory does not mix) through
 the real round loop (:func:`fedmeta.federation.run_federation`, or the Flower
 ServerApp for ``flower``). It runs R + 2 rounds: round 1 is warm-up and counts
 as start-up (Ray workers starting, first-call overheads), rounds 2..R+1 are
-timed, the last round (which evaluates) is not. A thread notes when each
-round's line appears in ``metrics.jsonl``.
+timed, the last round (which evaluates) is not. Round times are the engine's
+own: the ``time_s`` the round loop writes into each ``metrics.jsonl`` line
+(a timer around the round inside the process that runs it), never file polling.
 
-* ``updates_per_s``: N * R / (time of the timed rounds);
+* ``updates_per_s``: N * R / (sum of the timed rounds' ``time_s``);
+* ``gflops_per_s`` / ``matmul_fraction`` / ``bmm_fraction``: ``updates_per_s`` times the FLOPs of
+  one client update (``torch.utils.flop_counter.FlopCounterMode`` on one client's update), and that
+  as a fraction of two ceilings measured in the same run on one thread: a 2048² matmul and a
+  ``torch.bmm`` shaped like the workload's first layer ([N, 16, 64] x [N, 64, 32]);
+* the ``torch-loop`` row: the reference a plain PyTorch user would write, one ``nn.Module`` per
+  client, ``loss.backward()`` and ``torch.optim.SGD`` on the same batch schedules, then the same
+  server step (:class:`fedmeta.federation.Server`); timed per round with ``time.perf_counter``;
+* ``updates_per_cpu_s``: N * R / the engine process's CPU time over the timed rounds (in-process engines
+  only; on a shared machine it is what the engine would do with a core to itself);
 * ``startup_s``: worker start (before importing torch/flwr) to the end of round 1,
   including building the population (in-process engines build every client up front,
   so their rounds measure compute; Flower's clients build their data on first use);
@@ -46,7 +56,7 @@ import threading
 import time
 from pathlib import Path
 
-ENGINES = ("flower", "vectorized", "sequential")
+ENGINES = ("flower", "vectorized", "sequential", "torch-loop")
 WORKLOAD = ["meta.inner_steps=5", "meta.inner_batch_size=16"]
 
 
@@ -131,8 +141,20 @@ def tree_memory_mb(root: int, *more: int) -> tuple[float, float, float]:
     return rss / 1024, pss / 1024, anon / 1024
 
 
+def round_times(metrics: Path) -> dict[int, float]:
+    """``{round: time_s}`` from a run's ``metrics.jsonl``: the round loop's own timer (see the module docstring)."""
+    out: dict[int, float] = {}
+    for line in metrics.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            out[int(rec["round"])] = float(rec["time_s"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
 class Watcher(threading.Thread):
-    """Samples the tree's memory and notes when each round's metrics line appears."""
+    """Samples the tree's memory (and notes when each round's metrics line appears: start-up of the Flower engine only)."""
 
     def __init__(self, metrics: Path, interval: float = 0.25) -> None:
         super().__init__(daemon=True)
@@ -180,10 +202,14 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
 
     from fedmeta.config import build_config
 
+    if engine == "torch-loop":
+        return run_torch_loop(overrides, t0)
     cfg = build_config({}, overrides + [f"simulation.engine={engine}"])
     nodes = 0
     watcher = Watcher(out_dir / "metrics.jsonl")
     watcher.start()
+    ends: dict[int, float] = {}  # in-process engines: perf_counter at the end of each round (the round loop's callback)
+    cpu: dict[int, float] = {}  # ... and this process's CPU time then (robust to other jobs on a shared machine)
     if engine == "flower":
         from fedmeta.engines.flower import simulate_flower
 
@@ -214,22 +240,26 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
                 configure_torch(threads)
         theta0 = params_of(model_for(cfg, dataset.spec))
         try:
-            run_federation(cfg, backend, theta0, RunWriter(out_dir))
+            run_federation(cfg, backend, theta0, RunWriter(out_dir), progress=lambda rec: (ends.setdefault(int(rec["round"]), time.perf_counter()),
+                                                                                 cpu.setdefault(int(rec["round"]), time.process_time())))
         finally:
             if hasattr(backend, "close"):
                 backend.close()
     watcher.stop.set()
     watcher.join()
     watcher.poll()
-    done = watcher.round_done
     rounds = cfg.simulation.rounds - 2
-    timed = done[rounds + 1] - done[1]
+    times = round_times(out_dir / "metrics.jsonl")
+    timed = sum(times[r] for r in range(2, rounds + 2))
+    first_end = ends.get(1, watcher.round_done.get(1, time.perf_counter()))  # Flower: the ServerApp's metrics line
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import torch
 
     return {
         "updates_per_s": cfg.simulation.clients_per_round * rounds / timed,
-        "startup_s": done[1] - t0,
+        "round_times_s": [times[r] for r in range(2, rounds + 2)],
+        "updates_per_cpu_s": cfg.simulation.clients_per_round * rounds / (cpu[rounds + 1] - cpu[1]) if cpu else None,
+        "startup_s": first_end - t0,
         "round_s": timed / rounds,
         "peak_rss_mb": max(watcher.peak_rss, own),
         "peak_pss_mb": max(watcher.peak_pss, 0.0),
@@ -241,6 +271,120 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
         "timed_rounds": rounds,
         "population": cfg.data.num_clients,
     }
+
+
+def run_torch_loop(overrides: list[str], t0: float, keep_theta: bool = False) -> dict:
+    """The plain-PyTorch reference row: per client ``load_state_dict`` + ``backward()`` + ``torch.optim.SGD``
+    on the same batch schedules as the engines, then fedmeta's server step; each round timed in process."""
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+
+    from fedmeta.client import configure_torch, model_for, train_schedule
+    from fedmeta.config import build_config
+    from fedmeta.data import build_dataset
+    from fedmeta.federation import ClientUpdate, Server, sample_cohort
+    from fedmeta.meta import params_of
+
+    cfg = build_config({}, overrides + ["simulation.engine=sequential"])
+    configure_torch(1)
+    dataset = build_dataset(cfg.data, cfg.model.modalities)
+    clients = [dataset.client(c) for c in range(dataset.num_clients)]
+    model = model_for(cfg, dataset.spec)
+    server = Server(cfg, params_of(model), len(dataset.train_clients))
+    rounds = cfg.simulation.rounds - 2
+    times, first_end, cpu = [], 0.0, []
+    for rnd in range(1, rounds + 2):
+        start = time.perf_counter()
+        updates = []
+        for cid in sample_cohort(cfg, list(dataset.train_clients), rnd):
+            data = clients[cid]
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(server.theta[name])
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.meta.inner_lr)
+            for idx in train_schedule(cfg, data, rnd, cid):
+                opt.zero_grad()
+                F.cross_entropy(model({k: v[idx] for k, v in data.x.items()}, data.present[idx]), data.y[idx]).backward()
+                opt.step()
+            updates.append(ClientUpdate(cid, {k: v.detach().clone() for k, v in model.named_parameters()}, data.n_support))
+        server.step(updates, rnd)
+        end = time.perf_counter()
+        cpu.append(time.process_time())
+        if rnd == 1:
+            first_end = end
+        else:
+            times.append(end - start)
+    n = cfg.simulation.clients_per_round
+    return {
+        "updates_per_s": n * rounds / sum(times),
+        "round_times_s": times,
+        "updates_per_cpu_s": n * rounds / (cpu[-1] - cpu[0]),
+        "startup_s": first_end - t0,
+        "round_s": sum(times) / rounds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_pss_mb": 0.0,
+        "peak_anon_mb": 0.0,
+        "workers": 0,
+        "worker_nodes": 0,
+        "torch_threads": torch.get_num_threads(),
+        "clients_per_round": n,
+        "timed_rounds": rounds,
+        "population": cfg.data.num_clients,
+    } | ({"theta": server.theta} if keep_theta else {})
+
+
+def update_flops(overrides: list[str]) -> int:
+    """FLOPs of one client update on the workload (``FlopCounterMode`` around ``train_client`` of one client)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fedmeta.client import model_for, train_client
+    from fedmeta.config import build_config
+    from fedmeta.data import build_dataset
+    from fedmeta.meta import params_of
+
+    cfg = build_config({}, overrides + ["simulation.engine=sequential"])
+    dataset = build_dataset(cfg.data, cfg.model.modalities)
+    model = model_for(cfg, dataset.spec)
+    cid = int(dataset.train_clients[0])
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_client(model, params_of(model), dataset.client(cid), cfg, dataset.spec, 1, cid)
+    return int(counter.get_total_flops())
+
+
+def ceilings(clients: int, device: str = "cpu", repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a 2048² matmul and of ``torch.bmm`` [N, 16, 64] x [N, 64, 32] (the workload's first layer), one thread, best of ``repeats``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dev = torch.device(device)
+
+    def best(fn, flops: float) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return flops / min(times) / 1e9
+
+    try:
+        a = torch.randn(2048, 2048, device=dev)
+        x, w = torch.randn(clients, 16, 64, device=dev), torch.randn(clients, 64, 32, device=dev)
+        reps = max(1, 20000 // clients)
+        return {
+            "matmul_2048_gflops": best(lambda: a @ a, 2 * 2048**3),
+            "bmm_gflops": best(lambda: [torch.bmm(x, w) for _ in range(reps)], 2 * clients * 16 * 64 * 32 * reps),
+        }
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- the command ------------------------------------------------------------------------
@@ -289,9 +433,11 @@ def stop_cluster(cluster, before: set[int]) -> None:
 
 def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_size: int | None = None, threads: int | None = None,
           timeout: float = 3600, workers: list[int] | None = None, cluster_nodes: int = 0, store: str | None = None,
-          device: str | None = None) -> dict:
-    """Run each engine (the vectorised one once per ``workers`` value) in a fresh subprocess; returns the JSON document."""
-    overrides = bench_overrides(clients, rounds, population, chunk_size, store, device)
+          device: str | None = None, extra: list[str] | None = None) -> dict:
+    """Run each engine (the vectorised one once per ``workers`` value) in a fresh subprocess; returns the JSON document.
+
+    ``extra``: more ``key=value`` overrides after the workload's (``--set``: another model or dataset)."""
+    overrides = bench_overrides(clients, rounds, population, chunk_size, store, device) + list(extra or [])
     workers = workers or [0]
     result: dict = {
         "workload": {"clients_per_round": clients, "rounds": rounds, "population": population, "overrides": overrides,
@@ -300,6 +446,7 @@ def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_
         "cpus": os.cpu_count(),
         "engines": {},
     }
+    ceilings_before = ceilings(clients, device if device and device.startswith("cuda") else "cpu")
     runs = []  # (name, engine, extra overrides)
     for engine in engines:
         if engine != "vectorized":
@@ -323,6 +470,16 @@ def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_
         if cluster is not None:
             stop_cluster(cluster, before)
     result["load_avg_after"] = list(os.getloadavg())
+    after = ceilings(clients, device if device and device.startswith("cuda") else "cpu")
+    result["ceilings_before"], result["ceilings_after"] = ceilings_before, after
+    result["ceilings"] = {k: max(ceilings_before[k], after[k]) for k in after}  # the better of the two: what the machine can do
+    flops = update_flops(overrides)
+    result["flops_per_update"] = flops
+    for r in result["engines"].values():
+        if "updates_per_s" in r:
+            r["gflops_per_s"] = r["updates_per_s"] * flops / 1e9
+            r["matmul_fraction"] = r["gflops_per_s"] / result["ceilings"]["matmul_2048_gflops"]
+            r["bmm_fraction"] = r["gflops_per_s"] / result["ceilings"]["bmm_gflops"]
     ups = {e: r["updates_per_s"] for e, r in result["engines"].items() if "updates_per_s" in r}
     if "vectorized" in ups:
         result["ratios"] = {f"vectorized/{e}": ups["vectorized"] / v for e, v in ups.items() if e != "vectorized" and not e.startswith("vectorized-w")}
@@ -350,12 +507,12 @@ def print_table(result: dict) -> None:
     w = result["workload"]
     settings = ", ".join(f"{k}={v}" for k, v in workload_settings().items())
     table = Table(title=f"{w['clients_per_round']} clients/round, {w['rounds']} timed rounds, population {w['population']}, {settings}")
-    for col in ("engine", "updates/s", "start-up s", "s/round", "peak RSS MB", "peak PSS MB", "peak anon MB", "vec. ×"):
+    for col in ("engine", "updates/s", "upd/CPU-s", "GFLOP/s", "% bmm", "start-up s", "s/round", "peak RSS MB", "peak PSS MB", "peak anon MB", "vec. ×"):
         table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=col == "engine")
     vec = result["engines"].get("vectorized", {}).get("updates_per_s")
     for engine, r in result["engines"].items():
         if "error" in r:
-            table.add_row(engine, f"[red]failed: {r['error']}[/red]", "", "", "", "", "", "")
+            table.add_row(engine, f"[red]failed: {r['error']}[/red]", "", "", "", "", "", "", "", "", "")
             continue
         if vec is None or engine == "vectorized":
             ratio = ""
@@ -363,12 +520,19 @@ def print_table(result: dict) -> None:
             ratio = f"{r['updates_per_s'] / vec:.2f}"
         else:  # another engine: how many times faster the vectorised engine is
             ratio = f"{vec / r['updates_per_s']:.1f}"
-        table.add_row(engine, f"{r['updates_per_s']:.1f}", f"{r['startup_s']:.1f}", f"{r['round_s']:.3f}", f"{r['peak_rss_mb']:.0f}",
+        per_cpu = r.get("updates_per_cpu_s")
+        table.add_row(engine, f"{r['updates_per_s']:.1f}", "" if per_cpu is None else f"{per_cpu:.1f}", f"{r.get('gflops_per_s', 0):.2f}", f"{100 * r.get('bmm_fraction', 0):.1f}",
+                      f"{r['startup_s']:.1f}", f"{r['round_s']:.3f}", f"{r['peak_rss_mb']:.0f}",
                       f"{r['peak_pss_mb']:.0f}", f"{r.get('peak_anon_mb', 0):.0f}", ratio)
     console = Console(width=max(100, Console().width))
     console.print(table)
     if any(e.startswith("vectorized-w") for e in result["engines"]):
         console.print("vec. ×: vectorized ÷ that engine; on vectorized-wN rows (N Ray workers): that row ÷ the in-process vectorized")
+    if "ceilings" in result:
+        c = result["ceilings"]
+        console.print(f"one client update = {result['flops_per_update']:,} FLOPs (FlopCounterMode); ceilings measured in this run, one thread: "
+                      f"matmul 2048² {c['matmul_2048_gflops']:.1f} GFLOP/s, bmm {c['bmm_gflops']:.1f} GFLOP/s (% bmm = achieved ÷ bmm; "
+                      "the better of before and after the engines); upd/CPU-s: updates per second of the engine process's own CPU time")
     console.print(f"load average before {result['load_avg_before'][0]:.2f}, after {result['load_avg_after'][0]:.2f} ({result['cpus']} CPUs)")
 
 
@@ -403,6 +567,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if population < default_population(args.clients):
         print(f"fedmeta: --population: must be >= {default_population(args.clients)} for {args.clients} training clients per round (got {population})", file=sys.stderr)
         return 2
+    extra = list(getattr(args, "set", None) or [])
+    if extra:
+        from fedmeta.config import ConfigError, build_config
+
+        try:
+            build_config({}, extra)
+        except (ConfigError, ValueError) as err:
+            print(f"fedmeta: --set: {str(err).splitlines()[0]}", file=sys.stderr)
+            return 2
     device = getattr(args, "device", None)
     if device:
         from fedmeta.config import ConfigError, build_config
@@ -413,7 +586,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"fedmeta: --device: {str(err).split(': ', 2)[-1]}", file=sys.stderr)
             return 2
     result = bench(engines, args.clients, args.rounds, population, args.chunk_size, args.threads,
-                   workers=workers, cluster_nodes=cluster, store=store, device=device)
+                   workers=workers, cluster_nodes=cluster, store=store, device=device, extra=extra)
     print_table(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -427,7 +600,7 @@ def register(sub) -> None:
     p.add_argument("--clients", type=int, default=100, help="clients per round (N)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (R); one warm-up and one final round are added")
     p.add_argument("--population", type=int, default=0, help="population size P (default: just enough training clients)")
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of flower,vectorized,sequential")
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     p.add_argument("--json", metavar="FILE", help="write the measurements as JSON")
     p.add_argument("--chunk-size", type=int, default=None, help="vectorized: clients per vmap chunk (default: simulation.chunk_size)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads for the in-process engines (default: the engine's)")
@@ -436,6 +609,8 @@ def register(sub) -> None:
     p.add_argument("--cluster", type=int, default=0, metavar="K",
                    help="start a local K-node Ray cluster that the runs with workers join (stopped at the end)")
     p.add_argument("--device", default=None, help="simulation.device for every engine (cpu, cuda, cuda:i, auto; default cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another config override after the workload's (repeatable), e.g. --set model.image_encoder=cnn")
     p.add_argument("--store", metavar="DIR", help="the population is this store (fedmeta partition --format store); sets --population")
     p.set_defaults(func=cmd_bench)
 

@@ -161,6 +161,9 @@ class SimulationConfig(_Section):
     device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto | cpu | cuda[:i]
     num_cpus_per_client: float = Field(1.0, gt=0, le=1024)
     chunk_size: int = Field(256, ge=1, le=COUNT_MAX)  # vectorized engine: clients per vmap chunk
+    # vectorized engine: torch.compile (inductor) the vmapped client update; off by default: on the default
+    # workload it compiled for ~90 s on one CPU core for ~13 % per round (docs/benchmarks.md, section 2)
+    compile: bool = False
     # vectorized engine: 0 = in this process; N = N Ray actors (one per GPU with device cuda, else one CPU slot
     # each), each holding its shard of the population (clients with cid % N == i); the server step stays here
     workers: int = Field(0, ge=0, le=4096)

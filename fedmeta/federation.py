@@ -42,6 +42,54 @@ class ClientUpdate:
 
 
 @dataclass
+class StackedUpdates:
+    """A cohort's training updates kept stacked (the vectorised engine's reply; issue 21).
+
+    ``phi[k][i]`` is client ``cids[i]``'s new value of parameter ``k``; ``metrics[name][i]`` its metric.
+    The round loop screens, aggregates and steps on these tensors directly; iterating yields one
+    :class:`ClientUpdate` per client (views, no copy) for code that wants them one at a time.
+    """
+
+    cids: list[int]
+    phi: Params
+    num_examples: list[int]
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.cids)
+
+    def __iter__(self):
+        for i, cid in enumerate(self.cids):
+            n = int(self.num_examples[i])
+            yield ClientUpdate(cid, {k: v[i] for k, v in self.phi.items()}, n,
+                               {"num-examples": n} | {k: float(v[i]) for k, v in self.metrics.items()})
+
+    def select(self, keep: list[int]) -> "StackedUpdates":
+        """The updates at positions ``keep`` (in that order)."""
+        if list(keep) == list(range(len(self.cids))):
+            return self
+        idx = torch.tensor(keep, dtype=torch.long)
+        return StackedUpdates([self.cids[i] for i in keep], {k: v[idx] for k, v in self.phi.items()},
+                              [self.num_examples[i] for i in keep], {k: [v[i] for i in keep] for k, v in self.metrics.items()})
+
+
+def stacked_phi(updates: "list[ClientUpdate] | StackedUpdates") -> Params:
+    """The cohort's phi as one stacked tensor per key (a list of updates is stacked once)."""
+    if isinstance(updates, StackedUpdates):
+        return updates.phi
+    return {k: torch.stack([u.phi[k] for u in updates]) for k in updates[0].phi}
+
+
+def update_norms(updates: "list[ClientUpdate] | StackedUpdates", theta: Params) -> list[float]:
+    """``||phi_i - theta||`` per update, computed on stacked tensors with one host sync for the cohort."""
+    if len(updates) == 0:
+        return []
+    phi = stacked_phi(updates)
+    per_key = [(phi[k] - theta[k]).to(torch.float64).pow(2).flatten(1).sum(1) for k in theta]
+    return torch.stack(per_key).sum(0).sqrt().tolist()
+
+
+@dataclass
 class Replies:
     """What a backend got back from one round's clients."""
 
@@ -145,25 +193,32 @@ def summarise_eval(replies: Replies, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": _mean(kept, k) for k in keys}
 
 
-def screen_updates(updates: list[ClientUpdate], theta: Params, max_norm: float, max_norm_ratio: float = 0.0) -> tuple[list[ClientUpdate], list[str]]:
+def screen_updates(updates: "list[ClientUpdate] | StackedUpdates", theta: Params, max_norm: float,
+                   max_norm_ratio: float = 0.0) -> tuple["list[ClientUpdate] | StackedUpdates", list[str]]:
     """Drop updates that are non-finite or whose ||phi - theta|| exceeds ``max_norm`` (every engine), then
-    those above ``max_norm_ratio`` x the cohort's median norm (:func:`fedmeta.meta.robust.norm_outliers`; 0 = off)."""
-    good, rejected, norms = [], [], []
-    for u in updates:
-        sq = sum(float(((u.phi[k] - theta[k]) ** 2).sum()) for k in theta)
-        if not math.isfinite(sq):
-            rejected.append(f"client {u.cid}: update contains NaN or Inf")
-        elif math.sqrt(sq) > max_norm:
-            rejected.append(f"client {u.cid}: update norm {math.sqrt(sq):.3g} exceeds simulation.max_update_norm={max_norm:g}")
+    those above ``max_norm_ratio`` x the cohort's median norm (:func:`fedmeta.meta.robust.norm_outliers`; 0 = off).
+
+    Takes and returns a list of :class:`ClientUpdate` or a :class:`StackedUpdates`; the norms come
+    from :func:`update_norms` (stacked, one host sync per round).
+    """
+    stacked = isinstance(updates, StackedUpdates)
+    cids = updates.cids if stacked else [u.cid for u in updates]
+    keep, norms, rejected = [], [], []
+    for i, (cid, norm) in enumerate(zip(cids, update_norms(updates, theta))):
+        if not math.isfinite(norm):
+            rejected.append(f"client {cid}: update contains NaN or Inf")
+        elif norm > max_norm:
+            rejected.append(f"client {cid}: update norm {norm:.3g} exceeds simulation.max_update_norm={max_norm:g}")
         else:
-            good.append(u)
-            norms.append(math.sqrt(sq))
+            keep.append(i)
+            norms.append(norm)
     outliers, bound = norm_outliers(norms, max_norm_ratio)
-    for i in outliers:
-        rejected.append(f"client {good[i].cid}: update norm {norms[i]:.3g} exceeds simulation.max_norm_ratio={max_norm_ratio:g} "
+    for j in outliers:
+        rejected.append(f"client {cids[keep[j]]}: update norm {norms[j]:.3g} exceeds simulation.max_norm_ratio={max_norm_ratio:g} "
                         f"x the cohort's median norm ({bound:.3g})")
     drop = set(outliers)
-    return [u for i, u in enumerate(good) if i not in drop], rejected
+    keep = [i for j, i in enumerate(keep) if j not in drop]
+    return (updates.select(keep) if stacked else [updates[i] for i in keep]), rejected
 
 
 MAX_CLIENT_METRICS = 32
@@ -266,11 +321,17 @@ class Server:
         seed = self.privacy.sampling_seed(SAMPLE_STREAM, server_round, attempt) if self.secret_noise else None
         return sample_cohort(self.cfg, population, server_round, attempt, seed=seed)
 
-    def step(self, updates: list[ClientUpdate], server_round: int, attempt: int = 0) -> dict[str, float]:
-        """Apply one outer step from the clients' phi through the server hook; returns round info (beta, clip, ...)."""
-        deltas = [difference(u.phi, self.theta) for u in updates]
-        self.theta, self.state, info = self.hook.update(
-            self.theta, deltas, [u.num_examples for u in updates], server_round, self.state, attempt=attempt)
+    def step(self, updates: "list[ClientUpdate] | StackedUpdates", server_round: int, attempt: int = 0) -> dict[str, float]:
+        """Apply one outer step from the clients' phi through the server hook; returns round info (beta, clip, ...).
+
+        The hook gets the cohort's deltas stacked per key (``[N, *shape]``: one reduction per key, issue 21).
+        """
+        if len(updates):
+            deltas = difference(stacked_phi(updates), self.theta)  # broadcast: theta has no cohort axis
+        else:  # a private round with no replies still releases (noise alone)
+            deltas = {k: v.new_zeros((0, *v.shape)) for k, v in self.theta.items()}
+        weights = list(updates.num_examples) if isinstance(updates, StackedUpdates) else [u.num_examples for u in updates]
+        self.theta, self.state, info = self.hook.update(self.theta, deltas, weights, server_round, self.state, attempt=attempt)
         return info
 
     @property

@@ -90,7 +90,7 @@ def test_scaffold_matches_option_ii_and_its_server_step():
         assert close(out[f"scaffold/{k}"], c[k] + new_ci[k] - ci[k])  # c + delta c_i
     # server: x += eta_g * mean(dy), c += (|S| / N) * mean(dc); |S| / N = clients_per_round / N = 10 / 48
     server_state = algo.init_server_state(params, 48)
-    deltas = [{k: out[k] - params[k] for k in params}, {k: torch.zeros_like(v) for k, v in params.items()}]
+    deltas = {k: torch.stack([out[k] - params[k], torch.zeros_like(params[k])]) for k in params}  # two clients, stacked
     new, _, info = algo.server_update(params, deltas, [1.0, 1.0], 1, server_state)
     assert info["beta"] == 0.7
     assert close(new["head.weight"], W0 + 0.7 * (W - W0) / 2)

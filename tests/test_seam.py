@@ -16,7 +16,7 @@ class HalfStep(MetaAlgorithm):
         return {"rounds": 0, "n": num_clients}
 
     def server_update(self, theta, deltas, weights, server_round, state):
-        top = {k: torch.stack([d[k] for d in deltas]).max(0).values for k in theta}
+        top = {k: deltas[k].max(0).values for k in theta}  # deltas[k]: the cohort stacked, [N, *shape]
         return {k: theta[k] + 0.5 * top[k] for k in theta}, state | {"rounds": state["rounds"] + 1}, {"beta": 0.5}
 
 

@@ -282,6 +282,12 @@ def test_bench_command_writes_json(tmp_path, monkeypatch, capsys):
     for engine in ("vectorized",):
         entry = result["engines"][engine]
         assert entry["updates_per_s"] > 0 and entry["startup_s"] > 0 and entry["peak_rss_mb"] > 50
+        # the round times are the round loop's own (metrics.jsonl time_s), and the rate follows from them exactly
+        assert len(entry["round_times_s"]) == 1 and entry["updates_per_s"] == pytest.approx(4 / entry["round_times_s"][0])
+        assert entry["gflops_per_s"] == pytest.approx(entry["updates_per_s"] * result["flops_per_update"] / 1e9)
+        assert entry["bmm_fraction"] == pytest.approx(entry["gflops_per_s"] / result["ceilings"]["bmm_gflops"])
+        assert entry["updates_per_cpu_s"] > 0
+    assert result["ceilings"]["matmul_2048_gflops"] > 0 and result["ceilings"]["bmm_gflops"] > 0
 
 
 def test_bench_is_a_cli_command():

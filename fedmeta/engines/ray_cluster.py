@@ -196,9 +196,9 @@ class RayVectorizedBackend:
         return chunks
 
     def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
-        from fedmeta.engines.vectorized import client_updates
+        from fedmeta.engines.vectorized import cohort_updates
 
-        return Replies(results=client_updates(self.cfg, theta, cids, self._run("train_chunks", theta, cids, server_round)))
+        return Replies(results=cohort_updates(self.cfg, theta, cids, self._run("train_chunks", theta, cids, server_round)))
 
     def evaluate(self, theta: Params, cids: list[int], server_round: int) -> Replies:
         from fedmeta.engines.vectorized import eval_results

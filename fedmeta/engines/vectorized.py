@@ -61,7 +61,7 @@ from fedmeta.client import (
     resolve_device,
     train_plan,
 )
-from fedmeta.federation import ClientUpdate, Params, Replies, RunError
+from fedmeta.federation import ClientUpdate, Params, Replies, RunError, StackedUpdates
 from fedmeta.meta.algorithm import ClientStates, algorithm_for, client_step
 
 # One intra-op thread: measured fastest for the default model on a 2-core machine
@@ -204,7 +204,10 @@ class ClientStore:
 
     def gather(self, cids: Tensor, start: Tensor, length: int, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Rows ``start[i] .. start[i] + length`` of each client ``cids[i]``, stacked (no padding)."""
-        rows = start.unsqueeze(1) + torch.arange(length)  # [C, length]: each client's own rows
+        return self.take(cids, start.unsqueeze(1) + torch.arange(length), device)
+
+    def take(self, cids: Tensor, rows: Tensor, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+        """Rows ``rows[i]`` (``[C, k]`` row numbers) of each client ``cids[i]``, stacked: ``[C, k, ...]``."""
         c = cids.unsqueeze(1)
         out = {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
         self._release()
@@ -246,6 +249,7 @@ class VectorizedBackend:
         self.chunk_size = cfg.simulation.chunk_size
         self.store = ClientStore(dataset)
         self.client_states = ClientStates(self.algorithm)  # a stateful method's per-client state (host memory)
+        self._compiled = None  # simulation.compile: the compiled vmapped update
 
     def populations(self) -> tuple[list[int], list[int]]:
         return list(self.dataset.train_clients), list(self.dataset.heldout_clients)
@@ -256,6 +260,19 @@ class VectorizedBackend:
     def prefetch(self, cids: Sequence[int] | None = None) -> None:
         """Build clients ahead of the rounds (default: the whole population)."""
         self.store.ensure(range(self.store.size) if cids is None else cids)
+
+    def _update(self, query_dim: int | None):
+        """The vmapped ``client_step`` (``client_update`` with the client's state); with ``simulation.compile`` compiled once per backend (inductor, static shapes)."""
+        algorithm = self.algorithm
+        update = vmap(
+            lambda model, th, st, sup, qry, sch, ic: client_step(algorithm, model, th, st, sup, qry, sch, ic),
+            in_dims=(None, None, 0, 0, query_dim, 0, None), randomness="error",
+        )
+        if not self.cfg.simulation.compile:
+            return update
+        if self._compiled is None:
+            self._compiled = torch.compile(update, dynamic=False)
+        return self._compiled
 
     def _on_device(self, params: Params) -> Params:
         return {k: v.to(self.device) for k, v in params.items()}
@@ -271,15 +288,18 @@ class VectorizedBackend:
         plans = [train_plan(cfg, algorithm, store.client(cid), server_round, cid) for cid in cids]
         theta_d = self._on_device(theta)
         query_dim = 0 if algorithm.needs_query else None
-        update = vmap(
-            lambda model, th, st, sup, qry, sch, ic: client_step(algorithm, model, th, st, sup, qry, sch, ic),
-            in_dims=(None, None, 0, 0, query_dim, 0, None), randomness="error",
-        )
+        update = self._update(query_dim)
         out: list[TrainChunk] = []
         for chunk in _groups([(*plans[p][1].shape, plans[p][0].n_query) for p in range(len(cids))], self.chunk_size):
             idx = torch.tensor([cids[p] for p in chunk])
-            support = store.support(idx, self.device, rows=max(plans[p][0].n_inner for p in chunk))
-            schedule = torch.stack([plans[p][1] for p in chunk]).to(self.device)
+            schedule = torch.stack([plans[p][1] for p in chunk])  # [C, steps, b]
+            rows = max(plans[p][0].n_inner for p in chunk)
+            if schedule[0].numel() < rows:  # copy only the rows the schedules visit, in visiting order (never the padding)
+                support = store.take(idx, schedule.flatten(1), self.device)
+                schedule = torch.arange(schedule[0].numel()).view(schedule.shape[1:]).expand_as(schedule)
+            else:
+                support = store.support(idx, self.device, rows=rows)
+            schedule = schedule.to(self.device)
             query = None
             if algorithm.needs_query:
                 start = torch.tensor([plans[p][0].query_start for p in chunk])
@@ -299,8 +319,8 @@ class VectorizedBackend:
         return out
 
     def train(self, theta: Params, cids: list[int], server_round: int) -> Replies:
-        """``train_client`` for the whole cohort (see :meth:`train_chunks`)."""
-        return Replies(results=client_updates(self.cfg, theta, cids, self.train_chunks(theta, cids, server_round)))
+        """``train_client`` for the whole cohort (see :meth:`train_chunks`), as one :class:`StackedUpdates`."""
+        return Replies(results=cohort_updates(self.cfg, theta, cids, self.train_chunks(theta, cids, server_round)))
 
     # -- evaluation --------------------------------------------------------------
     def evaluate_chunks(self, theta: Params, cids: list[int], server_round: int) -> list[EvalChunk]:
@@ -369,6 +389,31 @@ def client_updates(cfg: Config, theta: Params, cids: list[int], chunks: list[Tra
     if missing:
         raise RunError(f"vectorized engine: no result for clients {missing[:5]} (internal error)")
     return updates
+
+
+def stacked_updates(cids: list[int], chunks: list[TrainChunk]) -> StackedUpdates:
+    """The chunks' results as one :class:`StackedUpdates` in cohort order (no per-client dicts)."""
+    positions = [p for ch in chunks for p in ch.positions]
+    if sorted(positions) != list(range(len(cids))):
+        missing = sorted(set(range(len(cids))) - set(positions))
+        raise RunError(f"vectorized engine: no result for clients {[cids[p] for p in missing[:5]]} (internal error)")
+    if len(chunks) == 1 and positions == list(range(len(cids))):
+        ch = chunks[0]
+        return StackedUpdates(list(cids), ch.phi, [int(n) for n in ch.num_examples], ch.metrics)
+    order = torch.empty(len(cids), dtype=torch.long)
+    order[torch.tensor(positions)] = torch.arange(len(cids))  # cohort position -> row of the concatenation
+    phi = {k: torch.cat([ch.phi[k] for ch in chunks])[order] for k in chunks[0].phi}
+    flat_n = [int(n) for ch in chunks for n in ch.num_examples]
+    flat_m = {k: [v for ch in chunks for v in ch.metrics[k]] for k in chunks[0].metrics}
+    rows = order.tolist()
+    return StackedUpdates(list(cids), phi, [flat_n[r] for r in rows], {k: [v[r] for r in rows] for k, v in flat_m.items()})
+
+
+def cohort_updates(cfg: Config, theta: Params, cids: list[int], chunks: list[TrainChunk]) -> "StackedUpdates | list[ClientUpdate]":
+    """Stacked updates, or one ``ClientUpdate`` per client where each client clips its own (``privacy.mode = "client"``)."""
+    if cfg.privacy.enabled and cfg.privacy.mode == "client":
+        return client_updates(cfg, theta, cids, chunks)
+    return stacked_updates(cids, chunks)
 
 
 def eval_results(cids: list[int], chunks: list[EvalChunk]) -> list[tuple[int, dict[str, float]]]:

@@ -76,8 +76,12 @@ def _stack(updates: Sequence[Params]) -> Params:
 
 def coordinate_median(updates: Sequence[Params]) -> Params:
     """Coordinate-wise median (the mean of the two middle values for an even count, as ``np.median``)."""
+    return _median_of(_stack(updates))
+
+
+def _median_of(stacked: Params) -> Params:
     out = {}
-    for k, s in _stack(updates).items():
+    for k, s in stacked.items():
         n = s.shape[0]
         srt = s.sort(dim=0).values
         out[k] = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
@@ -88,8 +92,12 @@ def trimmed_mean(updates: Sequence[Params], fraction: float) -> Params:
     """Coordinate-wise mean after dropping ``int(fraction * n)`` lowest and highest values (Flower's FedTrimmedAvg)."""
     if not 0 <= fraction < 0.5:
         raise ValueError(f"trimmed_mean: fraction must be in [0, 0.5) (got {fraction})")
+    return _trimmed_of(_stack(updates), fraction)
+
+
+def _trimmed_of(stacked: Params, fraction: float) -> Params:
     out = {}
-    for k, s in _stack(updates).items():
+    for k, s in stacked.items():
         n = s.shape[0]
         cut = int(fraction * n)
         out[k] = s.sort(dim=0).values[cut : n - cut].mean(dim=0)
@@ -125,6 +133,35 @@ def aggregate(updates: Sequence[Params], weights: Sequence[float], method: str =
         return trimmed_mean(updates, trim_fraction)
     if method == "krum":
         return krum(updates, krum_malicious, krum_keep)
+    raise ValueError(f"aggregate: unknown method {method!r} (expected one of {AGGREGATORS})")
+
+
+def aggregate_stacked(stacked: Params, weights: Sequence[float], method: str = "mean", trim_fraction: float = 0.2, max_weight: float = 0.0,
+                      krum_malicious: int = 1, krum_keep: int = 0) -> Params:
+    """:func:`aggregate` of updates already stacked per key (``stacked[k][i]``: client i's delta):
+    one reduction per key instead of a Python sum over clients (the round on stacked tensors, issue 21)."""
+    if not stacked or next(iter(stacked.values())).shape[0] == 0:
+        raise ValueError("aggregate: needs at least one update")
+    if method == "mean":
+        w = cap_weights(weights, max_weight)
+        total = float(sum(w))
+        if total <= 0:
+            raise ValueError("weighted_mean: needs at least one update with positive weight")
+        out = {}
+        for k, s in stacked.items():
+            wk = torch.tensor(w, dtype=s.dtype, device=s.device).view(-1, *([1] * (s.dim() - 1)))
+            out[k] = (wk * s).sum(0) / total
+        return out
+    if method == "median":
+        return _median_of(stacked)
+    if method == "trimmed_mean":
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError(f"trimmed_mean: fraction must be in [0, 0.5) (got {trim_fraction})")
+        return _trimmed_of(stacked, trim_fraction)
+    if method == "krum":  # pairwise distances between whole updates: unstack (Flower's aggregate_krum)
+        n = next(iter(stacked.values())).shape[0]
+        return aggregate([{k: v[i] for k, v in stacked.items()} for i in range(n)], weights, method, trim_fraction, max_weight,
+                         krum_malicious, krum_keep)
     raise ValueError(f"aggregate: unknown method {method!r} (expected one of {AGGREGATORS})")
 
 

@@ -41,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from fedmeta.meta.aggregate import aggregate
+from fedmeta.meta.aggregate import aggregate_stacked
 from fedmeta.meta.inner import InnerConfig, Params, adaptation_metrics, inner_loop
 from fedmeta.meta.maml import Set, maml_client_update
 from fedmeta.meta.outer import ServerAdam, apply_step, linear_anneal
@@ -157,14 +157,17 @@ class MetaAlgorithm:
         """
         return {"adam": ServerAdam().state_dict()} if self.cfg.meta.server_optimizer == "adam" else {}
 
-    def aggregate(self, deltas: list[Params], weights: list[float], state: dict[str, Any]) -> Params:
-        """How the clients' updates (phi_i - theta) combine: ``meta.aggregation`` (weighted mean, median, trimmed mean).
+    def aggregate(self, deltas: Params, weights: list[float], state: dict[str, Any]) -> Params:
+        """How the clients' updates combine: ``meta.aggregation`` (weighted mean, median, trimmed mean, Krum).
+
+        ``deltas[k][i]`` is client i's ``phi_i - theta`` of parameter ``k``: the cohort stacked per key
+        (``[N, *shape]``), so an aggregate is one reduction per key, never a Python loop over clients.
 
         Replaced, not called, when DP is on: the private server (:class:`fedmeta.privacy.server.PrivateServer`)
         clips each delta, sums and noises them instead, then calls :meth:`server_apply`.
         """
         m = self.cfg.meta
-        return aggregate(deltas, weights, m.aggregation, m.trim_fraction, self.cfg.simulation.max_weight, m.krum_malicious, m.krum_keep)
+        return aggregate_stacked(deltas, weights, m.aggregation, m.trim_fraction, self.cfg.simulation.max_weight, m.krum_malicious, m.krum_keep)
 
     def server_apply(self, theta: Params, mean: Params, server_round: int, state: dict[str, Any]) -> tuple[Params, dict[str, Any], dict[str, float]]:
         """The outer step from the aggregate: ``theta + beta * mean`` (or ServerAdam's step); returns (theta, state, info)."""
@@ -179,9 +182,11 @@ class MetaAlgorithm:
         return theta, state | {"adam": adam.state_dict()}, info
 
     def server_update(
-        self, theta: Params, deltas: list[Params], weights: list[float], server_round: int, state: dict[str, Any]
+        self, theta: Params, deltas: Params, weights: list[float], server_round: int, state: dict[str, Any]
     ) -> tuple[Params, dict[str, Any], dict[str, float]]:
         """The whole server hook: :meth:`aggregate` then :meth:`server_apply`; returns (theta, state, info).
+
+        ``deltas``: the cohort's ``phi_i - theta`` stacked per key (``[N, *shape]``), as in :meth:`aggregate`.
 
         A method may override this instead of the two halves; DP then cannot wrap it and
         :func:`algorithm_for` refuses ``privacy.enabled`` for it (see :attr:`private_server`).

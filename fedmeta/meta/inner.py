@@ -12,6 +12,7 @@ agree to float tolerance in deterministic mode.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,7 +51,10 @@ class InnerConfig:
 
 def client_seed(*keys: int) -> int:
     """A 63-bit seed derived from integer keys (e.g. run seed, round, client id)."""
-    return int(np.random.SeedSequence([int(k) % (2**63) for k in keys]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    # two 32-bit words as one little-endian 64-bit int, shifted on a Python int: numpy 1.26 has no
+    # right_shift for (uint64, int) and numpy 2 does, so shifting the numpy scalar breaks on 1.26
+    lo, hi = (int(w) for w in np.random.SeedSequence([int(k) % (2**63) for k in keys]).generate_state(2, np.uint32))
+    return (lo | (hi << 32)) >> 1
 
 
 def batch_schedule(n_support: int, steps: int, batch_size: int, seed: int) -> Tensor:
@@ -73,11 +77,24 @@ def params_of(model: nn.Module) -> Params:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+_UNTIED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _has_no_tied_tensors(model: nn.Module) -> bool:
+    """True when no parameter or buffer is shared between two names: then ``functional_call`` need not
+    look for ties on every call (that walk over the modules was ~13 % of a sequential inner step)."""
+    untied = _UNTIED.get(model)
+    if untied is None:
+        tensors = [t for _, t in model.named_parameters(remove_duplicate=False)] + [t for _, t in model.named_buffers(remove_duplicate=False)]
+        untied = _UNTIED[model] = len({id(t) for t in tensors}) == len(tensors)
+    return untied
+
+
 def forward(model: nn.Module, params: Params, x: dict[str, Tensor], present: Tensor) -> Tensor:
     """``model(x, present)`` with ``params``; floating inputs are cast to the parameters' dtype (any floating dtype works)."""
     dtype = next(iter(params.values())).dtype
     x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
-    return functional_call(model, params, (x, present))
+    return functional_call(model, params, (x, present), tie_weights=not _has_no_tied_tensors(model))
 
 
 def task_loss(model: nn.Module, out: Tensor, y: Tensor, task: str) -> Tensor:
@@ -92,6 +109,23 @@ def task_loss(model: nn.Module, out: Tensor, y: Tensor, task: str) -> Tensor:
 
 def loss_fn(model: nn.Module, params: Params, x: dict[str, Tensor], y: Tensor, present: Tensor, task: str) -> Tensor:
     return task_loss(model, forward(model, params, x, present), y, task)
+
+
+def _plain_eager(params: Params) -> bool:
+    """True outside every ``torch.func`` transform (no vmap, no grad level) with no parameter requiring grad:
+    then ``torch.autograd.grad`` gives the same gradients as ``torch.func.grad_and_value`` at half the
+    per-step overhead (the sequential engine, the Flower ClientApp)."""
+    return torch._C._functorch.maybe_current_level() is None and not any(v.requires_grad for v in params.values())
+
+
+def _autograd_value_and_grad(model: nn.Module, task: str) -> Callable[..., tuple[Params, Tensor]]:
+    def value_and_grad(params: Params, xb: dict[str, Tensor], yb: Tensor, pb: Tensor) -> tuple[Params, Tensor]:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        loss = loss_fn(model, leaves, xb, yb, pb, task)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        return dict(zip(leaves, grads)), loss.detach()
+
+    return value_and_grad
 
 
 def inner_loop(
@@ -110,6 +144,9 @@ def inner_loop(
     and the parameters after each step count in ``record_at``.
     """
     value_and_grad = torch.func.grad_and_value(lambda p, xb, yb, pb: loss_fn(model, p, xb, yb, pb, cfg.task))
+    eager = _plain_eager(params)
+    if eager:  # one client, nothing differentiates through us: plain autograd, half the overhead
+        value_and_grad = _autograd_value_and_grad(model, cfg.task)
     v = {k: torch.zeros_like(p) for k, p in params.items()} if cfg.optimizer == "adam" else None
     total = torch.zeros((), dtype=next(iter(params.values())).dtype, device=y.device)
     recorded: dict[int, Params] = {0: params} if 0 in record_at else {}
@@ -121,6 +158,9 @@ def inner_loop(
             corr = 1.0 - cfg.beta2 ** (t + 1)
             v = {k: cfg.beta2 * v[k] + (1 - cfg.beta2) * grads[k] ** 2 for k in params}
             params = {k: p - cfg.lr * grads[k] / ((v[k] / corr).sqrt() + cfg.eps) for k, p in params.items()}
+        elif eager:  # the same p - lr * g (mul, then sub: the same roundings), as two fused calls
+            keys = list(params)
+            params = dict(zip(keys, torch._foreach_sub([params[k] for k in keys], torch._foreach_mul([grads[k] for k in keys], cfg.lr))))
         else:
             params = {k: p - cfg.lr * grads[k] for k, p in params.items()}
         if t + 1 in record_at:

@@ -189,7 +189,9 @@ class PrivateServer:
     def update(self, theta, deltas, weights, server_round: int, state, attempt: int = 0):
         generator = self.noise_generator(self.cfg, self.privacy, server_round, attempt)  # DP noise: the one generator of this attempt
         like = {k: torch.zeros_like(v) for k, v in theta.items()}  # an empty cohort releases noise / D alone
-        mean, dp_info = self.privacy.aggregate(deltas, generator, like=like)
+        n = next(iter(deltas.values())).shape[0] if deltas else 0
+        per_client = [{k: v[i] for k, v in deltas.items()} for i in range(n)]  # the mechanism clips each client's delta
+        mean, dp_info = self.privacy.aggregate(per_client, generator, like=like)
         theta, state, info = self.algorithm.server_apply(theta, mean, server_round, state)
         return theta, state, info | dp_info
 
