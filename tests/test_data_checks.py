@@ -106,7 +106,7 @@ def test_a_disk_client_without_a_query_set_is_one_line_from_the_cli(tmp_path, ca
     meta.write_text(json.dumps(doc))
     code = main(["simulate", "--set", "data.dataset=disk", "--set", f"data.path={tmp_path / 'p'}", "--set", "data.num_clients=10",
                  "--set", "simulation.clients_per_round=8", "--set", "simulation.rounds=1", "--set", "simulation.engine=sequential",
-                 "--set", "meta.inner_steps=2", "--set", "meta.eval_steps=2", "--out", str(tmp_path / "run")])
+                 "--set", "meta.inner_steps=2", "--set", "meta.eval_steps=2", "--set", "output.progress=false", "--out", str(tmp_path / "run")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines
     assert f"client {cid}: n_support must be an integer in [1, n - 1]" in lines[0] and "data.path=" in lines[0]
