@@ -64,6 +64,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             summary = run_simulation(cfg, out, resume=True, progress=cfg.output.progress)
     else:
         cfg = load_config(args.config, args.set)
+        if cfg.output.progress:  # within a second of the command: the imports below (torch) take seconds
+            from fedmeta.progress import status
+
+            status(f"config valid; loading {cfg.model.factory}, {cfg.data.dataset!r} and {cfg.meta.algorithm!r} (imports torch)")
         check_components(cfg)  # a bad model/dataset/algorithm reference: one line, nothing created
         if args.out:
             out, option = Path(args.out), "--out"
@@ -115,7 +119,9 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only_simulate: bool = False) -> argparse.ArgumentParser:
+    """The ``fedmeta`` parser; ``only_simulate``: without the other sub-commands, whose modules import
+    torch and dp-accounting (seconds), so that ``fedmeta simulate`` says what it does within a second."""
     parser = one_line_errors(argparse.ArgumentParser(prog="fedmeta", description="Federated meta-learning on Flower."))
     parser.add_argument("--version", action="version", version=f"fedmeta {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,14 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint (with --set for the keys that may change)")
     sim.set_defaults(func=cmd_simulate)
 
-    from fedmeta.commands import register_all
+    if not only_simulate:
+        from fedmeta.commands import register_all
 
-    register_all(sub)
+        register_all(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only_simulate=bool(words) and words[0] == "simulate")
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

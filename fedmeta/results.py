@@ -35,8 +35,6 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt"
 META_STATE = "meta_state.pt"
@@ -179,6 +177,10 @@ def to_plain(obj: Any, where: str = "checkpoint") -> Any:
     and raises ``TypeError`` naming where it sits, so no checkpoint is written
     that could not be loaded back.
     """
+    # torch on use only: the CLI's first line must not wait for its import
+    import numpy as np
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.detach()
     if obj is None or type(obj) in (bool, int, float, str):
@@ -206,6 +208,9 @@ def to_plain(obj: Any, where: str = "checkpoint") -> Any:
 
 def from_plain(obj: Any) -> Any:
     """Inverse of :func:`to_plain`."""
+    # torch on use only: the CLI's first line must not wait for its import
+    import torch
+
     if isinstance(obj, dict):
         if _NDARRAY in obj and isinstance(obj[_NDARRAY], torch.Tensor):
             arr = obj[_NDARRAY].numpy()
@@ -274,6 +279,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path, mode: int | None = None) -> None:
+    # torch on use only: the CLI's first line must not wait for its import
+    import torch
+
     buf = io.BytesIO()  # serialised in memory: a full disk is then an OSError of our own write, not torch's
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue(), mode)
@@ -410,7 +418,7 @@ class RunWriter:
             self.checkpoint_round = ckpt["round"]
         return ckpt
 
-    def save_model(self, state_dict: dict[str, torch.Tensor], meta_state: dict[str, torch.Tensor] | None = None) -> None:
+    def save_model(self, state_dict: dict[str, "torch.Tensor"], meta_state: dict[str, "torch.Tensor"] | None = None) -> None:
         """``model.pt``: the model's meta-learned parameters; ``meta_state.pt``: the algorithm's extra meta-state, if any."""
         self._check_open()
         if meta_state:
@@ -427,6 +435,9 @@ class RunWriter:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
     """Load ``checkpoint.pt`` with ``weights_only=True`` (no code runs) and check its shape."""
+    # torch on use only: the CLI's first line must not wait for its import
+    import torch
+
     path = Path(path)
     if not _regular(path):  # torch.load of a FIFO would wait forever
         return None

@@ -286,3 +286,23 @@ def test_compare_marks_only_diverged_losses_never_the_ones_a_method_does_not_hav
     assert row["non_finite"] == [] and _fmt([_value(row, "loss_at_5")]) == "–"
     row = _run_one((None, overrides, str(diverged)))
     assert row["non_finite"] == ["loss_after"] and _fmt([_value(row, "loss_after")]) == "diverged (1 of 1 seeds)"
+
+
+def test_simulate_says_what_it_does_before_importing_torch(tmp_path):
+    """The first status line comes before torch (seconds of import) is loaded: never a silent start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fedmeta.cli as cli, fedmeta.progress as p\n"
+        "seen = []\n"
+        "orig = p.status\n"
+        "def status(msg, out=None):\n"
+        "    seen.append('torch' in sys.modules)\n"
+        "    orig(msg, out)\n"
+        "p.status = status\n"
+        f"rc = cli.main(['simulate', '--set', 'simulation.engine=sequential', '--set', 'simulation.rounds=1', '--out', {str(tmp_path / 'r')!r}])\n"
+        "print('torch-at-first-line', seen[0], 'rc', rc)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert "torch-at-first-line False rc 0" in r.stdout, r.stdout + r.stderr[-2000:]
