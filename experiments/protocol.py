@@ -104,7 +104,9 @@ def _privacy_arms() -> list[Arm]:
 METHODS = ("reptile", "fedavg_ft", "maml", "fomaml", "local")
 # every method at its best, plus Flower's / pfl's strongest FedAvg: FedAvg training with a tuned server Adam
 # (FedAdam: fedmeta's FedAvg is Reptile with beta = 1, so FedAdam is Reptile's client update with server Adam)
-METHOD_ARMS = [*(Arm(m, m) for m in METHODS), Arm("fedadam_ft", "reptile", ["meta.server_optimizer=adam"], space="fedadam")]
+METHOD_ARMS = [Arm("reptile", "reptile"), Arm("fedavg_ft", "fedavg_ft"),
+               Arm("fedadam_ft", "reptile", ["meta.server_optimizer=adam"], space="fedadam"), Arm("local", "local"),
+               Arm("maml", "maml"), Arm("fomaml", "fomaml")]
 METHOD_PAIRS = [("reptile", "fedavg_ft"), ("reptile", "fedadam_ft"), ("fedadam_ft", "fedavg_ft"), ("maml", "fedavg_ft"),
                 ("fomaml", "fedavg_ft"), ("maml", "reptile"), ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")]
 STUDIES = {
