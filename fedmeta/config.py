@@ -69,6 +69,11 @@ class DataConfig(_Section):
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     dirichlet_alpha: float = Field(0.5, gt=0)
     audio_domain: Literal["espeak", "flite", "both"] = "espeak"
+    # avdigits: keep byte-identical TTS clips once (drops 5 duplicate flite speakers); off = the published data
+    audio_dedup: bool = False
+    # avdigits: "tuning" / "report" = two fixed disjoint halves of the images and speakers (a tuning population
+    # sharing no content with the reported ones); "all" = every image and speaker (the published data)
+    content_pool: Literal["all", "tuning", "report"] = "all"
     k_shot: int = Field(5, ge=1, le=100_000)
     path: str = ""  # root of on-disk partitions when dataset = "disk", or of a memory-mapped store when "store"
     seed: int = Field(0, ge=0, le=SEED_MAX)
