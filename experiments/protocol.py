@@ -68,6 +68,8 @@ class Study:
     trials: int = 12  # per arm: >= 12 where the space has more than 3 dimensions
     seeds: int = 5
     eval_points: int = 6  # test evaluations along a reported run (curves)
+    # avdigits: tune on data.content_pool = "tuning", report on "report" (no image or speaker shared)
+    disjoint_content: bool = False
     note: str = ""
 
 
@@ -114,6 +116,10 @@ STUDIES = {
     for s in [
         Study("avdigits-methods", "experiments/configs/avdigits_protocol.toml",
               METHOD_ARMS, METHOD_PAIRS),
+        Study("avdigits-methods-disjoint", "experiments/configs/avdigits_protocol.toml", METHOD_ARMS, METHOD_PAIRS,
+              disjoint_content=True,
+              note="the methods study with a tuning population sharing no image or speaker with the reported seeds "
+                   "(data.content_pool: fixed halves, so ~10 examples a client instead of ~20)"),
         Study("avdigits-long", "experiments/configs/avdigits_protocol.toml",
               [Arm("reptile", "reptile", [], fixed_from="avdigits-methods/reptile"),
                Arm("fedavg_ft", "fedavg_ft", [], fixed_from="avdigits-methods/fedavg_ft")],
@@ -218,7 +224,8 @@ def _run(study: Study, arm: Arm, overrides: list[str], seed: int, cache: Path, e
     import fedmeta
     from fedmeta.results import SUMMARY
 
-    sets = [*arm.overrides, *overrides, f"meta.algorithm={arm.algorithm}", f"data.seed={seed}", f"simulation.seed={seed}",
+    pool = [f"data.content_pool={'tuning' if seed == TUNE_SEED else 'report'}"] if study.disjoint_content else []
+    sets = [*arm.overrides, *overrides, *pool, f"meta.algorithm={arm.algorithm}", f"data.seed={seed}", f"simulation.seed={seed}",
             f"simulation.rounds={study.rounds}", f"simulation.eval_every={eval_every}", "output.progress=false"]
     cfg = load_config(ROOT / study.config, sets)
     key = cache_key(cfg)

@@ -113,3 +113,15 @@ def test_a_tiny_study_tunes_on_validation_and_reports_other_seeds(tmp_path):
     before = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert protocol.main(argv) == 0
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == before
+
+
+def test_a_disjoint_content_study_tunes_and_reports_on_disjoint_pools(tmp_path):
+    study = protocol.STUDIES["avdigits-methods-disjoint"]
+    assert study.disjoint_content and not protocol.STUDIES["avdigits-methods"].disjoint_content
+    from dataclasses import replace
+    tiny = replace(study, rounds=1)
+    arm = next(a for a in study.arms if a.name == "local")
+    for seed, pool in ((TUNE_SEED, "tuning"), (0, "report")):
+        run = protocol._run(tiny, arm, ["data.num_clients=30", "meta.eval_steps=1"], seed, tmp_path, 1)
+        cfg = json.loads((tmp_path / run["run_dir"].split("/")[-1] / "config.json").read_text())
+        assert cfg["data"]["content_pool"] == pool and cfg["data"]["seed"] == seed
