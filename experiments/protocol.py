@@ -365,7 +365,7 @@ def _flatness(result: dict, curve: str = "val_curve") -> list[float]:
 
 
 def _pm(values: list[float], digits: int = 3) -> str:
-    if values and all(v is None for v in values):
+    if not values or all(v is None for v in values):
         return "–"
     values = [math.nan if v is None else v for v in values]
     vals = [v for v in values if math.isfinite(v)]
@@ -400,15 +400,22 @@ def compare_pairs(study: Study, results: dict[str, dict], main_key: str) -> dict
     return comparisons
 
 
-def write_report(study: Study, results: dict[str, dict], seeds: list[int], trials: int, wall: float, command: str) -> dict:
+def write_report(study: Study, results: dict[str, dict], seeds: list[int], trials: int, wall: float, command: str,
+                 rewritten_by: str = "") -> dict:
     keys = _metric_keys(study.regression)
     main_key = keys[-1][1]
-    lines = [f"# {study.name}", "", f"Command: `{command}`", "",
+    on_val = any("val_curve" in r for res in results.values() for r in res["runs"])  # runs from before issue 22: test only
+    flat_label, flat_curve = ("validation Δ", "val_curve") if on_val else ("test Δ (recorded before issue 22)", "curve")
+    if not on_val and not study.regression:  # before issue 22 every arm adapted for the config's 10 steps
+        keys = [*keys[:-1], ("after 10 steps", main_key)]
+    adapt = " (test-time adaptation, steps and rate, chosen there too)" if on_val else ""
+    lines = [f"# {study.name}", "", f"Command: `{command}`" + (f"; this table re-written from its stored runs by `{rewritten_by}`"
+                                                           if rewritten_by else ""), "",
              f"Config `{study.config}`, {study.rounds} rounds; tuning: {trials} Optuna TPE trials per arm on the "
-             f"validation clients of seed {TUNE_SEED} (test-time adaptation, steps and rate, chosen there too); "
+             f"validation clients of seed {TUNE_SEED}{adapt}; "
              f"reported: test clients of seeds {seeds[0]}..{seeds[-1]} "
              f"(mean ± std; 95 % t-CI of the mean). {study.note}", "",
-             "| arm | " + " | ".join(k for k, _ in keys) + " | 95 % CI (last) | validation Δ over last 20 % rounds | chosen setting |",
+             "| arm | " + " | ".join(k for k, _ in keys) + f" | 95 % CI (last) | {flat_label} over last 20 % rounds | chosen setting |",
              "|---|" + "---|" * (len(keys) + 3)]
     for name, res in results.items():
         finite = _finite(_values(res, main_key))
@@ -417,7 +424,7 @@ def write_report(study: Study, results: dict[str, dict], seeds: list[int], trial
         name = f"{name} (ε = {statistics.mean(eps):.2f})" if eps else name
         chosen = ", ".join(_short(o.replace("meta.", "")) for o in res["overrides"]) + (f" (from {res['fixed_from']})" if res["fixed_from"] else "")
         lines.append(f"| {name} | " + " | ".join(_pm(_values(res, k)) for _, k in keys)
-                     + f" | [{lo:.3f}, {hi:.3f}] | {_pm(_flatness(res))} | {chosen} |")
+                     + f" | [{lo:.3f}, {hi:.3f}] | {_pm(_flatness(res, flat_curve))} | {chosen} |")
     comparisons = compare_pairs(study, results, main_key)
     lines += ["", f"Paired differences on the last column (same seeds: same population and split); Holm–Bonferroni over "
               f"the {len(comparisons)} comparisons of this table, the reading follows the adjusted p (< 0.05):", "",
@@ -429,7 +436,7 @@ def write_report(study: Study, results: dict[str, dict], seeds: list[int], trial
             f"{a} {better}" if (c["verdict_holm"] == "a > b") != study.regression else f"{b} {better}")
         lines.append(f"| {a} − {b} | {c['mean']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {c['p']:.3g} | "
                      f"{c['p_holm']:.3g} | {reading} |")
-    lines += ["", f"Wall time {wall:.0f} s (cached runs count 0)."]
+    lines += ["", f"Wall time {wall:.0f} s (cached runs count 0)." if wall else "Re-written from the stored runs (nothing re-run)."]
     DOCS.joinpath("results").mkdir(parents=True, exist_ok=True)
     payload = {"study": study.name, "command": command, "config": study.config, "rounds": study.rounds, "trials": trials,
                "tune_seed": TUNE_SEED, "seeds": seeds, "metric": main_key, "arms": results, "comparisons": comparisons}
@@ -487,6 +494,23 @@ def _chosen_from(ref: str) -> dict:
     return arms[arm_name]["chosen"]
 
 
+def rereport(study: Study) -> int:
+    """The table again from a stored results JSON (same runs, same numbers), with today's statistics (Holm)."""
+    from dataclasses import replace
+
+    path = DOCS / "results" / f"{study.name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--rereport: {path} not found: run `python -m experiments.protocol {study.name}` first")
+    try:
+        stored = json.loads(path.read_text())
+        results, seeds, trials, rounds = stored["arms"], stored["seeds"], stored["trials"], stored["rounds"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--rereport: {path} is not a protocol results file ({type(e).__name__}: {e})") from None
+    write_report(replace(study, rounds=rounds), results, seeds, trials, 0.0, stored.get("command", ""),  # wall 0: nothing re-run
+                 rewritten_by=f"python -m experiments.protocol {study.name} --rereport")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("study", nargs="?", choices=sorted(STUDIES))
@@ -498,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="runs/protocol/cache")
     p.add_argument("--docs", default="docs", help="directory for results/<study>.{json,md} and img/<study>.png")
     p.add_argument("--rounds", type=int, default=None, help="override the study's rounds (smoke tests; recorded in the table)")
+    p.add_argument("--rereport", action="store_true",
+                   help="rewrite the table from the stored docs/results/<study>.json (no run): Holm-adjusted readings")
     args = p.parse_args(argv)
     if args.list or not args.study:
         for s in STUDIES.values():
@@ -506,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     global DOCS
     DOCS = Path(args.docs)
     study = STUDIES[args.study]
+    if args.rereport:
+        return rereport(study)
     if args.rounds:
         if args.rounds < 1:
             p.error("--rounds must be >= 1")

@@ -109,6 +109,11 @@ def test_a_tiny_study_tunes_on_validation_and_reports_other_seeds(tmp_path):
     assert "p_holm" in out["comparisons"]["reptile - local"]
     trial_seeds = {json.loads((p / "config.json").read_text())["data"]["seed"] for p in (tmp_path / "cache").iterdir()}
     assert trial_seeds == {TUNE_SEED, 0, 1}
+    # --rereport rewrites the table from the stored JSON alone, with the same numbers and Holm's readings
+    (tmp_path / "docs" / "results" / "synthetic-methods.md").unlink()
+    assert protocol.main(["synthetic-methods", "--rereport", "--docs", str(tmp_path / "docs")]) == 0
+    again = json.loads((tmp_path / "docs" / "results" / "synthetic-methods.json").read_text())
+    assert again["comparisons"] == out["comparisons"] and "Holm p" in (tmp_path / "docs" / "results" / "synthetic-methods.md").read_text()
     # a second invocation reuses every cached run
     before = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert protocol.main(argv) == 0
