@@ -130,3 +130,11 @@ def test_a_disjoint_content_study_tunes_and_reports_on_disjoint_pools(tmp_path):
         run = protocol._run(tiny, arm, ["data.num_clients=30", "meta.eval_steps=1"], seed, tmp_path, 1)
         cfg = json.loads((tmp_path / run["run_dir"].split("/")[-1] / "config.json").read_text())
         assert cfg["data"]["content_pool"] == pool and cfg["data"]["seed"] == seed
+
+
+def test_convergence_reads_validation_curves_never_test_curves():
+    """The "still rising?" check (Δ over the last 20 % of rounds) is computed on validation clients."""
+    run = {"curve": [(50, 0.5), (120, 0.6), (150, 0.9)], "val_curve": [(50, 0.7), (120, 0.80), (150, 0.81)]}
+    assert protocol._flatness({"runs": [run]}) == pytest.approx([0.01])  # validation: flat
+    assert protocol._flatness({"runs": [run]}, "curve") == pytest.approx([0.3])  # the test curve would say "rising"
+    assert protocol._flatness({"runs": [{"curve": run["curve"]}]}) == []  # no validation curve: no reading, not the test one
