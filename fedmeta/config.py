@@ -112,7 +112,7 @@ class MetaConfig(_Section):
     outer_lr: float = Field(1.0, gt=0)  # beta_0
     outer_lr_final: float = Field(0.0, ge=0)  # beta at the last round (linear anneal)
     eval_steps: int = Field(10, ge=0, le=10_000)  # adaptation steps at evaluation (0 = no adaptation)
-    eval_lr: float = Field(0.0, ge=0)  # adaptation learning rate at evaluation; 0 = meta.inner_lr (the training rate)
+    eval_lr: float = Field(0.0, ge=0)  # adaptation learning rate at evaluation; 0 = meta.inner_lr (metasgd: its learned rates)
     server_optimizer: Literal["sgd", "adam"] = "sgd"  # sgd: theta += beta * mean; adam: FedAdam-style on -mean
     server_beta1: float = Field(0.9, ge=0, lt=1)
     server_beta2: float = Field(0.999, gt=0, lt=1)
