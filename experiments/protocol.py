@@ -6,7 +6,8 @@
 For every *arm* of a study (a method, or a method on a data/model variant):
 
 1. **Tune** on validation clients only. Optuna's TPE sampler (seeded) proposes ``--trials`` settings
-   from the arm's search space (inner learning rate and steps, server step size and schedule); each
+   from the arm's search space (the method's own training dimensions, and for every arm the test-time
+   adaptation: steps, 0 = none, and learning rate; see :func:`suggest`); each
    is one run on the tuning seed (``TUNE_SEED``: a population, split and θ₀ none of the reported
    seeds uses) scored by its **validation** clients' metric after adaptation. Every arm gets the
    same number of trials: equal tuning budgets.
@@ -14,9 +15,10 @@ For every *arm* of a study (a method, or a method on a data/model variant):
    client split, θ₀ and batch order). Test clients neither train nor choose anything.
 3. **Compare**: mean ± std and a 95 % t confidence interval per arm; for each pair of arms named by
    the study, the paired difference over seeds (same seed = same population and split), its 95 %
-   CI and a paired t-test. "no difference" wherever the CI contains 0.
-4. **Converged?** Test metric vs round (curves, mean ± std), and the change over the last 20 % of
-   rounds, so a reader sees whether the budget was enough.
+   CI and a paired t-test; Holm–Bonferroni over the table's comparisons, and "no difference" unless the
+   adjusted p < 0.05.
+4. **Converged?** The change of the **validation** metric over the last 20 % of rounds (decisions, such as
+   a longer budget, read validation clients only); test curves (mean ± std) are drawn, never used.
 
 Runs are cached by their full config (``runs/protocol/cache/<hash>``), so a study that stops
 continues where it was, and two studies that share an arm share its runs. Writes
@@ -51,7 +53,8 @@ class Arm:
     algorithm: str
     overrides: list[str] = field(default_factory=list)  # the variant: modalities, fusion, missing data ...
     fixed_from: str = ""  # "study/arm": no tuning here, use that arm's chosen setting; "config": the config's own
-    space: str = "full"  # "full": inner lr and steps, server step and schedule; "inner_lr": the inner learning rate only
+    space: str = "full"  # "full": the method's training dims + test-time adaptation; "fedadam": the same with a server
+    # Adam learning rate; "inner_lr": the inner learning rate only (see :func:`suggest`)
 
 
 @dataclass
@@ -62,9 +65,11 @@ class Study:
     pairs: list[tuple[str, str]]  # (a, b): report a − b
     regression: bool = False
     rounds: int = 150
-    trials: int = 6
+    trials: int = 12  # per arm: >= 12 where the space has more than 3 dimensions
     seeds: int = 5
     eval_points: int = 6  # test evaluations along a reported run (curves)
+    # avdigits: tune on data.content_pool = "tuning", report on "report" (no image or speaker shared)
+    disjoint_content: bool = False
     note: str = ""
 
 
@@ -99,20 +104,35 @@ def _privacy_arms() -> list[Arm]:
 
 
 METHODS = ("reptile", "fedavg_ft", "maml", "fomaml", "local")
+# every method at its best, plus Flower's / pfl's strongest FedAvg: FedAvg training with a tuned server Adam
+# (FedAdam: fedmeta's FedAvg is Reptile with beta = 1, so FedAdam is Reptile's client update with server Adam)
+METHOD_ARMS = [Arm("reptile", "reptile"), Arm("fedavg_ft", "fedavg_ft"),
+               Arm("fedadam_ft", "reptile", ["meta.server_optimizer=adam"], space="fedadam"), Arm("local", "local"),
+               Arm("maml", "maml"), Arm("fomaml", "fomaml")]
+METHOD_PAIRS = [("reptile", "fedavg_ft"), ("reptile", "fedadam_ft"), ("fedadam_ft", "fedavg_ft"), ("maml", "fedavg_ft"),
+                ("fomaml", "fedavg_ft"), ("maml", "reptile"), ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")]
 PERSONAL = ("perfedavg", "ditto", "fedrep", "scaffold", "protonet")  # issue 20's methods, on the public seam
-PERSONAL_PAIRS = [(m, "fedavg_ft") for m in PERSONAL]
+# their own studies (the methods studies' published tables and Holm families stay as they were): each beside
+# the two strongest baselines, under the same protocol
+PERSONAL_ARMS = [Arm(m, m) for m in PERSONAL] + [Arm("fedavg_ft", "fedavg_ft"), Arm("reptile", "reptile")]
+PERSONAL_PAIRS = [(m, "fedavg_ft") for m in PERSONAL] + [(m, "reptile") for m in PERSONAL]
 STUDIES = {
     s.name: s
     for s in [
         Study("avdigits-methods", "experiments/configs/avdigits_protocol.toml",
-              [Arm(m, m) for m in METHODS + PERSONAL],
-              [("reptile", "fedavg_ft"), ("maml", "fedavg_ft"), ("fomaml", "fedavg_ft"), ("maml", "reptile"),
-               ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")] + PERSONAL_PAIRS),
+              METHOD_ARMS, METHOD_PAIRS),
+        Study("avdigits-methods-disjoint", "experiments/configs/avdigits_protocol.toml", METHOD_ARMS, METHOD_PAIRS,
+              disjoint_content=True,
+              note="the methods study with a tuning population sharing no image or speaker with the reported seeds "
+                   "(data.content_pool: fixed halves, so ~10 examples a client instead of ~20)"),
+        Study("avdigits-personal", "experiments/configs/avdigits_protocol.toml", PERSONAL_ARMS, PERSONAL_PAIRS,
+              note="issue 20's methods (Per-FedAvg, Ditto, FedRep, SCAFFOLD, ProtoNet) against FedAvg+FT and Reptile"),
         Study("avdigits-long", "experiments/configs/avdigits_protocol.toml",
               [Arm("reptile", "reptile", [], fixed_from="avdigits-methods/reptile"),
                Arm("fedavg_ft", "fedavg_ft", [], fixed_from="avdigits-methods/fedavg_ft")],
               [("reptile", "fedavg_ft")], rounds=300,
-              note="the methods study's chosen settings at twice the rounds: Reptile was still rising at 150."),
+              note="the methods study's chosen settings (adaptation included) at twice the rounds; run it only where "
+                   "the methods study's *validation* Δ over the last 20 % of rounds says an arm was still rising."),
         Study("avdigits-fusion", "experiments/configs/avdigits_protocol.toml", _fusion_arms(),
               [(f"{a}/{f}", f"{a}/{s}") for a in ("reptile", "maml", "metasgd") for f in ("concat", "gated", "attention")
                for s in ("image",)] + [(f"{a}/image", f"{a}/audio") for a in ("reptile", "maml", "metasgd")],
@@ -133,9 +153,9 @@ STUDIES = {
                    "the inner learning rate (training and adaptation) is tuned, per setting, on validation clients. "
                    "The selection itself is not charged to ε (see docs/benchmarks.md)."),
         Study("synthetic-methods", "experiments/configs/default_protocol.toml",
-              [Arm(m, m) for m in METHODS + PERSONAL],
-              [("reptile", "fedavg_ft"), ("maml", "fedavg_ft"), ("fomaml", "fedavg_ft"), ("maml", "reptile"),
-               ("maml", "fomaml"), ("reptile", "local"), ("fedavg_ft", "local")] + PERSONAL_PAIRS),
+              METHOD_ARMS, METHOD_PAIRS),
+        Study("synthetic-personal", "experiments/configs/default_protocol.toml", PERSONAL_ARMS, PERSONAL_PAIRS,
+              note="issue 20's methods (Per-FedAvg, Ditto, FedRep, SCAFFOLD, ProtoNet) against FedAvg+FT and Reptile"),
     ]
 }
 
@@ -145,38 +165,69 @@ STUDIES = {
 
 #: a method's own hyper-parameters searched beside the shared ones: (meta.params key, low, high), log-uniform
 METHOD_PARAMS = {"ditto": [("lam", 1e-3, 10.0)], "perfedavg": [("beta", 1e-3, 1.0)], "scaffold": [("global_lr", 0.1, 1.0)]}
+ADAPT_STEPS = (0, 10, 50, 200)  # test-time adaptation steps (0 = none): the same choices for every arm
+ADAPT_LR = (1e-3, 3.0)  # test-time adaptation learning rate (log-uniform), every arm; wide enough that no optimum sits on a cap
 
 
 def suggest(trial, algorithm: str, regression: bool, space: str = "full") -> list[str]:
-    """One setting from the arm's space: the same dimensions (and ranges) for every method where they apply."""
+    """One setting from the arm's space.
+
+    Every arm (``space`` "full" or "fedadam") also draws its **test-time adaptation**: steps from
+    :data:`ADAPT_STEPS` (0 = no adaptation) and ``meta.eval_lr`` from :data:`ADAPT_LR`, the same choices for every
+    method, scored on validation clients like everything else. Training dimensions are the ones the method
+    has: ``local`` trains nothing (adaptation only); FedAvg's server step is fixed at 1 (no ``outer_lr``);
+    ``space = "fedadam"`` (FedAvg training with server Adam, Reddi et al. 2021) tunes the server learning rate
+    log-uniformly in 1e-3..0.3. Regression (sine) keeps the paper's 10 adaptation steps and tunes only their rate.
+    ``space = "inner_lr"``: only the inner learning rate (training and adaptation).
+    """
     lo, hi = (1e-3, 0.1) if regression else (1e-2, 1.0)
-    out = [f"meta.inner_lr={trial.suggest_float('inner_lr', lo, hi, log=True)}"]
-    if algorithm == "local" or space == "inner_lr":  # local: no training, only the adaptation learning rate matters
-        return out
-    out.append(f"meta.inner_steps={trial.suggest_int('inner_steps', 1, 10)}")
-    out += [f"meta.params.{n}={trial.suggest_float('params.' + n, a, b, log=True)}" for n, a, b in METHOD_PARAMS.get(algorithm, ())]
-    if algorithm in PERSONAL:  # their server step is their own (beta = 1, or scaffold's meta.params.global_lr)
-        return out
-    if algorithm in SECOND_ORDER:
-        beta = trial.suggest_float("outer_lr", 1e-3 if regression else 1e-2, 1.0, log=True)
-    else:
-        beta = trial.suggest_float("outer_lr", 0.1, 1.0)
-    final = trial.suggest_categorical("outer_lr_final_ratio", [0.0, 0.1, 1.0])
-    return out + [f"meta.outer_lr={beta}", f"meta.outer_lr_final={beta * final}"]
+    if space == "inner_lr":
+        return [f"meta.inner_lr={trial.suggest_float('inner_lr', lo, hi, log=True)}"]
+    out = []
+    if algorithm != "local":  # local: no training, so inner lr/steps and the server step are inert
+        out += [f"meta.inner_lr={trial.suggest_float('inner_lr', lo, hi, log=True)}",
+                f"meta.inner_steps={trial.suggest_int('inner_steps', 1, 10)}"]
+        out += [f"meta.params.{n}={trial.suggest_float('params.' + n, a, b, log=True)}" for n, a, b in METHOD_PARAMS.get(algorithm, ())]
+        if space == "fedadam":
+            beta = trial.suggest_float("outer_lr", 1e-3, 0.3, log=True)
+        elif algorithm in PERSONAL:
+            beta = None  # their server step is their own (beta = 1, or scaffold's meta.params.global_lr)
+        elif algorithm in SECOND_ORDER:
+            beta = trial.suggest_float("outer_lr", 1e-3 if regression else 1e-2, 1.0, log=True)
+        elif algorithm in ("fedavg", "fedavg_ft"):
+            beta = None  # FedAvg's step is 1 whatever outer_lr says: not spent on
+        else:
+            beta = trial.suggest_float("outer_lr", 0.1, 1.0)
+        if beta is not None:
+            final = trial.suggest_categorical("outer_lr_final_ratio", [0.0, 0.1, 1.0])
+            out += [f"meta.outer_lr={beta}", f"meta.outer_lr_final={beta * final}"]
+    if regression:
+        return out + [f"meta.eval_lr={trial.suggest_float('eval_lr', 1e-4, 0.3, log=True)}"]
+    steps = trial.suggest_categorical("eval_steps", list(ADAPT_STEPS))
+    out.append(f"meta.eval_steps={steps}")
+    if steps:  # with 0 steps the rate is inert: not drawn
+        out.append(f"meta.eval_lr={trial.suggest_float('eval_lr', *ADAPT_LR, log=True)}")
+    return out
 
 
 def params_to_overrides(params: dict, algorithm: str) -> list[str]:
-    """The chosen Optuna params back to ``--set`` overrides (same mapping as :func:`suggest`); ``{}``: the config's own."""
+    """The chosen Optuna params back to ``--set`` overrides (same mapping as :func:`suggest`); ``{}``: the config's own.
+    Settings chosen before adaptation was tuned (no ``eval_*`` key) keep the config's adaptation."""
     if not params:
         return []
-    out = [f"meta.inner_lr={params['inner_lr']}"]
-    if "inner_steps" in params and "outer_lr" not in params:  # a method with its own server step (PERSONAL)
+    out = []
+    if "inner_lr" in params and (algorithm != "local" or "eval_steps" not in params):
+        out.append(f"meta.inner_lr={params['inner_lr']}")
+    if algorithm != "local" and "inner_steps" in params:
         out.append(f"meta.inner_steps={params['inner_steps']}")
     out += [f"meta.{k}={v}" for k, v in sorted(params.items()) if k.startswith("params.")]
     if algorithm != "local" and "outer_lr" in params:
         beta = params["outer_lr"]
-        out += [f"meta.inner_steps={params['inner_steps']}", f"meta.outer_lr={beta}",
-                f"meta.outer_lr_final={beta * params['outer_lr_final_ratio']}"]
+        out += [f"meta.outer_lr={beta}", f"meta.outer_lr_final={beta * params['outer_lr_final_ratio']}"]
+    if "eval_steps" in params:
+        out.append(f"meta.eval_steps={params['eval_steps']}")
+    if "eval_lr" in params:
+        out.append(f"meta.eval_lr={params['eval_lr']}")
     return out
 
 
@@ -188,7 +239,8 @@ def _run(study: Study, arm: Arm, overrides: list[str], seed: int, cache: Path, e
     import fedmeta
     from fedmeta.results import SUMMARY, run_dir_lock
 
-    sets = [*arm.overrides, *overrides, f"meta.algorithm={arm.algorithm}", f"data.seed={seed}", f"simulation.seed={seed}",
+    pool = [f"data.content_pool={'tuning' if seed == TUNE_SEED else 'report'}"] if study.disjoint_content else []
+    sets = [*arm.overrides, *overrides, *pool, f"meta.algorithm={arm.algorithm}", f"data.seed={seed}", f"simulation.seed={seed}",
             f"simulation.rounds={study.rounds}", f"simulation.eval_every={eval_every}", "output.progress=false"]
     cfg = load_config(ROOT / study.config, sets)
     key = cache_key(cfg)
@@ -201,7 +253,9 @@ def _run(study: Study, arm: Arm, overrides: list[str], seed: int, cache: Path, e
         curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     metric = "loss_at_10" if study.regression else "acc_after"
     summary["curve"] = [(r["round"], r.get(f"heldout_{metric}")) for r in curve if f"heldout_{metric}" in r]
+    summary["val_curve"] = [(r["round"], r.get(f"val_{metric}")) for r in curve if f"val_{metric}" in r]  # decisions read this
     summary["run_dir"] = str(out)
+    summary["adaptation"] = {"eval_steps": cfg.meta.eval_steps, "eval_lr": cfg.meta.eval_lr or cfg.meta.inner_lr}
     return summary
 
 
@@ -257,7 +311,8 @@ def tune_and_report(study_name: str, arm_name: str, trials: int, seeds: list[int
         def objective(trial):
             summary = _run(study, arm, suggest(trial, arm.algorithm, study.regression, arm.space), TUNE_SEED, cache_dir, study.rounds)
             score = _score(summary, study.regression)
-            history.append({"params": dict(trial.params), "val": score if not study.regression else -score,
+            history.append({"params": dict(trial.params), "adaptation": summary["adaptation"],
+                            "val": score if not study.regression else -score,
                             "test_not_used_for_choice": summary.get("heldout_acc_after" if not study.regression else "heldout_loss_at_10")})
             return score
 
@@ -268,7 +323,7 @@ def tune_and_report(study_name: str, arm_name: str, trials: int, seeds: list[int
     every = max(1, study.rounds // study.eval_points)
     runs = [{"seed": s, **_run(study, arm, overrides, s, cache_dir, every)} for s in seeds]
     return {"arm": arm.name, "algorithm": arm.algorithm, "variant": arm.overrides, "fixed_from": arm.fixed_from,
-            "chosen": chosen, "overrides": overrides, "trials": history, "tune_s": tune_s,
+            "chosen": chosen, "overrides": overrides, "adaptation": runs[0]["adaptation"], "trials": history, "tune_s": tune_s,
             "report_s": time.time() - t0 - tune_s, "runs": runs}
 
 
@@ -284,6 +339,21 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, 
         return m, math.nan, math.nan
     half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     return m, m - half, m + half
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm–Bonferroni step-down adjusted p-values (Holm 1979), in the input order; NaN stays NaN and is not counted.
+
+    Sorted ascending p_(1) <= ... <= p_(m): adjusted p_(i) = min(1, max_{j <= i} (m - j + 1) p_(j)). Rejecting where
+    the adjusted p < alpha controls the family-wise error rate at alpha over the table's m comparisons. (Six lines:
+    scipy has no Holm, and statsmodels is not a dependency for this alone.)
+    """
+    idx = sorted((i for i, p in enumerate(pvalues) if math.isfinite(p)), key=lambda i: pvalues[i])
+    out, running = [math.nan] * len(pvalues), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, (len(idx) - rank) * pvalues[i])
+        out[i] = min(1.0, running)
+    return out
 
 
 def paired(a: list[float], b: list[float]) -> dict:
@@ -302,18 +372,20 @@ def _metric_keys(regression: bool) -> list[tuple[str, str]]:
         return [("before", "heldout_loss_before"), ("1 step", "heldout_loss_at_1"), ("5 steps", "heldout_loss_at_5"),
                 ("10 steps", "heldout_loss_at_10")]
     return [("before", "heldout_acc_before"), ("1 step", "heldout_acc_at_1"), ("5 steps", "heldout_acc_at_5"),
-            ("after 10 steps", "heldout_acc_after")]
+            ("after adaptation", "heldout_acc_after")]
 
 
 def _values(result: dict, key: str) -> list[float]:
-    return [r.get(key) if isinstance(r.get(key), (int, float)) else math.nan for r in result["runs"]]
+    """Per seed; NaN where a run diverged, None where it has no such key (e.g. ``acc_at_5`` with 0 adaptation steps)."""
+    return [r[key] if isinstance(r.get(key), (int, float)) else (None if key not in r else math.nan) for r in result["runs"]]
 
 
-def _flatness(result: dict) -> list[float]:
-    """Per seed: the test metric at the last evaluation minus the one at 80 % of the rounds."""
+def _flatness(result: dict, curve: str = "val_curve") -> list[float]:
+    """Per seed: the **validation** metric at the last evaluation minus the one at 80 % of the rounds (the
+    convergence check, and any choice of a longer budget, reads validation clients, never test clients)."""
     out = []
     for r in result["runs"]:
-        pts = [(rnd, v) for rnd, v in r["curve"] if v is not None]
+        pts = [(rnd, v) for rnd, v in r.get(curve, []) if isinstance(v, (int, float)) and math.isfinite(v)]
         if len(pts) < 2:
             continue
         last_round = pts[-1][0]
@@ -324,6 +396,9 @@ def _flatness(result: dict) -> list[float]:
 
 
 def _pm(values: list[float], digits: int = 3) -> str:
+    if not values or all(v is None for v in values):
+        return "–"
+    values = [math.nan if v is None else v for v in values]
     vals = [v for v in values if math.isfinite(v)]
     if not vals:
         return "diverged"
@@ -331,41 +406,68 @@ def _pm(values: list[float], digits: int = 3) -> str:
     return text + (f" ({len(vals)} of {len(values)} finite)" if len(vals) < len(values) else "")
 
 
-def write_report(study: Study, results: dict[str, dict], seeds: list[int], trials: int, wall: float, command: str) -> dict:
-    keys = _metric_keys(study.regression)
-    main_key = keys[-1][1]
-    lines = [f"# {study.name}", "", f"Command: `{command}`", "",
-             f"Config `{study.config}`, {study.rounds} rounds; tuning: {trials} Optuna TPE trials per arm on the "
-             f"validation clients of seed {TUNE_SEED}; reported: test clients of seeds {seeds[0]}..{seeds[-1]} "
-             f"(mean ± std; 95 % t-CI of the mean). {study.note}", "",
-             "| arm | " + " | ".join(k for k, _ in keys) + " | 95 % CI (last) | Δ over last 20 % rounds | chosen setting |",
-             "|---|" + "---|" * (len(keys) + 3)]
-    for name, res in results.items():
-        vals = _values(res, main_key)
-        finite = [v for v in vals if math.isfinite(v)]
-        _, lo, hi = t_interval(finite) if len(finite) > 1 else (0, math.nan, math.nan)
-        eps = [r["epsilon"] for r in res["runs"] if isinstance(r.get("epsilon"), (int, float))]
-        name = f"{name} (ε = {statistics.mean(eps):.2f})" if eps else name
-        chosen = ", ".join(_short(o.replace("meta.", "")) for o in res["overrides"]) + (f" (from {res['fixed_from']})" if res["fixed_from"] else "")
-        lines.append(f"| {name} | " + " | ".join(_pm(_values(res, k)) for _, k in keys)
-                     + f" | [{lo:.3f}, {hi:.3f}] | {_pm(_flatness(res))} | {chosen} |")
-    lines += ["", "Paired differences on the last column (same seeds: same population and split):", "",
-              "| a − b | mean | 95 % CI | paired t p | reading |", "|---|---|---|---|---|"]
+def _finite(values: list) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def compare_pairs(study: Study, results: dict[str, dict], main_key: str) -> dict[str, dict]:
+    """Every named pair's paired difference, with Holm–Bonferroni over the table's comparisons: ``p_holm`` and the
+    reading (``verdict_holm``) "no difference" unless the adjusted p < 0.05 (family-wise error 5 % per table)."""
     comparisons = {}
     for a, b in study.pairs:
         if a not in results or b not in results:
             continue
         va, vb = _values(results[a], main_key), _values(results[b], main_key)
-        ok = [i for i in range(min(len(va), len(vb))) if math.isfinite(va[i]) and math.isfinite(vb[i])]
+        ok = [i for i in range(min(len(va), len(vb))) if _finite([va[i]]) and _finite([vb[i]])]
         if len(ok) < 2:
             continue
-        c = paired([va[i] for i in ok], [vb[i] for i in ok])
-        better = "lower" if study.regression else "higher"
-        reading = "no difference" if c["verdict"] == "no difference" else (
-            f"{a} {better}" if (c["verdict"] == "a > b") != study.regression else f"{b} {better}")
-        comparisons[f"{a} - {b}"] = c
-        lines.append(f"| {a} − {b} | {c['mean']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {c['p']:.3g} | {reading} |")
-    lines += ["", f"Wall time {wall:.0f} s (cached runs count 0)."]
+        comparisons[f"{a} - {b}"] = paired([va[i] for i in ok], [vb[i] for i in ok]) | {"a": a, "b": b}
+    for c, p in zip(comparisons.values(), holm([c["p"] for c in comparisons.values()])):
+        c["p_holm"] = p
+        if math.isfinite(p):  # NaN: no spread in the differences; the CI (of zero width) decides
+            c["verdict_holm"] = "no difference" if p >= 0.05 else ("a > b" if c["mean"] > 0 else "a < b")
+        else:
+            c["verdict_holm"] = c["verdict"]
+    return comparisons
+
+
+def write_report(study: Study, results: dict[str, dict], seeds: list[int], trials: int, wall: float, command: str,
+                 rewritten_by: str = "") -> dict:
+    keys = _metric_keys(study.regression)
+    main_key = keys[-1][1]
+    on_val = any("val_curve" in r for res in results.values() for r in res["runs"])  # runs from before issue 22: test only
+    flat_label, flat_curve = ("validation Δ", "val_curve") if on_val else ("test Δ (recorded before issue 22)", "curve")
+    if not on_val and not study.regression:  # before issue 22 every arm adapted for the config's 10 steps
+        keys = [*keys[:-1], ("after 10 steps", main_key)]
+    adapt = " (test-time adaptation, steps and rate, chosen there too)" if on_val else ""
+    lines = [f"# {study.name}", "", f"Command: `{command}`" + (f"; this table re-written from its stored runs by `{rewritten_by}`"
+                                                           if rewritten_by else ""), "",
+             f"Config `{study.config}`, {study.rounds} rounds; tuning: {trials} Optuna TPE trials per arm on the "
+             f"validation clients of seed {TUNE_SEED}{adapt}; "
+             f"reported: test clients of seeds {seeds[0]}..{seeds[-1]} "
+             f"(mean ± std; 95 % t-CI of the mean). {study.note}", "",
+             "| arm | " + " | ".join(k for k, _ in keys) + f" | 95 % CI (last) | {flat_label} over last 20 % rounds | chosen setting |",
+             "|---|" + "---|" * (len(keys) + 3)]
+    for name, res in results.items():
+        finite = _finite(_values(res, main_key))
+        _, lo, hi = t_interval(finite) if len(finite) > 1 else (0, math.nan, math.nan)
+        eps = [r["epsilon"] for r in res["runs"] if isinstance(r.get("epsilon"), (int, float))]
+        name = f"{name} (ε = {statistics.mean(eps):.2f})" if eps else name
+        chosen = ", ".join(_short(o.replace("meta.", "")) for o in res["overrides"]) + (f" (from {res['fixed_from']})" if res["fixed_from"] else "")
+        lines.append(f"| {name} | " + " | ".join(_pm(_values(res, k)) for _, k in keys)
+                     + f" | [{lo:.3f}, {hi:.3f}] | {_pm(_flatness(res, flat_curve))} | {chosen} |")
+    comparisons = compare_pairs(study, results, main_key)
+    lines += ["", f"Paired differences on the last column (same seeds: same population and split); Holm–Bonferroni over "
+              f"the {len(comparisons)} comparisons of this table, the reading follows the adjusted p (< 0.05):", "",
+              "| a − b | mean | 95 % CI | paired t p | Holm p | reading |", "|---|---|---|---|---|---|"]
+    better = "lower" if study.regression else "higher"
+    for c in comparisons.values():
+        a, b = c["a"], c["b"]
+        reading = "no difference" if c["verdict_holm"] == "no difference" else (
+            f"{a} {better}" if (c["verdict_holm"] == "a > b") != study.regression else f"{b} {better}")
+        lines.append(f"| {a} − {b} | {c['mean']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {c['p']:.3g} | "
+                     f"{c['p_holm']:.3g} | {reading} |")
+    lines += ["", f"Wall time {wall:.0f} s (cached runs count 0)." if wall else "Re-written from the stored runs (nothing re-run)."]
     DOCS.joinpath("results").mkdir(parents=True, exist_ok=True)
     payload = {"study": study.name, "command": command, "config": study.config, "rounds": study.rounds, "trials": trials,
                "tune_seed": TUNE_SEED, "seeds": seeds, "metric": main_key, "arms": results, "comparisons": comparisons}
@@ -428,6 +530,21 @@ def missing_extras() -> list[str]:
     import importlib.util
 
     return [m for m in ("optuna", "scipy") if importlib.util.find_spec(m) is None]
+def rereport(study: Study) -> int:
+    """The table again from a stored results JSON (same runs, same numbers), with today's statistics (Holm)."""
+    from dataclasses import replace
+
+    path = DOCS / "results" / f"{study.name}.json"
+    if not path.is_file():
+        raise SystemExit(f"--rereport: {path} not found: run `python -m experiments.protocol {study.name}` first")
+    try:
+        stored = json.loads(path.read_text())
+        results, seeds, trials, rounds = stored["arms"], stored["seeds"], stored["trials"], stored["rounds"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--rereport: {path} is not a protocol results file ({type(e).__name__}: {e})") from None
+    write_report(replace(study, rounds=rounds), results, seeds, trials, 0.0, stored.get("command", ""),  # wall 0: nothing re-run
+                 rewritten_by=f"python -m experiments.protocol {study.name} --rereport")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default="runs/protocol/cache")
     p.add_argument("--docs", default="docs", help="directory for results/<study>.{json,md} and img/<study>.png")
     p.add_argument("--rounds", type=int, default=None, help="override the study's rounds (smoke tests; recorded in the table)")
+    p.add_argument("--rereport", action="store_true",
+                   help="rewrite the table from the stored docs/results/<study>.json (no run): Holm-adjusted readings")
     args = p.parse_args(argv)
     if args.list or not args.study:
         for s in STUDIES.values():
@@ -449,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
     global DOCS
     DOCS = Path(args.docs)
     study = STUDIES[args.study]
+    if args.rereport:
+        return rereport(study)
     if args.rounds:
         if args.rounds < 1:
             p.error("--rounds must be >= 1")

@@ -46,10 +46,12 @@ def model_for(cfg: Config, spec: DatasetSpec) -> nn.Module:
 
 
 def inner_config(cfg: Config, spec: DatasetSpec, evaluation: bool = False) -> InnerConfig:
-    steps = cfg.meta.eval_steps if evaluation else cfg.meta.inner_steps
-    if evaluation and not algorithm_for(cfg).adapts_at_eval:
-        steps = 0  # e.g. FedAvg: "after" equals "before"
-    return InnerConfig.from_meta(cfg.meta, spec.task, steps=steps)
+    """The inner loop's settings: training (``meta.inner_steps``, ``meta.inner_lr``) or, with ``evaluation``,
+    test-time adaptation (``meta.eval_steps``, ``meta.eval_lr``; ``eval_lr = 0`` means the training rate)."""
+    if not evaluation:
+        return InnerConfig.from_meta(cfg.meta, spec.task)
+    steps = cfg.meta.eval_steps if algorithm_for(cfg).adapts_at_eval else 0  # e.g. FedAvg: "after" equals "before"
+    return replace(InnerConfig.from_meta(cfg.meta, spec.task, steps=steps), lr=cfg.meta.eval_lr or cfg.meta.inner_lr)
 
 
 def train_schedule(cfg: Config, data: ClientData, server_round: int, cid: int) -> Tensor:

@@ -68,6 +68,11 @@ class DataConfig(_Section):
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     dirichlet_alpha: float = Field(0.5, gt=0)
     audio_domain: Literal["espeak", "flite", "both"] = "espeak"
+    # avdigits: keep byte-identical TTS clips once (drops 5 duplicate flite speakers); off = the published data
+    audio_dedup: bool = False
+    # avdigits: "tuning" / "report" = two fixed disjoint halves of the images and speakers (a tuning population
+    # sharing no content with the reported ones); "all" = every image and speaker (the published data)
+    content_pool: Literal["all", "tuning", "report"] = "all"
     k_shot: int = Field(5, ge=1, le=100_000)
     path: str = ""  # root of on-disk partitions when dataset = "disk", or of a memory-mapped store when "store"
     seed: int = Field(0, ge=0, le=SEED_MAX)
@@ -105,7 +110,8 @@ class MetaConfig(_Section):
     adam_beta2: float = Field(0.999, gt=0, lt=1)
     outer_lr: float = Field(1.0, gt=0)  # beta_0
     outer_lr_final: float = Field(0.0, ge=0)  # beta at the last round (linear anneal)
-    eval_steps: int = Field(10, ge=0, le=10_000)  # adaptation steps at evaluation
+    eval_steps: int = Field(10, ge=0, le=10_000)  # adaptation steps at evaluation (0 = no adaptation)
+    eval_lr: float = Field(0.0, ge=0)  # adaptation learning rate at evaluation; 0 = meta.inner_lr (metasgd: its learned rates)
     server_optimizer: Literal["sgd", "adam"] = "sgd"  # sgd: theta += beta * mean; adam: FedAdam-style on -mean
     server_beta1: float = Field(0.9, ge=0, lt=1)
     server_beta2: float = Field(0.999, gt=0, lt=1)

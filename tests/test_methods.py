@@ -264,11 +264,11 @@ def test_the_protocol_searches_a_methods_own_params_and_maps_them_back():
 
     from experiments.protocol import STUDIES, params_to_overrides, suggest
 
-    chosen = {"inner_lr": 0.1, "inner_steps": 3, "params.lam": 0.5}
+    chosen = {"inner_lr": 0.1, "inner_steps": 3, "params.lam": 0.5, "eval_steps": 10, "eval_lr": 0.2}
     sets = suggest(optuna.trial.FixedTrial(chosen), "ditto", regression=False)
-    assert sets == ["meta.inner_lr=0.1", "meta.inner_steps=3", "meta.params.lam=0.5"]
+    assert sets == ["meta.inner_lr=0.1", "meta.inner_steps=3", "meta.params.lam=0.5", "meta.eval_steps=10", "meta.eval_lr=0.2"]
     assert params_to_overrides(chosen, "ditto") == sets
     assert build_config(None, sets + ["meta.algorithm=ditto"]).meta.params == {"lam": 0.5}
-    for study in ("avdigits-methods", "synthetic-methods"):
+    for study in ("avdigits-personal", "synthetic-personal"):  # their own studies: the methods studies' tables stay
         arms = {a.algorithm for a in STUDIES[study].arms}
         assert set(METHODS) <= arms and all((m, "fedavg_ft") in STUDIES[study].pairs for m in METHODS)

@@ -31,11 +31,61 @@ def test_t_interval_contains_the_mean_and_shrinks_with_n():
     assert hi2 - lo2 < hi - lo
 
 
-@pytest.mark.parametrize("algorithm", ["reptile", "maml", "local"])
-def test_chosen_params_map_back_to_the_suggested_overrides(algorithm):
-    params = {"inner_lr": 0.05, "inner_steps": 3, "outer_lr": 0.5, "outer_lr_final_ratio": 0.1}
+@pytest.mark.parametrize("algorithm,space", [("reptile", "full"), ("maml", "full"), ("local", "full"), ("fedavg_ft", "full"),
+                                             ("reptile", "fedadam"), ("reptile", "inner_lr")])
+@pytest.mark.parametrize("eval_steps", [0, 50])
+def test_chosen_params_map_back_to_the_suggested_overrides(algorithm, space, eval_steps):
+    params = {"inner_lr": 0.05, "inner_steps": 3, "outer_lr": 0.2, "outer_lr_final_ratio": 0.1, "eval_steps": eval_steps,
+              "eval_lr": 0.02}
     trial = optuna.trial.FixedTrial(params)
-    assert suggest(trial, algorithm, regression=False) == params_to_overrides(trial.params, algorithm)
+    assert suggest(trial, algorithm, regression=False, space=space) == params_to_overrides(trial.params, algorithm)
+
+
+def test_every_arm_tunes_its_adaptation_and_only_the_dimensions_it_has():
+    """Adaptation steps (0 = none) and rate are in every arm's space; FedAvg spends nothing on its inert server step;
+    local gets only adaptation, up to 200 steps at rates up to 3 (its old optimum sat on a cap of 1)."""
+    def dims(algorithm, space="full", eval_steps=10):
+        trial = optuna.trial.FixedTrial({"inner_lr": 0.05, "inner_steps": 3, "outer_lr": 0.2, "outer_lr_final_ratio": 1.0,
+                                         "eval_steps": eval_steps, "eval_lr": 0.1})
+        suggest(trial, algorithm, regression=False, space=space)
+        return set(trial.params)
+
+    adapt = {"eval_steps", "eval_lr"}
+    assert dims("reptile") == {"inner_lr", "inner_steps", "outer_lr", "outer_lr_final_ratio"} | adapt
+    assert dims("maml") == dims("reptile") == dims("reptile", "fedadam")
+    assert dims("fedavg_ft") == {"inner_lr", "inner_steps"} | adapt
+    assert dims("local") == adapt
+    assert dims("reptile", eval_steps=0) == dims("reptile") - {"eval_lr"}  # no adaptation: its rate is not drawn
+    assert 0 in protocol.ADAPT_STEPS and max(protocol.ADAPT_STEPS) >= 200 and protocol.ADAPT_LR[1] >= 3
+    study = protocol.STUDIES["avdigits-methods"]
+    assert {a.name for a in study.arms} >= {"fedavg_ft", "fedadam_ft", "local"} and study.trials >= 12
+    fedadam = next(a for a in study.arms if a.name == "fedadam_ft")
+    assert "meta.server_optimizer=adam" in fedadam.overrides and fedadam.space == "fedadam"
+
+
+def test_holm_against_a_hand_computation():
+    # sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> monotone: 0.06)
+    assert protocol.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    assert protocol.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    assert protocol.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])  # 2 x 0.8 capped at 1; then max(1, 0.9)
+    out = protocol.holm([math.nan, 0.02, 0.01])  # NaN is not a test: m = 2
+    assert math.isnan(out[0]) and out[1:] == pytest.approx([0.02, 0.02])
+
+
+def test_readings_follow_the_holm_adjusted_p():
+    """Three comparisons with raw p 0.020 (CI excludes 0), 0.154, 0.266: Holm turns the first into "no difference"."""
+    runs = lambda vals: {"runs": [{"heldout_acc_after": v} for v in vals]}
+    base = [0.85, 0.80, 0.88, 0.83, 0.86]
+    results = {"p0": runs(base), "p1": runs([b - d for b, d in zip(base, [0.010, 0.020, 0.015, 0.030, 0.005])]),
+               "p2": runs([b - d for b, d in zip(base, [0.05, -0.01, 0.04, 0.0, 0.02])]),
+               "p3": runs([b - d for b, d in zip(base, [0.04, -0.02, 0.03, 0.05, -0.01])])}
+    study = protocol.Study("x", "c", [], [("p1", "p0"), ("p2", "p0"), ("p3", "p0")])
+    comps = protocol.compare_pairs(study, results, "heldout_acc_after")
+    raw = [c["p"] for c in comps.values()]
+    assert comps["p1 - p0"]["verdict"] == "a < b" and raw[0] < 0.05  # unadjusted: "p0 higher"
+    assert raw == pytest.approx([0.020476, 0.154273, 0.265847], abs=1e-6)  # scipy's ttest_rel
+    assert [c["p_holm"] for c in comps.values()] == pytest.approx([3 * raw[0], 2 * raw[1], 2 * raw[1]])  # by hand
+    assert all(c["verdict_holm"] == "no difference" for c in comps.values()) and comps["p1 - p0"]["p_holm"] >= 0.05
 
 
 def test_a_tiny_study_tunes_on_validation_and_reports_other_seeds(tmp_path):
@@ -52,9 +102,18 @@ def test_a_tiny_study_tunes_on_validation_and_reports_other_seeds(tmp_path):
     for run in reptile["runs"]:  # reported runs: the chosen setting, on the reported seeds' test clients
         cfg = json.loads((tmp_path / "cache" / run["run_dir"].split("/")[-1] / "config.json").read_text())
         assert cfg["data"]["seed"] == run["seed"] != TUNE_SEED and cfg["meta"]["inner_lr"] == reptile["chosen"]["inner_lr"]
-        assert 0 <= run["heldout_acc_after"] <= 1 and "val_acc_after" in run
+        assert 0 <= run["heldout_acc_after"] <= 1 and "val_acc_after" in run and run["val_curve"]
+        assert run["adaptation"] == {"eval_steps": cfg["meta"]["eval_steps"], "eval_lr": cfg["meta"]["eval_lr"] or cfg["meta"]["inner_lr"]}
+    assert reptile["adaptation"]["eval_steps"] == reptile["chosen"]["eval_steps"]  # adaptation chosen on validation, recorded
+    assert all("eval_steps" in t["params"] for t in reptile["trials"] + out["arms"]["local"]["trials"])
+    assert "p_holm" in out["comparisons"]["reptile - local"]
     trial_seeds = {json.loads((p / "config.json").read_text())["data"]["seed"] for p in (tmp_path / "cache").iterdir()}
     assert trial_seeds == {TUNE_SEED, 0, 1}
+    # --rereport rewrites the table from the stored JSON alone, with the same numbers and Holm's readings
+    (tmp_path / "docs" / "results" / "synthetic-methods.md").unlink()
+    assert protocol.main(["synthetic-methods", "--rereport", "--docs", str(tmp_path / "docs")]) == 0
+    again = json.loads((tmp_path / "docs" / "results" / "synthetic-methods.json").read_text())
+    assert again["comparisons"] == out["comparisons"] and "Holm p" in (tmp_path / "docs" / "results" / "synthetic-methods.md").read_text()
     # a second invocation reuses every cached run
     before = sorted(p.name for p in (tmp_path / "cache").iterdir())
     assert protocol.main(argv) == 0
@@ -130,3 +189,21 @@ def test_a_cache_entry_held_by_another_process_is_waited_for(tmp_path, monkeypat
     with real(out, "protocol cache entry", wait=True):
         r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "in use by another fedmeta process" in r.stderr
+def test_a_disjoint_content_study_tunes_and_reports_on_disjoint_pools(tmp_path):
+    study = protocol.STUDIES["avdigits-methods-disjoint"]
+    assert study.disjoint_content and not protocol.STUDIES["avdigits-methods"].disjoint_content
+    from dataclasses import replace
+    tiny = replace(study, rounds=1)
+    arm = next(a for a in study.arms if a.name == "local")
+    for seed, pool in ((TUNE_SEED, "tuning"), (0, "report")):
+        run = protocol._run(tiny, arm, ["data.num_clients=30", "meta.eval_steps=1"], seed, tmp_path, 1)
+        cfg = json.loads((tmp_path / run["run_dir"].split("/")[-1] / "config.json").read_text())
+        assert cfg["data"]["content_pool"] == pool and cfg["data"]["seed"] == seed
+
+
+def test_convergence_reads_validation_curves_never_test_curves():
+    """The "still rising?" check (Δ over the last 20 % of rounds) is computed on validation clients."""
+    run = {"curve": [(50, 0.5), (120, 0.6), (150, 0.9)], "val_curve": [(50, 0.7), (120, 0.80), (150, 0.81)]}
+    assert protocol._flatness({"runs": [run]}) == pytest.approx([0.01])  # validation: flat
+    assert protocol._flatness({"runs": [run]}, "curve") == pytest.approx([0.3])  # the test curve would say "rising"
+    assert protocol._flatness({"runs": [{"curve": run["curve"]}]}) == []  # no validation curve: no reading, not the test one

@@ -155,6 +155,8 @@ def _build(cfg: "DataConfig") -> FederatedDataset:
             seed=cfg.seed,
             audio_domain=cfg.audio_domain,
             path=cfg.path or None,
+            audio_dedup=cfg.audio_dedup,
+            content_pool=cfg.content_pool,
         )
     if cfg.dataset == "sine":
         from fedmeta.data.sine import SineDataset

@@ -30,6 +30,15 @@ Clients (natural partition):
   seed) lack one modality for all their examples (``missing_modality``, or a random one per client
   when ``None``); their ``present`` column is False and the data zeros.
 
+* ``audio_dedup`` (``data.audio_dedup``, default off so published numbers stay as they were): byte-identical
+  clips are kept once (the first speaker's); a speaker left without a clip of some digit leaves the pool. The
+  asset's six flite ``awb_time`` speakers are byte-identical for every digit (all four takes too), and two flite
+  ``rms`` speakers share a clip of "nine": with dedup 127 speakers remain and no two speakers share a clip;
+* ``content_pool`` (``data.content_pool``): ``"all"`` (default) draws from every image and speaker;
+  ``"tuning"`` / ``"report"`` draw from two fixed, disjoint halves of the images and of each domain's
+  speakers (the same halves for every seed), so a tuning population shares no image or speaker with a
+  reported one.
+
 Everything is a deterministic function of the arguments; ``client(cid)`` builds one client only.
 """
 
@@ -49,6 +58,7 @@ from fedmeta.data.base import ClientData, DataError, DatasetSpec, ModalitySpec, 
 ASSET = Path(__file__).resolve().parent / "assets" / "avdigits_audio.npz"
 MODALITY_NAMES = ("image", "audio", "signal")
 AUDIO_DOMAINS = ("espeak", "flite", "both")
+CONTENT_POOLS = ("all", "tuning", "report")
 SIGNAL_LEN = 40
 
 # MNIST-1D-style templates (12 control points per digit, hand-designed, loosely following the
@@ -161,6 +171,28 @@ def _signals(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out[:, :, None].astype(np.float32)
 
 
+def unique_clips(a: dict[str, np.ndarray]) -> np.ndarray:
+    """Rows of the audio asset with every byte-identical clip kept once (its first row)."""
+    _, first = np.unique(a["features"].reshape(len(a["features"]), -1), axis=0, return_index=True)
+    return np.sort(first)
+
+
+def _complete_speakers(a: dict[str, np.ndarray], clips: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per speaker: has it a clip of every digit ``< num_classes`` among ``clips``?"""
+    have = np.zeros((len(a["speaker_domain"]), 10), dtype=bool)
+    have[a["speaker"][clips], a["label"][clips]] = True
+    return have[:, :num_classes].all(axis=1)
+
+
+def _content_half(items: np.ndarray, pool: str, salt: int) -> np.ndarray:
+    """``pool`` "all": ``items``; "tuning" / "report": a fixed (seed-independent) half of them, disjoint."""
+    if pool == "all":
+        return items
+    perm = np.random.default_rng([0xC0DE, salt]).permutation(items)
+    half = len(items) // 2
+    return np.sort(perm[:half] if pool == "tuning" else perm[half:])
+
+
 class AVDigits:
     """The audio-visual digits federated dataset (see the module docstring).
 
@@ -183,7 +215,11 @@ class AVDigits:
         heldout_audio_domain: str | None = None,
         modalities: Sequence[str] = ("image", "audio"),
         audio_noise: float = 0.1,
+        audio_dedup: bool = False,
+        content_pool: str = "all",
     ) -> None:
+        if content_pool not in CONTENT_POOLS:
+            raise DataError(f"data.content_pool: one of {CONTENT_POOLS}, got {content_pool!r}")
         missing_modality = missing_modality or None  # "" (Flower run config) means None
         mods = tuple(modalities)
         if not mods or any(m not in MODALITY_NAMES for m in mods) or len(set(mods)) != len(mods):
@@ -232,7 +268,8 @@ class AVDigits:
 
         # image pool (restricted to the first num_classes digits) and its Dirichlet partition
         _, labels = _images()
-        self._pool = np.nonzero(labels < self.num_classes)[0]
+        self._pool = _content_half(np.nonzero(labels < self.num_classes)[0], content_pool, 0x1A6E)
+        self.content_pool = content_pool
         self._partitioner = None
         self._alpha = float(dirichlet_alpha)
         if self.num_clients * 2 > len(self._pool):
@@ -247,8 +284,10 @@ class AVDigits:
         if "audio" in mods:
             a = _audio(self.audio_path)
             dom = a["speaker_domain"]
-            pools = {d: np.nonzero(dom == d)[0] for d in ("espeak", "flite")}
-            pools["both"] = np.arange(len(dom))
+            self._clips = unique_clips(a) if audio_dedup else np.arange(len(a["label"]))  # clip rows in use
+            complete = _complete_speakers(a, self._clips, self.num_classes)
+            pools = {d: _content_half(np.nonzero((dom == d) & complete)[0], content_pool, 0x5BE1) for d in ("espeak", "flite")}
+            pools["both"] = np.sort(np.concatenate([pools["espeak"], pools["flite"]]))
             if heldout_audio_domain is not None:
                 other = "flite" if heldout_audio_domain == "espeak" else "espeak"
                 groups = [(self.train_clients, pools[other]), (self.heldout_clients, pools[heldout_audio_domain])]
@@ -314,7 +353,7 @@ class AVDigits:
         if "audio" in self.modalities:
             a = _audio(self.audio_path)
             spk = int(self._speaker[cid])
-            mine = np.nonzero(a["speaker"] == spk)[0]
+            mine = self._clips[a["speaker"][self._clips] == spk]
             feats = np.empty((n, *a["features"].shape[1:]), dtype=np.float32)
             for c in np.unique(y):
                 clips = mine[a["label"][mine] == c]

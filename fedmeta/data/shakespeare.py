@@ -42,8 +42,20 @@ Config keys used (no new ones):
   validation split (0.1 = LEAF/FedMeta's 80 / 10 / 10);
 * ``data.examples_per_client``: a cap on a client's samples (a random subset of its windows,
   drawn by ``data.seed``; >= 100000 = all);
-* ``data.support_fraction``: the support share of a client's samples (FedMeta: 0.2), after a
-  random permutation; the rest is the query set.
+* ``data.support_fraction``: the support share of a client's samples (FedMeta: 0.2); the rest is
+  the query set.
+
+Support/query split (:func:`split_windows`). ``load`` (what ``data.dataset =
+"fedmeta.data.shakespeare:load"`` uses) splits a client's windows **by time**, as LEAF's
+``split_data.py`` does for Shakespeare: the support set is the client's first windows, the query set
+its last ones, and the query part starts a full window (:data:`SPLIT_GAP` = 80 windows = 80
+characters) after the support part, so no query window shares a character position with any support
+window (LEAF skips 79 windows: its first test window's input still starts with the last train
+target). A role needs ``SPLIT_GAP + 2`` windows for that (1,124 of the 1,141 roles with >= 20
+samples; LEAF likewise drops users whose test part is empty). With a cap, a contiguous block of
+``examples_per_client + SPLIT_GAP`` windows at a seeded offset is used. ``load_random_split`` keeps the
+earlier random permutation of the windows (section 7's numbers before issue 22), under which most
+query targets sit inside some support window's input.
 """
 
 from __future__ import annotations
@@ -64,6 +76,7 @@ ALL_LETTERS = "\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghij
 NUM_LETTERS = len(ALL_LETTERS)  # 80
 SEQ_LEN = 80
 MIN_SAMPLES = 20  # FedMeta: clients with fewer samples are dropped
+SPLIT_GAP = 80  # time split: windows skipped between support and query (a full window: no shared character)
 MIN_LINES = 3  # LEAF skips characters with <= 2 lines
 CACHE_NAME = "shakespeare-v1.npz"
 POEMS = ("sonnets", "rape_of_lucrece", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "venus_and_adonis")
@@ -310,7 +323,10 @@ class ShakespeareDataset:
         min_samples: int = MIN_SAMPLES,
         cache: bool = True,
         plays: tuple[str, ...] = (),
+        split: str = "random",
     ) -> None:
+        if split not in ("random", "time"):
+            raise DataError(f"shakespeare: split must be 'time' (LEAF) or 'random' (got {split!r})")
         if not 0 < heldout_fraction < 0.5:
             raise DataError(f"data.heldout_fraction: must be in (0, 0.5) for Shakespeare's validation + test splits (got {heldout_fraction})")
         if examples_per_client < 2:
@@ -324,6 +340,8 @@ class ShakespeareDataset:
         counts = np.diff(parsed["offsets"])  # characters incl. newlines = LEAF samples per role
         self.leaf_users = int(counts.size)  # roles with > 2 lines (LEAF's users)
         self.leaf_samples = int(counts.sum())
+        if split == "time":  # a support and a query window on either side of the gap
+            min_samples = max(min_samples, SPLIT_GAP + 2)
         eligible = np.flatnonzero(counts >= min_samples)
         self.dropped_small = int(counts.size - eligible.size)
         if num_clients > eligible.size:
@@ -346,7 +364,8 @@ class ShakespeareDataset:
         self.heldout_clients = sorted(perm[:n_held].tolist())  # test clients
         self.validation_clients = sorted(perm[n_held : 2 * n_held].tolist())
         self.train_clients = sorted(perm[2 * n_held :].tolist())
-        self.examples_per_client = int(min(examples_per_client, int(self.samples.max())))
+        self.split = split
+        self.examples_per_client = int(min(examples_per_client, int(self.samples.max()) - (SPLIT_GAP if split == "time" else 0)))
         self._cap = int(examples_per_client)
         self.support_fraction = float(support_fraction)
         self.seed = int(seed)
@@ -381,9 +400,8 @@ class ShakespeareDataset:
         o = self._parsed["offsets"]
         x, y = windows(self._parsed["text"][o[r] : o[r + 1]])
         rng = np.random.default_rng([self.seed, int(cid), 0x5A4E])
-        order = rng.permutation(y.size)[: self._cap]  # a random subset (cap), in random order
-        n = order.size
-        n_support = min(max(1, int(round(self.support_fraction * n))), n - 1)
+        support, query = split_windows(y.size, self._cap, self.support_fraction, rng, self.split)
+        order, n, n_support = np.concatenate([support, query]), support.size + query.size, support.size
         return ClientData(
             x={"chars": torch.from_numpy(x[order].astype(np.int64) + 1)},
             y=torch.from_numpy(y[order].astype(np.int64)),
@@ -410,6 +428,29 @@ class ShakespeareDataset:
         }
 
 
+def split_windows(n: int, cap: int, support_fraction: float, rng: np.random.Generator, split: str = "time") -> tuple[np.ndarray, np.ndarray]:
+    """(support, query) indices into a client's ``n`` windows (in text order), at most ``cap`` in all.
+
+    ``"time"`` (LEAF): a contiguous block of ``cap + SPLIT_GAP`` windows (all ``n`` if fewer; at a seeded
+    offset otherwise); of its ``m = len - SPLIT_GAP`` used windows the first ``round(support_fraction * m)``
+    are the support set, and the query set starts ``SPLIT_GAP`` windows after the last of them. Every query
+    target comes after every support window (input and target), so none sits inside one. ``"random"``: a random
+    subset of ``cap`` windows in random order, the first ``support_fraction`` of them support.
+    """
+    if split == "random":
+        order = rng.permutation(n)[:cap]
+        n_support = min(max(1, int(round(support_fraction * order.size))), order.size - 1)
+        return order[:n_support], order[n_support:]
+    if n < SPLIT_GAP + 2:
+        raise DataError(f"shakespeare: a time split needs >= {SPLIT_GAP + 2} windows per client (got {n})")
+    block = min(n, cap + SPLIT_GAP)
+    start = int(rng.integers(0, n - block + 1)) if block < n else 0
+    m = block - SPLIT_GAP
+    n_support = min(max(1, int(round(support_fraction * m))), m - 1)
+    idx = np.arange(start, start + block)
+    return idx[:n_support], idx[n_support + SPLIT_GAP :]
+
+
 def _select(parsed: dict, rows: np.ndarray) -> dict:
     o = parsed["offsets"]
     chunks = [parsed["text"][o[r] : o[r + 1]] for r in rows]
@@ -423,8 +464,8 @@ def _select(parsed: dict, rows: np.ndarray) -> dict:
     }
 
 
-def load(cfg) -> ShakespeareDataset:
-    """``data.dataset = "fedmeta.data.shakespeare:load"``: the dataset from the ``[data]`` section."""
+def load(cfg, split: str = "time") -> ShakespeareDataset:
+    """``data.dataset = "fedmeta.data.shakespeare:load"``: the dataset from the ``[data]`` section, split by time (LEAF)."""
     return ShakespeareDataset(
         path=cfg.path,
         num_clients=cfg.num_clients,
@@ -432,4 +473,11 @@ def load(cfg) -> ShakespeareDataset:
         examples_per_client=cfg.examples_per_client,
         support_fraction=cfg.support_fraction,
         seed=cfg.seed,
+        split=split,
     )
+
+
+def load_random_split(cfg) -> ShakespeareDataset:
+    """``data.dataset = "fedmeta.data.shakespeare:load_random_split"``: support/query a random permutation of a
+    client's windows (fedmeta before issue 22; not LEAF's split: query targets leak into support windows)."""
+    return load(cfg, split="random")
