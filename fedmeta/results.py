@@ -33,7 +33,10 @@ from contextlib import contextmanager
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the CLI's first line must not wait)
+    import torch
 
 
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt"
@@ -418,7 +421,7 @@ class RunWriter:
             self.checkpoint_round = ckpt["round"]
         return ckpt
 
-    def save_model(self, state_dict: dict[str, "torch.Tensor"], meta_state: dict[str, "torch.Tensor"] | None = None) -> None:
+    def save_model(self, state_dict: dict[str, torch.Tensor], meta_state: dict[str, torch.Tensor] | None = None) -> None:
         """``model.pt``: the model's meta-learned parameters; ``meta_state.pt``: the algorithm's extra meta-state, if any."""
         self._check_open()
         if meta_state:

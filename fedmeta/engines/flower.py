@@ -166,10 +166,10 @@ def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bo
     out = Path(out_dir or cfg.output.dir or default_out_dir())
     resume = cfg.output.resume if resume is None else resume
     with run_dir_lock(out, "output.dir", create=not resume):  # one process per run directory (re-entrant in-process)
-        return _serve(grid, cfg, out, resume, progress)
+        return _serve(grid, cfg, out, resume, progress, launched_at)
 
 
-def _serve(grid: Grid, cfg: Config, out: Path, resume: bool, progress: bool | None) -> dict[str, Any]:
+def _serve(grid: Grid, cfg: Config, out: Path, resume: bool, progress: bool | None, launched_at: float) -> dict[str, Any]:
     if resume:  # the same rules as `fedmeta simulate --resume` (fedmeta/results.py::check_resume), before discovery
         check_resume(out, cfg, option="output.dir")
     else:
