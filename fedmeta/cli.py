@@ -64,10 +64,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             summary = run_simulation(cfg, out, resume=True, progress=cfg.output.progress)
     else:
         cfg = load_config(args.config, args.set)
-        if cfg.output.progress:  # within a second of the command: the imports below (torch) take seconds
-            from fedmeta.progress import status
-
-            status(f"config valid; loading {cfg.model.factory}, {cfg.data.dataset!r} and {cfg.meta.algorithm!r} (imports torch)")
         check_components(cfg)  # a bad model/dataset/algorithm reference: one line, nothing created
         if args.out:
             out, option = Path(args.out), "--out"
