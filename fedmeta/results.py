@@ -379,7 +379,11 @@ class RunWriter:
         path = self.dir / RELEASES
         _regular(path)
         with self._writing(RELEASES):
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line (a crash mid-write): never sent, cut it
+                tail = os.pread(fd, size, 0)
+                os.ftruncate(fd, tail.rfind(b"\n") + 1)
             with os.fdopen(fd, "a") as f:
                 os.fchmod(fd, 0o600)  # whatever the umask
                 f.write(json.dumps(record) + "\n")

@@ -263,3 +263,29 @@ def test_a_resumed_round_whose_replies_differ_draws_fresh_noise_and_epsilon_coun
     assert resumed["epsilon"] > compute_epsilon(3.0, q, 7, 1e-5, "pld") * (1 + 1e-4)
     for name in ("config.json", "metrics.jsonl", "summary.json"):  # the digests stay server-side
         assert logged[3]["digest"] not in (tmp_path / "r" / name).read_text()
+
+
+def test_recorded_releases_a_resume_does_not_reach_are_still_charged_and_a_torn_log_line_is_dropped(small_cfg, tmp_path, monkeypatch):
+    from fedmeta.privacy.server import PrivateServer
+    from fedmeta.results import RunDirError
+
+    cfg = small_cfg(*DP, "simulation.rounds=7", "simulation.eval_every=7", "output.checkpoint_every=3", "privacy.noise_multiplier=3.0")
+    ds = build_dataset(cfg.data)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_federation(cfg, Recording(cfg, ds, crash_round=6), params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"))
+    log_path = tmp_path / "r" / "releases.jsonl"
+    with open(log_path, "a") as f:
+        f.write('{"round": 6, "att')  # a crash while writing round 6's record: that theta never went out
+    assert [r["round"] for r in RunWriter(tmp_path / "r").read_releases()] == [1, 2, 3, 4, 5]
+    # the resume stops on its budget before round 5: the round-5 theta that clients already hold still counts
+    monkeypatch.setattr(PrivateServer, "budget_exhausted", lambda self: "budget" if self.privacy.accountant.rounds >= 4 else None)
+    resumed, _, _ = run(cfg, tmp_path / "r", resume=True)
+    assert resumed["epsilon"] == pytest.approx(compute_epsilon(3.0, 3 / 8, 5, 1e-5, "pld"), rel=5e-6)
+    RunWriter(tmp_path / "r").append_release({"round": 8, "attempt": 0, "digest": "ab"})  # cuts the torn line first
+    assert [r["round"] for r in RunWriter(tmp_path / "r").read_releases()] == [1, 2, 3, 4, 5, 8]
+    assert log_path.read_text().endswith('"digest": "ab"}\n') and log_path.stat().st_mode & 0o777 == 0o600
+    lines = log_path.read_text().splitlines()
+    lines.insert(1, "not a record")
+    log_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunDirError, match=r"releases.jsonl: line 2 is not a release record"):
+        RunWriter(tmp_path / "r").read_releases()
