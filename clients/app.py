@@ -21,6 +21,7 @@ Imports stay light: a deployed SuperNode starts a fresh process per message.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -29,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmeta.config import BUILTIN_DATASETS, BUILTIN_MODEL, Config, config_from_json
-from fedmeta.data.base import spec_to_dict
+from fedmeta.data.base import DataError, spec_to_dict
 from fedmeta import client as work
 from fedmeta.meta.algorithm import builtin_names
 
@@ -70,6 +71,21 @@ def _config(msg: Message, context: Context) -> Config:
     cfg = config_from_json(str(msg.content["config"]["fedmeta-config"]))
     check_components(cfg, dict(context.node_config))
     return cfg
+def _data_errors_replied(handler):
+    """A client whose data fail the checks replies ``data-error`` with the error's line (the server stops a
+    simulation with it, as the other engines do) instead of raising; one log line on the node."""
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except DataError as err:
+            from fedmeta.engines.messages import data_error_reply  # only then: the node's imports stay light
+
+            log.warning("%s", err)
+            return data_error_reply(msg, err)
+    return wrapped
+
+
 CLIENT_STATE = "fedmeta-client-state"  # context.state key of a stateful method's client state (never sent)
 
 
@@ -87,6 +103,7 @@ def _theta(msg: Message, device):
 
 
 @app.query()
+@_data_errors_replied
 def query(msg: Message, context: Context) -> Message:
     """Describe this node's client: id, group (``heldout`` for any reader; ``group`` names validation), size, spec."""
     cfg = _config(msg, context)
@@ -97,6 +114,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@_data_errors_replied
 def train(msg: Message, context: Context) -> Message:
     """Inner loop from theta on the support set; reply phi and ``num-examples``."""
     cfg, cid, data, spec, _, model, device = _setup(msg, context)
@@ -111,6 +129,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_data_errors_replied
 def evaluate(msg: Message, context: Context) -> Message:
     """Query loss and accuracy before and after adaptation."""
     cfg, cid, data, spec, _, model, device = _setup(msg, context)

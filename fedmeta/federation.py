@@ -251,16 +251,18 @@ def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any], droppe
     return {k: _mean(weighted, k) for k in keys}
 
 
-def noise_generator(cfg: Config, privacy: Any, server_round: int, attempt: int = 0) -> torch.Generator:
+def noise_generator(cfg: Config, privacy: Any, server_round: int, attempt: int = 0, release: int = 0) -> torch.Generator:
     """DP noise seeding call site: the generator of one round's DP noise (used by the private server hook).
 
     From the server's secret (the same noise when a resume re-runs this round, and nobody else can draw it), or,
     with ``privacy.reproducible_noise = true``, from the config: anyone holding it can regenerate this noise.
+    ``release`` > 0: a re-run round whose output differs from its recorded release(s) (:meth:`Server.release`).
     """
     if privacy.secret is not None:
-        return privacy.noise_generator(NOISE_STREAM, server_round, attempt)
+        return privacy.noise_generator(NOISE_STREAM, server_round, attempt, release)
+    keys = (cfg.simulation.seed, NOISE_STREAM, server_round) + ((attempt, release) if release else ())
     return torch.Generator().manual_seed(
-        client_seed(cfg.simulation.seed, NOISE_STREAM, server_round) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
+        client_seed(*keys) if cfg.simulation.deterministic else int.from_bytes(os.urandom(8), "little") >> 1
     )
 
 
@@ -270,13 +272,14 @@ class AlgorithmServer:
     def __init__(self, algorithm: MetaAlgorithm) -> None:
         self.algorithm = algorithm
 
-    def update(self, theta: Params, deltas: list[Params], weights: list[float], server_round: int, state: dict[str, Any], attempt: int = 0):
+    def update(self, theta: Params, deltas: list[Params], weights: list[float], server_round: int, state: dict[str, Any],
+               attempt: int = 0, release: int = 0):
         return self.algorithm.server_update(theta, deltas, weights, server_round, state)
 
     def budget_exhausted(self) -> str | None:
         return None
 
-    def account_round(self) -> None:
+    def account_round(self, releases: int = 1) -> None:
         pass
 
     def report(self) -> dict[str, Any]:
@@ -321,7 +324,7 @@ class Server:
         seed = self.privacy.sampling_seed(SAMPLE_STREAM, server_round, attempt) if self.secret_noise else None
         return sample_cohort(self.cfg, population, server_round, attempt, seed=seed)
 
-    def step(self, updates: "list[ClientUpdate] | StackedUpdates", server_round: int, attempt: int = 0) -> dict[str, float]:
+    def step(self, updates: "list[ClientUpdate] | StackedUpdates", server_round: int, attempt: int = 0, release: int = 0) -> dict[str, float]:
         """Apply one outer step from the clients' phi through the server hook; returns round info (beta, clip, ...).
 
         The hook gets the cohort's deltas stacked per key (``[N, *shape]``: one reduction per key, issue 21).
@@ -331,8 +334,44 @@ class Server:
         else:  # a private round with no replies still releases (noise alone)
             deltas = {k: v.new_zeros((0, *v.shape)) for k, v in self.theta.items()}
         weights = list(updates.num_examples) if isinstance(updates, StackedUpdates) else [u.num_examples for u in updates]
-        self.theta, self.state, info = self.hook.update(self.theta, deltas, weights, server_round, self.state, attempt=attempt)
+        self.theta, self.state, info = self.hook.update(self.theta, deltas, weights, server_round, self.state,
+                                                        attempt=attempt, release=release)
         return info
+
+    def release(self, updates: "list[ClientUpdate] | StackedUpdates", server_round: int, attempt: int,
+                recorded: list[str]) -> tuple[dict[str, float], str | None]:
+        """A private round's step that never re-uses the noise of an earlier, different release (issue 17).
+
+        ``recorded``: the digests (:func:`~fedmeta.privacy.server.release_digest`) of the thetas this
+        (round, attempt) already released before a crash, in release order (``releases.jsonl``). The step
+        is tried with each recorded release's noise in turn; the same output as a recorded one is a
+        re-release (nothing new). Else the output is a new release, with noise keyed by a fresh release
+        counter. Every distinct release is charged: the attempt's own charge (``account_round``, already
+        made) plus the recorded releases that the restored accountant did not see, plus the new one.
+        Returns the round info and the new release's digest to record (None: a recorded one went out again).
+        """
+        import copy
+
+        from fedmeta.privacy.server import release_digest
+
+        clipper = self.privacy.clipper
+        before = copy.deepcopy((self.theta, self.state, self.privacy.clip_norm, None if clipper is None else vars(clipper)))
+        for release in range(len(recorded) + 1):
+            if release:  # undo the tried step: the next try starts from the same theta and state
+                theta, state, clip, clip_state = copy.deepcopy(before)
+                self.theta, self.state, self.privacy.clip_norm = theta, state, clip
+                if clipper is not None:
+                    vars(clipper).update(clip_state)
+            info = self.step(updates, server_round, attempt, release=release)
+            digest = release_digest(self.theta)
+            if release < len(recorded) and digest == recorded[release]:
+                self.hook.account_round(len(recorded) - 1)
+                return info, None
+        self.hook.account_round(len(recorded))
+        if recorded:
+            log.warning("round %s: the re-run round's output differs from its earlier release; fresh noise, "
+                        "charged as release %d of this round", server_round, len(recorded) + 1)
+        return info, digest
 
     @property
     def optimizer(self):
@@ -411,6 +450,13 @@ def run_federation(
         writer.write_config(cfg.to_dict())
         if (writer.dir / "metrics.jsonl").exists():
             (writer.dir / "metrics.jsonl").unlink()
+        writer.clear_releases()
+    # a private run's releases after the checkpoint (server-side only): a re-run round must not re-use their noise
+    released: dict[tuple[int, int], list[str]] = {}
+    if cfg.privacy.enabled:
+        for rel in writer.read_releases():
+            if rel["round"] >= start_round:
+                released.setdefault((rel["round"], rel["attempt"]), []).append(rel["digest"])
 
     private = server.secret_noise  # nothing computed from training clients' data leaves the server un-noised
     ignored = cfg.ignored_privacy_keys()
@@ -444,7 +490,13 @@ def run_federation(
             # a private run releases every attempt (an empty cohort releases noise alone): whether a round is
             # skipped would depend on the secret cohort's replies, which no noise covers
             if private or len(replies.results) >= cfg.simulation.min_clients:
-                record.update(server.step(replies.results, rnd, attempt))
+                if cfg.privacy.enabled:  # record the release before theta goes out in the next round
+                    info, digest = server.release(replies.results, rnd, attempt, released.pop((rnd, attempt), []))
+                    if digest is not None:
+                        writer.append_release({"round": rnd, "attempt": attempt, "digest": digest})
+                    record.update(info)
+                else:
+                    record.update(server.step(replies.results, rnd, attempt))
                 if not private:  # un-noised statistics of the training cohort: never written in a private run
                     dropped: list[str] = []
                     record.update(client_metrics(replies.results, reserved=record, dropped=dropped))
@@ -479,6 +531,8 @@ def run_federation(
                 ckpt["clients"] = backend.client_states.state_dict()
             writer.save_checkpoint(ckpt)
 
+    if released:  # recorded releases of rounds this resume did not reach (a budget stop): they went out, count them
+        server.hook.account_round(sum(len(v) for v in released.values()))
     stop = history[-1] if history and history[-1].get("stopped") else None
     if stop is not None:  # stopped early: evaluate the model that model.pt will hold, not an older round's
         stop["stopped_at_round"] = stop["round"] - 1  # the last round whose step was applied

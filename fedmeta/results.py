@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it is used (the C
 CONFIG, METRICS, SUMMARY, MODEL, CHECKPOINT = "config.json", "metrics.jsonl", "summary.json", "model.pt", "checkpoint.pt"
 META_STATE = "meta_state.pt"
 CURVES = "curves.png"  # written by `fedmeta simulate` at the end (fedmeta/plot.py)
-RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, META_STATE, CURVES)  # everything a run writes (plus .NAME.tmp)
+RELEASES = "releases.jsonl"  # a private run's released-theta digests: server-side only, 0600 (issue 17)
+RUN_FILES = (CONFIG, METRICS, CHECKPOINT, SUMMARY, MODEL, META_STATE, CURVES, RELEASES)  # everything a run writes (plus .NAME.tmp)
 
 # Keys a resumed run may change, each with the reason it cannot change the maths
 # of the rounds already taken (docs/design.md, "Run directories and resume rules").
@@ -374,6 +375,48 @@ class RunWriter:
             f.write(json.dumps(_clean(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def append_release(self, record: dict[str, Any]) -> None:
+        """Append one private release's digest to ``releases.jsonl`` (0600, fsync'd before theta is sent on)."""
+        self._check_open()
+        path = self.dir / RELEASES
+        _regular(path)
+        with self._writing(RELEASES):
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line (a crash mid-write): never sent, cut it
+                tail = os.pread(fd, size, 0)
+                os.ftruncate(fd, tail.rfind(b"\n") + 1)
+            with os.fdopen(fd, "a") as f:
+                os.fchmod(fd, 0o600)  # whatever the umask
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(fd)
+
+    def read_releases(self) -> list[dict[str, Any]]:
+        """The records of ``releases.jsonl`` in order ([] if none); a torn last line (a crash mid-write) was never sent."""
+        path = self.dir / RELEASES
+        if not _regular(path):
+            return []
+        lines = path.read_text().splitlines()
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                rec = _json(line)
+                ok = isinstance(rec, dict) and all(type(rec.get(k)) is int for k in ("round", "attempt")) \
+                    and isinstance(rec.get("digest"), str)
+            except ValueError:
+                ok = False
+            if not ok:
+                if i == len(lines) - 1:
+                    break
+                raise RunDirError(f"{path}: line {i + 1} is not a release record (round, attempt, digest); refused")
+            out.append(rec)
+        return out
+
+    def clear_releases(self) -> None:
+        """A fresh run starts with no recorded releases."""
+        (self.dir / RELEASES).unlink(missing_ok=True)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The records; a torn last line (the process died while appending it) is dropped."""

@@ -120,6 +120,8 @@ def test_crash_and_resume_reruns_rounds_with_the_same_noise_bit_identical_and_ep
         assert all(torch.equal(again.sent[rnd][k], first.sent[rnd][k]) for k in first.sent[rnd])
     a, b = torch.load(tmp_path / "straight" / "model.pt"), torch.load(tmp_path / "crashed" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    rounds = [json.loads(line)["round"] for line in (tmp_path / "crashed" / "releases.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4, 5, 6, 7]  # the re-run rounds matched their recorded releases: nothing new
     q = 3 / 8  # 7 distinct releases, each counted once
     eps7 = compute_epsilon(3.0, q, 7, 1e-5, "pld")
     assert resumed["epsilon"] == pytest.approx(eps7, rel=5e-6) and straight["epsilon"] == pytest.approx(eps7, rel=5e-6)  # summary.json: 6 significant digits
@@ -197,3 +199,93 @@ def test_a_private_round_with_no_replies_still_releases_noise_and_is_not_skipped
     run_federation(cfg, Silent(cfg, ds), params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"))
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records] == [False, False] and all(r["failures"] == 0 for r in records)
+
+
+class Perturbing(Recording):
+    """A re-run where one client of ``round_`` replies differently (a different client, a non-deterministic one)."""
+
+    def __init__(self, cfg, ds, round_):
+        super().__init__(cfg, ds)
+        self.round_ = round_
+
+    def train(self, theta, cids, server_round):
+        replies = super().train(theta, cids, server_round)
+        if server_round == self.round_:
+            u = replies.results[0]
+            u.phi = {k: v + 0.05 for k, v in u.phi.items()}
+        return replies
+
+
+def test_a_resumed_round_whose_replies_differ_draws_fresh_noise_and_epsilon_counts_the_extra_releases(small_cfg, tmp_path, monkeypatch):
+    from fedmeta import federation
+    from fedmeta.privacy.server import release_digest
+
+    monkeypatch.setattr("fedmeta.privacy.server.new_secret", lambda: 0xFEED_FACE_CAFE_BEEF_0000_1111_2222_3333)
+    seeds: list[tuple[int, int]] = []  # (round, generator seed) of every noise draw the server made
+    real = federation.noise_generator
+
+    def spy(cfg, privacy, server_round, attempt=0, release=0):
+        gen = real(cfg, privacy, server_round, attempt, release)
+        seeds.append((server_round, gen.initial_seed()))
+        return gen
+
+    monkeypatch.setattr(federation, "noise_generator", spy)
+    cfg = small_cfg(*DP, "simulation.rounds=7", "simulation.eval_every=2", "output.checkpoint_every=3",
+                    "privacy.noise_multiplier=3.0", "privacy.clip_norm=0.1")
+    ds = build_dataset(cfg.data)
+    first = Recording(cfg, ds, crash_round=6)  # rounds 4 and 5 are released after the checkpoint of round 3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_federation(cfg, first, params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"))
+    log_path = tmp_path / "r" / "releases.jsonl"
+    assert log_path.stat().st_mode & 0o777 == 0o600
+    logged = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(r["round"], r["attempt"]) for r in logged] == [(r, 0) for r in range(1, 6)]
+    assert first.cohorts[4], "round 4's cohort must have a client to perturb"
+    first_seed = dict(seeds)
+    seeds.clear()
+
+    again = Perturbing(cfg, ds, round_=4)
+    resumed = run_federation(cfg, again, params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"), resume=True)
+    assert sorted(again.sent) == [4, 5, 6, 7] and again.cohorts[4] == first.cohorts[4]
+    # round 5 went out with a different theta: the re-run releases of rounds 4 and 5 both differ from the first ones
+    assert not all(torch.equal(again.sent[5][k], first.sent[5][k]) for k in first.sent[5])
+    fresh = {r: [s for rr, s in seeds if rr == r] for r in (4, 5)}
+    for r in (4, 5):  # tried with the recorded release's noise (same output? no), then released with fresh noise
+        assert fresh[r][0] == first_seed[r] and fresh[r][-1] != first_seed[r] and len(fresh[r]) == 2
+        assert not torch.equal(torch.randn(100, generator=torch.Generator().manual_seed(fresh[r][-1])),
+                               torch.randn(100, generator=torch.Generator().manual_seed(first_seed[r])))
+    logged = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [r["round"] for r in logged] == [1, 2, 3, 4, 5, 4, 5, 6, 7]
+    final = torch.load(tmp_path / "r" / "model.pt")
+    assert logged[-1]["digest"] == release_digest(final)  # the log holds what went out
+    q = 3 / 8  # 7 rounds + 2 extra distinct releases (the first rounds 4 and 5, which clients already saw)
+    assert resumed["epsilon"] == pytest.approx(compute_epsilon(3.0, q, 9, 1e-5, "pld"), rel=5e-6)
+    assert resumed["epsilon"] > compute_epsilon(3.0, q, 7, 1e-5, "pld") * (1 + 1e-4)
+    for name in ("config.json", "metrics.jsonl", "summary.json"):  # the digests stay server-side
+        assert logged[3]["digest"] not in (tmp_path / "r" / name).read_text()
+
+
+def test_recorded_releases_a_resume_does_not_reach_are_still_charged_and_a_torn_log_line_is_dropped(small_cfg, tmp_path, monkeypatch):
+    from fedmeta.privacy.server import PrivateServer
+    from fedmeta.results import RunDirError
+
+    cfg = small_cfg(*DP, "simulation.rounds=7", "simulation.eval_every=7", "output.checkpoint_every=3", "privacy.noise_multiplier=3.0")
+    ds = build_dataset(cfg.data)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_federation(cfg, Recording(cfg, ds, crash_round=6), params_of(model_for(cfg, ds.spec)), RunWriter(tmp_path / "r"))
+    log_path = tmp_path / "r" / "releases.jsonl"
+    with open(log_path, "a") as f:
+        f.write('{"round": 6, "att')  # a crash while writing round 6's record: that theta never went out
+    assert [r["round"] for r in RunWriter(tmp_path / "r").read_releases()] == [1, 2, 3, 4, 5]
+    # the resume stops on its budget before round 5: the round-5 theta that clients already hold still counts
+    monkeypatch.setattr(PrivateServer, "budget_exhausted", lambda self: "budget" if self.privacy.accountant.rounds >= 4 else None)
+    resumed, _, _ = run(cfg, tmp_path / "r", resume=True)
+    assert resumed["epsilon"] == pytest.approx(compute_epsilon(3.0, 3 / 8, 5, 1e-5, "pld"), rel=5e-6)
+    RunWriter(tmp_path / "r").append_release({"round": 8, "attempt": 0, "digest": "ab"})  # cuts the torn line first
+    assert [r["round"] for r in RunWriter(tmp_path / "r").read_releases()] == [1, 2, 3, 4, 5, 8]
+    assert log_path.read_text().endswith('"digest": "ab"}\n') and log_path.stat().st_mode & 0o777 == 0o600
+    lines = log_path.read_text().splitlines()
+    lines.insert(1, "not a record")
+    log_path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RunDirError, match=r"releases.jsonl: line 2 is not a release record"):
+        RunWriter(tmp_path / "r").read_releases()

@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.config import Config
 from fedmeta.data import build_dataset
-from fedmeta.data.base import spec_to_dict
+from fedmeta.data.base import DataError, spec_to_dict
 from fedmeta.client import configure_torch, model_for
 from fedmeta.federation import Params, Replies, RunError, run_federation
 from fedmeta.engines.messages import MetaStrategy
@@ -49,6 +49,7 @@ class FlowerBackend:
         self.grid = grid
         self.cfg = cfg
         self.strategy = MetaStrategy(cfg)
+        self.strategy.stop_on_data_error = simulated_grid(grid)  # docs/design.md, "A node's invalid data"
         self.node_of: dict[int, int] = {}
         self.train_pop: list[int] = []
         self.heldout_pop: list[int] = []
@@ -85,6 +86,11 @@ class FlowerBackend:
                 continue
             try:
                 info = self.strategy.parse_query(replies[node])
+            except DataError as err:  # simulation: the run's own data config is wrong; stop with the client's line
+                if self.strategy.stop_on_data_error:
+                    raise
+                self._reject(node, f"its data are invalid: {err}")
+                continue
             except Exception as err:  # noqa: BLE001 - one node's answer never stops the run
                 self._reject(node, str(err) if isinstance(err, ValueError) else f"unreadable ({type(err).__name__})")
                 continue
@@ -142,6 +148,11 @@ class FlowerBackend:
         msgs = self.strategy.configure_evaluate(theta, targets, server_round)
         replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.simulation.round_timeout))
         return self.strategy.parse_evaluate({n: c for c, n in targets}, replies, msgs)
+
+
+def simulated_grid(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower's Simulation Engine's (an ``InMemoryGrid``: every node's data come from this run's config)."""
+    return any(c.__name__ == "InMemoryGrid" for c in type(grid).__mro__)
 
 
 def check_node_count(found: int, cfg: Config) -> None:
@@ -203,7 +214,7 @@ def make_server_app(cfg: Config, out_dir: str | Path | None = None, resume: bool
     def _main(grid: Grid, context: Context) -> None:
         try:
             summary = serve(grid, cfg, out_dir, resume, progress, launched_at=launched_at)
-        except (RunDirError, RunError) as err:  # e.g. a full disk: the caller reports it as one line
+        except (RunDirError, RunError, DataError) as err:  # e.g. a full disk, a bad client: the caller reports one line
             if result is None:
                 raise
             result["__error__"] = err

@@ -24,11 +24,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedmeta.config import Config
-from fedmeta.data.base import GROUPS, spec_from_dict, spec_to_dict
+from fedmeta.data.base import GROUPS, DataError, spec_from_dict, spec_to_dict
 from fedmeta.federation import ClientUpdate, Params, Replies
 from fedmeta.meta.aggregate import cohort_cap, valid_count
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+ERROR_RECORD, DATA_ERROR = "fedmeta-error", "data-error"  # a ClientApp's typed refusal: {"reason": ..., "text": ...}
 NUMPY_STYPE = "numpy.ndarray"  # flwr's SType.NUMPY: the bytes are an ``np.save`` file
 HEADER_MAX = 10_000  # np.load's default max_header_size; an honest header is 128 bytes
 NPY_PREFIX = 12  # magic (6) + version (2) + header length (4 in format 2.0)
@@ -43,6 +44,25 @@ def _why(err: BaseException) -> str:
     """One line for a rejected reply: our own reasons as they are, anything else with its type."""
     text = " ".join(str(err).split())[:200]
     return text if isinstance(err, ReplyError) else f"unreadable ({type(err).__name__}: {text})"
+
+
+def data_error_reply(msg: Message, err: BaseException) -> Message:
+    """The ClientApp's reply when its client's data fail the checks (:func:`fedmeta.data.base.check_client`):
+    a typed reason (``data-error``) and the error's one line, instead of an exception Flower would report as
+    "the ClientApp raised" (which the server cannot tell from a crash)."""
+    text = " ".join(str(err).split())
+    return Message(RecordDict({ERROR_RECORD: ConfigRecord({"reason": DATA_ERROR, "text": text})}), reply_to=msg)
+
+
+def data_error_of(msg: Message) -> str | None:
+    """The one line of a ``data-error`` reply (whitespace collapsed, at most 300 characters), else None."""
+    try:
+        record = msg.content.config_records.get(ERROR_RECORD)
+        if record is None or record.get("reason") != DATA_ERROR:
+            return None
+        return " ".join(str(record.get("text", "")).split())[:300] or "the client's data are invalid"
+    except Exception:  # noqa: BLE001 - not a data-error reply; the normal parsing judges it
+        return None
 
 
 def numpy_dtype(ref: torch.Tensor) -> np.dtype:
@@ -145,6 +165,18 @@ class MetaStrategy:
         self.cfg = cfg
         self.cfg_json = cfg.model_dump_json()
         self.announced: dict[int, float] = {}
+        # a ``data-error`` reply: raise DataError with the client's line (simulation: the data are the run's own),
+        # or, False (a deployment: the node's own data), count a failure and log it (docs/design.md, "Threat model")
+        self.stop_on_data_error = True
+
+    def data_error(self, node: int, msg: Message) -> str | None:
+        """A reply saying its client's data are invalid: :class:`DataError` if ``stop_on_data_error``, else its line."""
+        text = data_error_of(msg)
+        if text is not None:
+            if self.stop_on_data_error:
+                raise DataError(text)
+            log.warning("node %s: its data are invalid, not used this round: %s", node, text)
+        return text
 
     def _request(self, message_type: str, node_id: int, theta: ArrayRecord | None, server_round: int, cid: int) -> Message:
         content = RecordDict({CONFIG: ConfigRecord({"server-round": server_round, "cid": cid, "fedmeta-config": self.cfg_json})})
@@ -163,8 +195,7 @@ class MetaStrategy:
         arrays = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in theta.items()})
         return [self._request(MessageType.EVALUATE, node, arrays, server_round, cid) for cid, node in targets]
 
-    @staticmethod
-    def _answered(sent: dict[int, int], replies: Iterable[Message], requests: Iterable[Message], out: Replies):
+    def _answered(self, sent: dict[int, int], replies: Iterable[Message], requests: Iterable[Message], out: Replies):
         """Yield ``(node, reply)`` for good replies; count error replies and missing ones as failures.
 
         A reply for a node that was not asked, or a second reply for one node, is rejected."""
@@ -177,10 +208,12 @@ class MetaStrategy:
                     out.rejected.append(f"node {node}: {'a second reply' if node in answered else 'a reply nobody asked for'}")
                     continue
                 answered.add(node)
-                if msg.has_error():
+                if msg.has_error() or self.data_error(node, msg) is not None:
                     out.failures += 1
                 else:
                     yield node, msg
+            except DataError:
+                raise
             except Exception as err:  # noqa: BLE001 - a broken message object is one client's problem
                 out.rejected.append(f"a reply: {_why(err)}")
         out.failures += sum(1 for n in sent if n not in answered)
@@ -253,6 +286,9 @@ class MetaStrategy:
         has no query handler). A malformed description raises :class:`ReplyError`."""
         if reply.has_error():
             return None
+        text = data_error_of(reply)
+        if text is not None:  # the node has a client, but its data fail the checks
+            raise DataError(text)
         configs = reply.content.config_records
         if CONFIG not in configs:
             raise ReplyError("query reply has no 'config' record")

@@ -18,7 +18,13 @@ starts. It lives in :class:`ServerPrivacy` and the server checkpoint only
 (never in ``config.json``, never in a Flower message); each round's generator
 seed is a keyed BLAKE2b hash of (stream, round, attempt) under the secret
 (:func:`secret_seed`), so a resumed run regenerates the very noise and cohort
-of a re-run round. ``privacy.reproducible_noise = true`` keeps the old
+of a re-run round. A re-run round whose output differs from the one first
+released (a client failed this time, a non-deterministic client) must not
+share that noise: the server records a digest of every release
+(:func:`release_digest`, ``releases.jsonl`` in the run directory, 0600),
+and a differing re-run draws fresh noise keyed by a release counter and is
+charged to the accountant as one more release (:meth:`fedmeta.federation.Server.release`).
+``privacy.reproducible_noise = true`` keeps the old
 config-seeded draws instead (anyone holding the config can regenerate and
 subtract the noise; the run is then reported as not private against them).
 See docs/design.md, "Threat model".
@@ -52,6 +58,16 @@ SECRET_BITS = 128
 def new_secret() -> int:
     """A fresh 128-bit secret from the OS's entropy (:mod:`secrets`), drawn once when a private run starts."""
     return secrets.randbits(SECRET_BITS)
+
+
+def release_digest(theta: dict[str, Tensor]) -> str:
+    """sha256 of a released theta (names, dtypes, shapes and bytes, in name order): what ``releases.jsonl`` records."""
+    h = hashlib.sha256()
+    for k in sorted(theta):
+        v = theta[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def secret_seed(secret: int, *keys: int, bits: int = 63) -> int:
@@ -93,11 +109,15 @@ class ServerPrivacy:
         # None: privacy.reproducible_noise = true, draws seeded from the config (fedmeta.federation does that)
         self.secret: int | None = None if p.reproducible_noise else new_secret()
 
-    def noise_generator(self, stream: int, server_round: int, attempt: int = 0) -> torch.Generator:
-        """The CPU generator of one round's noise, seeded from the secret (a Mersenne Twister: see docs/design.md)."""
+    def noise_generator(self, stream: int, server_round: int, attempt: int = 0, release: int = 0) -> torch.Generator:
+        """The CPU generator of one round's noise, seeded from the secret (a Mersenne Twister: see docs/design.md).
+
+        ``release`` > 0: the fresh noise of a re-run round whose output differs from its earlier release(s).
+        """
         if self.secret is None:
             raise PrivacyError("noise_generator: this run has no secret (privacy.reproducible_noise = true)")
-        return torch.Generator().manual_seed(secret_seed(self.secret, stream, server_round, attempt))
+        keys = (stream, server_round, attempt) if release == 0 else (stream, server_round, attempt, release)
+        return torch.Generator().manual_seed(secret_seed(self.secret, *keys))
 
     def sampling_seed(self, stream: int, server_round: int, attempt: int = 0) -> int:
         """A 128-bit seed for one round's cohort draw (numpy's PCG64), from the secret."""
@@ -112,8 +132,9 @@ class ServerPrivacy:
             return f"privacy budget: another round would exceed target_epsilon={target:g} (epsilon now {self.epsilon():.4f})"
         return None
 
-    def account_round(self) -> None:
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
+    def account_round(self, releases: int = 1) -> None:
+        for _ in range(releases):
+            self.accountant.step(self.noise_multiplier, self.sample_rate)
 
     def aggregate(self, deltas: list[dict[str, Tensor]], generator: torch.Generator,
                   like: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -186,8 +207,9 @@ class PrivateServer:
         self.privacy = ServerPrivacy(cfg, num_train_clients, sample_rate)
         self.noise_generator = noise_generator
 
-    def update(self, theta, deltas, weights, server_round: int, state, attempt: int = 0):
-        generator = self.noise_generator(self.cfg, self.privacy, server_round, attempt)  # DP noise: the one generator of this attempt
+    def update(self, theta, deltas, weights, server_round: int, state, attempt: int = 0, release: int = 0):
+        # DP noise: the one generator of this attempt (release > 0: a re-run whose output differs, fresh noise)
+        generator = self.noise_generator(self.cfg, self.privacy, server_round, attempt, release)
         like = {k: torch.zeros_like(v) for k, v in theta.items()}  # an empty cohort releases noise / D alone
         n = next(iter(deltas.values())).shape[0] if deltas else 0
         per_client = [{k: v[i] for k, v in deltas.items()} for i in range(n)]  # the mechanism clips each client's delta
@@ -198,8 +220,8 @@ class PrivateServer:
     def budget_exhausted(self) -> str | None:
         return self.privacy.budget_exhausted()
 
-    def account_round(self) -> None:
-        self.privacy.account_round()
+    def account_round(self, releases: int = 1) -> None:
+        self.privacy.account_round(releases)
 
     def report(self) -> dict[str, float]:
         return self.privacy.report()
