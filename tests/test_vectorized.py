@@ -350,3 +350,22 @@ def test_bench_flower_engine(tmp_path):
     result = bench.bench(["flower"], clients=4, rounds=1, population=bench.default_population(4))
     entry = result["engines"]["flower"]
     assert entry["updates_per_s"] > 0 and entry["startup_s"] > 0 and entry["peak_rss_mb"] > 100
+
+
+def test_store_memory_script_builds_the_training_population(tmp_path, capsys):
+    """experiments/store_memory.py (docs/benchmarks.md section 7) on a small population: every training client
+    built, the allocation the ragged store's (rows of the built clients, at most doubled), one JSON line."""
+    from experiments import store_memory
+
+    config = tmp_path / "c.toml"
+    config.write_text("[data]\nnum_clients = 30\n")
+    assert store_memory.main(["--config", str(config)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    dataset = build_dataset(build_config({}, ["data.num_clients=30"]).data)
+    one = dataset.client(dataset.train_clients[0])
+    per_row = sum(v[0].numel() for v in (*one.x.values(), one.y, one.present))
+    assert result["built"] == result["clients"] == len(dataset.train_clients) and result["error"] is None
+    assert result["rows_of_built_clients"] == sum(dataset.client(c).n for c in dataset.train_clients)
+    assert result["rows_of_built_clients"] * per_row <= result["allocated_elements"] <= 2 * result["rows_of_built_clients"] * per_row
+    assert store_memory.main(["--config", str(tmp_path / "missing.toml")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
