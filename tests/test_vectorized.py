@@ -216,7 +216,7 @@ def test_store_is_lazy_and_stacked():
     store = ClientStore(dataset)
     store.ensure([3, 9999, 3])
     assert int(store.built.sum()) == 2
-    assert store.x["image"].shape == (10000, 40, 8, 8)  # one tensor per modality, not one object per client
+    assert store.x["image"].shape == (80, 8, 8)  # one tensor per modality holding the built clients' rows, not one object per client
     ref = dataset.client(9999)
     got = store.client(9999)
     assert got.n_support == ref.n_support
@@ -235,6 +235,52 @@ def test_store_grows_for_a_larger_client():
     for cid in (0, 1):
         ref = dataset.client(cid)
         assert torch.equal(store.client(cid).x["audio"], ref.x["audio"]) and torch.equal(store.client(cid).y, ref.y)
+
+
+class OneHuge:
+    """Client 0 holds 50 clients' rows (2,000); every other client is cut to 8 support + 4 query rows."""
+
+    def __init__(self, base) -> None:
+        self.base, self.spec, self.num_clients = base, base.spec, base.num_clients
+
+    def client(self, cid: int) -> ClientData:
+        full = self.base.client(cid)
+        if cid == 0:
+            reps = 50
+            return ClientData({k: v.repeat(reps, *[1] * (v.dim() - 1)) for k, v in full.x.items()}, full.y.repeat(reps),
+                              full.present.repeat(reps, 1), full.n_support * reps)
+        keep = torch.cat([torch.arange(8), full.n_support + torch.arange(4)])
+        return ClientData({k: v[keep] for k, v in full.x.items()}, full.y[keep], full.present[keep], 8)
+
+
+def test_store_allocates_the_clients_rows_not_clients_times_the_largest():
+    """One huge client among 199 small ones: the store holds about the sum of the sizes (ragged), and
+    reads give each client its own rows, with padding zeros, never a neighbour's rows."""
+    dataset = OneHuge(build_dataset(build_config({}, ["data.num_clients=200", "data.missing_modality_fraction=0.3"]).data))
+    store = ClientStore(dataset)
+    cids = list(range(1, 100)) + [0] + list(range(100, 200))  # the huge one in the middle
+    store.ensure(cids)
+    sizes = [dataset.client(c).n for c in range(200)]
+    one = dataset.client(1)
+    per_row = sum(v[0].numel() for v in (*one.x.values(), one.y, one.present))
+    assert sum(sizes) == 2000 + 199 * 12 and max(sizes) == 2000
+    assert store.used == sum(sizes)
+    assert sum(sizes) * per_row <= store.allocated() <= 2 * sum(sizes) * per_row  # capacity doubles at most
+    assert store.allocated() * 50 < 200 * max(sizes) * per_row  # padded slots would be 200 x 2,000 rows
+    for cid in (0, 1, 99, 100, 199):
+        ref, got = dataset.client(cid), store.client(cid)
+        assert got.n_support == ref.n_support and torch.equal(got.y, ref.y) and torch.equal(got.present, ref.present)
+        assert all(torch.equal(got.x[k], ref.x[k]) for k in ref.x)
+    # a chunk's support, padded to 20 rows: a small client's rows 12.. are zeros (not the next client's rows)
+    idx = torch.tensor([99, 0, 100])
+    x, y, present = store.support(idx, torch.device("cpu"), rows=20)
+    assert y.shape == (3, 20) and torch.equal(y[0, :12], dataset.client(99).y) and torch.equal(y[1], dataset.client(0).y[:20])
+    assert not bool(present[0, 12:].any()) and not bool(y[0, 12:].any()) and all(not bool(v[0, 12:].any()) for v in x.values())
+    assert all(torch.equal(x[k][2, :12], dataset.client(100).x[k]) for k in x)
+    qx, qy, qp = store.query(torch.tensor([5, 150]), torch.device("cpu"))
+    assert torch.equal(qy[1], dataset.client(150).y[8:]) and torch.equal(qp[0], dataset.client(5).present[8:])
+    picked = store.take(torch.tensor([0, 7]), torch.tensor([[1999, 0], [3, 11]]), torch.device("cpu"))[1]
+    assert picked.tolist() == [[dataset.client(0).y[1999].item(), dataset.client(0).y[0].item()], dataset.client(7).y[[3, 11]].tolist()]
 
 
 def test_device_is_validated_and_missing_cuda_is_a_clear_error():
@@ -304,3 +350,22 @@ def test_bench_flower_engine(tmp_path):
     result = bench.bench(["flower"], clients=4, rounds=1, population=bench.default_population(4))
     entry = result["engines"]["flower"]
     assert entry["updates_per_s"] > 0 and entry["startup_s"] > 0 and entry["peak_rss_mb"] > 100
+
+
+def test_store_memory_script_builds_the_training_population(tmp_path, capsys):
+    """experiments/store_memory.py (docs/benchmarks.md section 7) on a small population: every training client
+    built, the allocation the ragged store's (rows of the built clients, at most doubled), one JSON line."""
+    from experiments import store_memory
+
+    config = tmp_path / "c.toml"
+    config.write_text("[data]\nnum_clients = 30\n")
+    assert store_memory.main(["--config", str(config)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    dataset = build_dataset(build_config({}, ["data.num_clients=30"]).data)
+    one = dataset.client(dataset.train_clients[0])
+    per_row = sum(v[0].numel() for v in (*one.x.values(), one.y, one.present))
+    assert result["built"] == result["clients"] == len(dataset.train_clients) and result["error"] is None
+    assert result["rows_of_built_clients"] == sum(dataset.client(c).n for c in dataset.train_clients)
+    assert result["rows_of_built_clients"] * per_row <= result["allocated_elements"] <= 2 * result["rows_of_built_clients"] * per_row
+    assert store_memory.main(["--config", str(tmp_path / "missing.toml")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

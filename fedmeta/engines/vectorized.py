@@ -19,18 +19,19 @@ the population stays in host memory and each chunk is copied to the device.
 
 Data layout
 -----------
-The population lives in a :class:`ClientStore`: one stacked tensor per
-modality, ``[num_clients, rows, *shape]``, plus ``y``, ``present`` and the
-per-client sizes. Slots are allocated with ``torch.empty`` (pages become
-resident only when a client is written) and filled lazily from
-``dataset.client(cid)`` the first time a client is sampled, so a large
-population is a few tensors, never one Python object per client.
+The population lives in a :class:`ClientStore`: one flat row buffer per
+modality, ``[rows, *shape]``, plus ``y`` and ``present``, holding the built
+clients' rows back to back, and per-client offsets and sizes (a ragged store:
+a client costs its own rows, so one large client does not make every slot
+large). Clients are filled lazily from ``dataset.client(cid)`` the first time
+they are sampled, so a large population is a few tensors, never one Python
+object per client.
 
 Unequal client sizes (e.g. a Dirichlet partition)
 -------------------------------------------------
 Clients are grouped by the shape of their batch schedule (and, for
-evaluation, by their query size); within a group they are stacked with
-padding up to the largest support set. The schedule indexes only a client's
+evaluation, by their query size); within a group they are stacked per
+chunk, with padding (zeros) up to the largest support set among them. The schedule indexes only a client's
 own support rows, so padding is never sampled, and query rows are gathered
 per client, so evaluation sees exactly the rows ``evaluate_client`` sees.
 Clients of equal size (the synthetic dataset) form one group.
@@ -108,12 +109,16 @@ def vmap_errors(cfg: Config) -> Iterator[None]:
 
 
 class ClientStore:
-    """A population held as stacked tensors, filled from ``dataset.client(cid)`` on first use,
+    """A population held as flat row buffers, filled from ``dataset.client(cid)`` on first use,
     or mapped from disk when the dataset is a store (``data.dataset = "store"``, :mod:`fedmeta.data.store`).
 
-    ``x[name]``: ``[P, rows, *shape]``; ``y``: ``[P, rows, ...]``; ``present``: ``[P, rows, M]``;
-    ``n``/``n_support``: ``[P]``. Rows past a client's ``n`` are zero. ``rows`` grows if a
-    client larger than every earlier one arrives.
+    Built clients (a ragged store): ``x[name]``: ``[rows, *shape]``; ``y``: ``[rows, ...]``;
+    ``present``: ``[rows, M]``, one buffer per field holding every built client's rows back to back
+    (appended in the order clients are built; the capacity doubles when full), and per client
+    ``start``/``n``/``n_support``: ``[P]``. A client costs its own rows, never the largest client's.
+    Mapped: the store's stacked ``[P, rows, *shape]`` arrays as they are on disk.
+    Reads stack per client; a row past a client's ``n`` reads as zero (``present`` False), never as
+    another client's rows or unfilled memory.
     """
 
     def __init__(self, dataset) -> None:
@@ -131,10 +136,12 @@ class ClientStore:
         self.built = torch.zeros(self.size, dtype=torch.bool)
         self.n = torch.zeros(self.size, dtype=torch.long)
         self.n_support = torch.zeros(self.size, dtype=torch.long)
+        self.start = torch.zeros(self.size, dtype=torch.long)  # a built client's first row in the buffers
         self.x: dict[str, Tensor] = {}
         self.y: Tensor | None = None
         self.present: Tensor | None = None
-        self.rows = 0
+        self.used = 0  # rows filled (the built clients' sizes, summed)
+        self.capacity = 0  # rows allocated
 
     # -- filling -----------------------------------------------------------------
     def ensure(self, cids: Sequence[int]) -> None:
@@ -146,46 +153,47 @@ class ClientStore:
                 # the spec's modalities, dtypes and shapes, or one line: a slot is never left unfilled
                 self._put(int(cid), check_client(self.dataset.client(int(cid)), self.dataset.spec, int(cid)))
 
-    def _allocate(self, rows: int, like: ClientData) -> None:
-        """(Re)allocate ``rows`` rows per slot; ``torch.empty``: untouched slots cost no resident memory."""
+    def _grow(self, rows: int, like: ClientData) -> None:
+        """(Re)allocate the buffers to ``rows`` rows, keeping the rows filled so far (``torch.empty``: rows
+        not yet filled cost no resident memory)."""
 
-        def slots(t: Tensor) -> Tensor:  # t: one client's [n, *shape]
-            return torch.empty((self.size, rows, *t.shape[1:]), dtype=t.dtype)
-
-        def grow(old: Tensor | None, t: Tensor) -> Tensor:  # keep the clients stored so far
-            new = slots(t)
+        def grow(old: Tensor | None, t: Tensor) -> Tensor:  # t: one client's [n, *shape]
+            new = torch.empty((rows, *t.shape[1:]), dtype=t.dtype)
             if old is not None:
-                built = self.built.nonzero().flatten()
-                new[built, : self.rows] = old[built]
-                new[built, self.rows :] = 0
+                new[: self.used] = old[: self.used]
             return new
 
         self.x = {k: grow(self.x.get(k), v) for k, v in like.x.items()}
         self.y, self.present = grow(self.y, like.y), grow(self.present, like.present)
-        self.rows = rows
+        self.capacity = rows
 
     def _put(self, cid: int, data: ClientData) -> None:
-        if data.n > self.rows:
-            rows = data.n if self.rows == 0 else max(data.n, 2 * self.rows)
-            rows = max(rows, int(getattr(self.dataset, "examples_per_client", 0) or 0))
-            self._allocate(rows, data)
-        n = data.n
+        n, s = data.n, self.used
+        if s + n > self.capacity:
+            self._grow(max(s + n, 2 * self.capacity), data)
         for k, v in data.x.items():
-            self.x[k][cid, :n] = v
-            self.x[k][cid, n:] = 0
-        self.y[cid, :n] = data.y
-        self.y[cid, n:] = 0
-        self.present[cid, :n] = data.present
-        self.present[cid, n:] = False
-        self.n[cid], self.n_support[cid] = n, data.n_support
+            self.x[k][s : s + n] = v
+        self.y[s : s + n] = data.y
+        self.present[s : s + n] = data.present
+        self.start[cid], self.n[cid], self.n_support[cid] = s, n, data.n_support
+        self.used = s + n
         self.built[cid] = True
+
+    def allocated(self) -> int:
+        """Elements allocated for the clients' rows (all fields): ``capacity`` rows, not clients x largest."""
+        return sum(v.numel() for v in (*self.x.values(), self.y, self.present) if v is not None)
 
     # -- reading -----------------------------------------------------------------
     def client(self, cid: int) -> ClientData:
         """One stored client as a :class:`ClientData` of views (no copy)."""
         n = int(self.n[cid])
+        if self.mapped:
+            return ClientData(
+                x={k: v[cid, :n] for k, v in self.x.items()}, y=self.y[cid, :n], present=self.present[cid, :n], n_support=int(self.n_support[cid])
+            )
+        s = int(self.start[cid])
         return ClientData(
-            x={k: v[cid, :n] for k, v in self.x.items()}, y=self.y[cid, :n], present=self.present[cid, :n], n_support=int(self.n_support[cid])
+            x={k: v[s : s + n] for k, v in self.x.items()}, y=self.y[s : s + n], present=self.present[s : s + n], n_support=int(self.n_support[cid])
         )
 
     def support(self, cids: Tensor, device: torch.device, rows: int | None = None) -> tuple[dict[str, Tensor], Tensor, Tensor]:
@@ -194,6 +202,8 @@ class ClientStore:
         Rows past a client's own support set are padding for the batch: its schedule never indexes them.
         """
         rows = int(self.n_support[cids].max()) if rows is None else rows
+        if not self.mapped:
+            return self.take(cids, torch.arange(rows).expand(len(cids), rows), device)
         out = (
             {k: v[cids, :rows].to(device) for k, v in self.x.items()},
             self.y[cids, :rows].to(device),
@@ -208,10 +218,18 @@ class ClientStore:
 
     def take(self, cids: Tensor, rows: Tensor, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Rows ``rows[i]`` (``[C, k]`` row numbers) of each client ``cids[i]``, stacked: ``[C, k, ...]``."""
-        c = cids.unsqueeze(1)
-        out = {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
-        self._release()
-        return out
+        if self.mapped:
+            c = cids.unsqueeze(1)
+            out = {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
+            self._release()
+            return out
+        past = rows >= self.n[cids].unsqueeze(1)  # padding: reads as zero, not as the next client's rows
+        flat = torch.where(past, 0, self.start[cids].unsqueeze(1) + rows)
+        x, y, present = {k: v[flat] for k, v in self.x.items()}, self.y[flat], self.present[flat]
+        if bool(past.any()):
+            for t in (*x.values(), y, present):
+                t[past] = 0
+        return {k: v.to(device) for k, v in x.items()}, y.to(device), present.to(device)
 
     def _release(self) -> None:
         """A mapped store: the rows were copied out (indexing copies), so unmap the pages read (see StoreDataset.release)."""
