@@ -69,9 +69,11 @@ def test_regenerating_the_noise_from_the_config_no_longer_recovers_the_clipped_s
     residual = regenerate_and_subtract(cfg, theta0, theta1, len(backend.dataset.train_clients))
     if reproducible:  # the opt-in: the residual is the exact sum of <= |cohort| clipped updates
         assert residual <= len(cohort) * cfg.privacy.clip_norm + 1e-3
-    else:  # the noise (norm ~ z*C*sqrt(d), d in the thousands) is still there
+    else:  # the noise (the difference of two independent draws: norm ~ sqrt(2 d) * z * C, d in the thousands) is still there
         d = sum(v.numel() for v in theta0.values())
-        assert residual > 0.5 * (d ** 0.5) > 10 * cfg.privacy.clip_norm * max(1, len(cohort))
+        assert residual > 0.5 * (d ** 0.5) * cfg.privacy.noise_multiplier * cfg.privacy.clip_norm
+        # and far above anything the attack recovers (<= |cohort| * C); the secret cohort's size varies from run to run
+        assert residual > 2 * cfg.privacy.clip_norm * max(1, len(cohort))
 
 
 def test_two_private_runs_with_the_same_config_draw_different_noise_and_the_secret_stays_in_the_checkpoint(small_cfg, tmp_path):
