@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fedmeta.config import Config
-from fedmeta.meta.aggregate import weighted_average
+from fedmeta.meta.aggregate import finite_number, weighted_average
 from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, extra_params, model_params
 from fedmeta.meta.outer import difference
@@ -155,21 +155,12 @@ EVAL_KEYS = ("loss_before", "loss_after", "acc_before", "acc_after", "loss_at_1"
 def _unusable(m: dict[str, Any], keys: list[str], weight: str = "num-examples") -> str:
     """Why one client's reply cannot enter the means over ``keys`` ("" if it can)."""
     w = m.get(weight, 1)
-    if not (_finite_number(w) and w > 0):
+    if not (finite_number(w) and w > 0):
         return f"{weight} {w!r} (an empty query set?)"
     for k in keys:
-        if not _finite_number(m.get(k)):
+        if not finite_number(m.get(k)):
             return f"{k} {m.get(k)!r}"
     return ""
-
-
-def _finite_number(x: object) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an int beyond float range
-        return False
 
 
 def summarise_eval(replies: Replies, prefix: str = "") -> dict[str, float]:
@@ -182,7 +173,7 @@ def summarise_eval(replies: Replies, prefix: str = "") -> dict[str, float]:
     """
     metrics = [(cid, m) for cid, m in replies.results]
     keys = [k for k in EVAL_KEYS if any(k in m for _, m in metrics)]
-    checked = [k for k in keys if any(_finite_number(m.get(k)) for _, m in metrics)]
+    checked = [k for k in keys if any(finite_number(m.get(k)) for _, m in metrics)]
     kept = []
     for cid, m in metrics:
         why = _unusable(m, checked)

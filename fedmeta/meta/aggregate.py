@@ -169,7 +169,7 @@ def weighted_average(pairs: Sequence[tuple[float, float]], dropped: list[int] | 
     """Mean of ``(value, weight)`` pairs for reported metrics; pairs with a non-finite value or a weight
     that is not a finite positive number are dropped, and their positions appended to ``dropped``
     (pass a list: the caller counts and logs them, never a silent skip); NaN when nothing is left."""
-    keep = [_finite(v) and _finite(w) and w > 0 for v, w in pairs]
+    keep = [finite_number(v) and finite_number(w) and w > 0 for v, w in pairs]
     if dropped is not None:
         dropped.extend(i for i, ok in enumerate(keep) if not ok)
     good = [(float(v), float(w)) for (v, w), ok in zip(pairs, keep) if ok]
@@ -179,7 +179,8 @@ def weighted_average(pairs: Sequence[tuple[float, float]], dropped: list[int] | 
     return sum(v * w for v, w in good) / total
 
 
-def _finite(x: object) -> bool:
+def finite_number(x: object) -> bool:
+    """A real (non-bool) int or float that is finite; False for anything else, never an exception."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return False
     try:
