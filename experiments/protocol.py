@@ -301,6 +301,7 @@ def tune_and_report(study_name: str, arm_name: str, trials: int, seeds: list[int
     arm = next(a for a in study.arms if a.name == arm_name)
     t0 = time.time()
     history = []
+    chosen_here = chosen is None  # tuned here (trials count towards the progress), or taken from elsewhere
     if chosen is None:
         # seeded by what is tuned (algorithm + variant), so two studies sharing an arm share its trials' runs
         what = json.dumps([study.config, arm.algorithm, sorted(arm.overrides)])
@@ -314,6 +315,8 @@ def tune_and_report(study_name: str, arm_name: str, trials: int, seeds: list[int
             history.append({"params": dict(trial.params), "adaptation": summary["adaptation"],
                             "val": score if not study.regression else -score,
                             "test_not_used_for_choice": summary.get("heldout_acc_after" if not study.regression else "heldout_loss_at_10")})
+            _progress(arm.name, f"trial {trial.number + 1}/{trials}", t0, trial.number + 1, trials + len(seeds),
+                      f"validation {history[-1]['val']:.4f}")
             return score
 
         opt.optimize(objective, n_trials=trials)
@@ -321,10 +324,22 @@ def tune_and_report(study_name: str, arm_name: str, trials: int, seeds: list[int
     tune_s = time.time() - t0
     overrides = params_to_overrides(chosen, arm.algorithm)
     every = max(1, study.rounds // study.eval_points)
-    runs = [{"seed": s, **_run(study, arm, overrides, s, cache_dir, every)} for s in seeds]
+    runs = []
+    for i, s in enumerate(seeds):
+        runs.append({"seed": s, **_run(study, arm, overrides, s, cache_dir, every)})
+        done = (trials if chosen_here else 0) + i + 1
+        _progress(arm.name, f"reported seed {s} ({i + 1}/{len(seeds)})", t0, done, (trials if chosen_here else 0) + len(seeds))
     return {"arm": arm.name, "algorithm": arm.algorithm, "variant": arm.overrides, "fixed_from": arm.fixed_from,
             "chosen": chosen, "overrides": overrides, "adaptation": runs[0]["adaptation"], "trials": history, "tune_s": tune_s,
             "report_s": time.time() - t0 - tune_s, "runs": runs}
+
+
+def _progress(arm: str, what: str, t0: float, done: int, total: int, extra: str = "") -> None:
+    """One line per finished run of an arm (each arm works in its own process): what, elapsed and ETA."""
+    elapsed = time.time() - t0
+    eta = elapsed / done * (total - done) if done else float("nan")
+    tail = f", {extra}" if extra else ""
+    print(f"experiments.protocol: {arm}: {what}{tail} | {elapsed:.0f} s elapsed, eta {eta:.0f} s", file=sys.stderr, flush=True)
 
 
 # -- statistics -----------------------------------------------------------------------------------
@@ -587,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiments.protocol: needs {' and '.join(missing)} (not installed); install them with "
               "pip install -e \".[experiments]\" (or \".[dev]\")", file=sys.stderr)
         return 2
+    print(f"experiments.protocol: {study.name}: {len(arms)} arm(s) ({', '.join(a.name for a in arms)}), {trials} trial(s) on "
+          f"validation clients + {len(seeds)} reported seed(s) each, {study.rounds} rounds a run, {max(1, args.jobs)} arm(s) "
+          f"at a time; a line per finished run (cached runs are reused)", file=sys.stderr, flush=True)
     start = time.time()
     results: dict[str, dict] = {}
     # phase 1: tuned arms and arms taking another study's setting; phase 2: arms taking a setting tuned here

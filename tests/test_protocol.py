@@ -88,10 +88,14 @@ def test_readings_follow_the_holm_adjusted_p():
     assert all(c["verdict_holm"] == "no difference" for c in comps.values()) and comps["p1 - p0"]["p_holm"] >= 0.05
 
 
-def test_a_tiny_study_tunes_on_validation_and_reports_other_seeds(tmp_path):
+def test_a_tiny_study_tunes_on_validation_and_reports_other_seeds(tmp_path, capfd):
     argv = ["synthetic-methods", "--arms", "reptile", "local", "--trials", "2", "--seeds", "2", "--rounds", "2",
             "--jobs", "1", "--cache", str(tmp_path / "cache"), "--docs", str(tmp_path / "docs")]
     assert protocol.main(argv) == 0
+    err = capfd.readouterr().err  # never silent: the plan first, then a line per finished run from the arms' processes
+    assert err.splitlines()[0].startswith("experiments.protocol: synthetic-methods: 2 arm(s) (reptile, local), 2 trial(s)")
+    for arm in ("reptile", "local"):
+        assert f"experiments.protocol: {arm}: trial 2/2, validation " in err and f"experiments.protocol: {arm}: reported seed 1 (2/2)" in err
     out = json.loads((tmp_path / "docs" / "results" / "synthetic-methods.json").read_text())
     assert (tmp_path / "docs" / "results" / "synthetic-methods.md").exists() and (tmp_path / "docs" / "img" / "synthetic-methods.png").exists()
     assert list(out["arms"]) == ["reptile", "local"] and "reptile - local" in out["comparisons"]
