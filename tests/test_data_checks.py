@@ -91,19 +91,10 @@ def test_a_wrapped_store_is_not_read_through_its_maps(tmp_path):
 
 def test_a_disk_client_without_a_query_set_is_one_line_from_the_cli(tmp_path, capsys):
     """A partition's meta.json may say n_support == n (the disk format allows it); a run refuses it in one line."""
-    import json
-
     from fedmeta.cli import main
-    from fedmeta.data.disk import write_partitions
+    from tests.harness.partitions import disk_without_a_query_set
 
-    cfg = build_config(None, FAST)
-    ds = build_dataset(cfg.data)
-    write_partitions(ds, tmp_path / "p")
-    cid = ds.train_clients[0]
-    meta = tmp_path / "p" / f"client_{cid:05d}" / "meta.json"
-    doc = json.loads(meta.read_text())
-    doc["n_support"] = doc["n"]
-    meta.write_text(json.dumps(doc))
+    _, cid = disk_without_a_query_set(tmp_path, FAST)
     code = main(["simulate", "--set", "data.dataset=disk", "--set", f"data.path={tmp_path / 'p'}", "--set", "data.num_clients=10",
                  "--set", "simulation.clients_per_round=8", "--set", "simulation.rounds=1", "--set", "simulation.engine=sequential",
                  "--set", "meta.inner_steps=2", "--set", "meta.eval_steps=2", "--set", "output.progress=false", "--out", str(tmp_path / "run")])

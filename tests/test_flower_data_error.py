@@ -1,7 +1,6 @@
 """Issue 18: a client whose data fail the checks stops a Flower run with the same one-line DataError as
 the sequential and vectorised engines (the ClientApp replies a typed ``data-error``; the server raises)."""
 
-import json
 import logging
 
 import pytest
@@ -11,10 +10,10 @@ import fedmeta
 from fedmeta.config import build_config
 from fedmeta.data import build_dataset
 from fedmeta.data.base import DataError
-from fedmeta.data.disk import write_partitions
 from fedmeta.engines.messages import DATA_ERROR, ERROR_RECORD, MetaStrategy
 from fedmeta.meta import params_of
 from fedmeta.client import model_for
+from tests.harness.partitions import disk_without_a_query_set
 
 FAST = ["data.num_clients=10", "simulation.clients_per_round=8", "simulation.rounds=1", "output.progress=false",
         "meta.inner_steps=2", "meta.eval_steps=2", "model.embed_dim=4", "model.hidden_dim=4"]
@@ -31,15 +30,7 @@ def task_identity(monkeypatch):
 
 def _bad_disk(tmp_path):
     """A partition directory whose first training client has no query set; the config that reads it."""
-    cfg = build_config(None, FAST)
-    ds = build_dataset(cfg.data)
-    write_partitions(ds, tmp_path / "p")
-    cid = ds.train_clients[0]
-    meta = tmp_path / "p" / f"client_{cid:05d}" / "meta.json"
-    doc = json.loads(meta.read_text())
-    doc["n_support"] = doc["n"]
-    meta.write_text(json.dumps(doc))
-    return build_config(None, [*FAST, "data.dataset=disk", f"data.path={tmp_path / 'p'}"]), cid
+    return disk_without_a_query_set(tmp_path, FAST)
 
 
 def _ask(cfg, message_type, cid, theta=None):
