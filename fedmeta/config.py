@@ -173,6 +173,10 @@ class SimulationConfig(_Section):
     # vectorized engine: 0 = in this process; N = N Ray actors (one per GPU with device cuda, else one CPU slot
     # each), each holding its shard of the population (clients with cid % N == i); the server step stays here
     workers: int = Field(0, ge=0, le=4096)
+    # where the simulation engines keep a stateful method's client state (fedmeta/meta/client_state.py): "memory"
+    # (inside checkpoint.pt), "disk" (memory-mapped under <run dir>/client_state/), "auto" = disk when the training
+    # population has >= 100,000 clients or its state would take >= 1 GiB
+    client_state: Literal["auto", "memory", "disk"] = "auto"
     # the Ray cluster of the flower engine and of workers > 0: "" = a private local Ray instance (as before),
     # "auto" = the cluster this host belongs to (`ray start` was run here), or "host:port" / "ray://host:port"
     ray_address: str = ""

@@ -25,6 +25,7 @@ from fedmeta.config import Config
 from fedmeta.meta.aggregate import finite_number, weighted_average
 from fedmeta.meta.inner import Params, client_seed
 from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, extra_params, model_params
+from fedmeta.meta.client_state import open_client_states
 from fedmeta.meta.outer import difference
 from fedmeta.meta.robust import norm_outliers
 from fedmeta.results import CHECKPOINT, CONFIG, SUMMARY, RunWriter, check_resume, read_run_config
@@ -417,6 +418,8 @@ def run_federation(
     extra = algorithm.extra_state(model_params(theta0))  # e.g. Meta-SGD's learning rates, if theta0 lacks them
     theta0 = {k: v.detach().clone() for k, v in extra.items() if k not in theta0} | dict(theta0)
     server = Server(cfg, theta0, len(train_pop))
+    if hasattr(backend, "client_states"):  # a stateful method's client state: in memory, or memory-mapped in the run directory
+        backend.client_states = open_client_states(cfg.simulation.client_state, algorithm, writer.dir, max(train_pop) + 1, theta0, resume)
     start_round, history = 1, []
     started = time.time()
     startup = started - launched_at if launched_at is not None else 0.0

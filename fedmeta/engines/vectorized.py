@@ -322,12 +322,11 @@ class VectorizedBackend:
             if algorithm.needs_query:
                 start = torch.tensor([plans[p][0].query_start for p in chunk])
                 query = store.gather(idx, start, plans[chunk[0]][0].n_query, self.device)
-            states = [self.client_states.get(cids[p], theta) for p in chunk]
-            state = {k: torch.stack([st[k] for st in states]).to(self.device) for k in states[0]}
+            members = [cids[p] for p in chunk]  # the chunk's client states, gathered and scattered as [C, *shape] rows
+            state = {k: v.to(self.device) for k, v in self.client_states.gather(members, theta).items()}
             with vmap_errors(self.cfg):
                 phi, metrics, state = update(self.model, theta_d, state, support, query, schedule, icfg)
-            for j, p in enumerate(chunk):
-                self.client_states.put(cids[p], {k: v[j] for k, v in state.items()})
+            self.client_states.scatter(members, state)
             out.append(TrainChunk(
                 positions=list(chunk),
                 phi={k: v.detach().cpu() for k, v in phi.items()},

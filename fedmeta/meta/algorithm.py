@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from fedmeta.meta.aggregate import aggregate_stacked
+from fedmeta.meta.client_state import ClientStates  # noqa: F401 - re-exported: the stores live in fedmeta.meta.client_state
 from fedmeta.meta.inner import InnerConfig, Params, adaptation_metrics, inner_loop
 from fedmeta.meta.maml import Set, maml_client_update
 from fedmeta.meta.outer import ServerAdam, apply_step, linear_anneal
@@ -215,36 +216,6 @@ def client_step(
     return new, metrics, state
 
 
-class ClientStates:
-    """The simulation engines' store of client state: one dict of tensors per client id, created lazily
-    (``init_client_state`` at the client's first round) and checkpointed with the run (:meth:`state_dict`).
-
-    In memory for now; a 1M-client population would keep one stacked ``[P, *shape]`` tensor per state key,
-    memory-mapped from the run directory and filled on first use (as :class:`fedmeta.engines.vectorized.ClientStore`
-    holds data), with a ``built`` mask.
-    """
-
-    def __init__(self, algorithm: MetaAlgorithm) -> None:
-        self.algorithm = algorithm
-        self.states: dict[int, Params] = {}
-
-    def get(self, cid: int, theta: Params) -> Params:
-        state = self.states.get(cid)
-        if state is None:
-            state = {k: v.detach().clone() for k, v in self.algorithm.init_client_state(model_params(theta)).items()} if self.algorithm.stateful else {}
-        return state
-
-    def put(self, cid: int, state: Params) -> None:
-        if self.algorithm.stateful:
-            self.states[int(cid)] = {k: v.detach().cpu().clone() for k, v in state.items()}
-
-    def state_dict(self) -> dict[str, Params]:
-        return {str(cid): s for cid, s in sorted(self.states.items())}
-
-    def load_state_dict(self, state: dict[str, Params] | None) -> None:
-        self.states = {int(cid): dict(s) for cid, s in (state or {}).items()}
-
-
 REGISTRY: dict[str, type[MetaAlgorithm]] = {}
 
 
@@ -379,11 +350,6 @@ def algorithm_for(cfg: "Config") -> MetaAlgorithm:
                 raise ValueError(
                     f"privacy.enabled: {cfg.meta.algorithm!r} overrides server_update, which the DP wrapper cannot make private "
                     "(override aggregate/server_apply instead); set privacy.enabled = false"
-                )
-            if cfg.simulation.workers and algo.stateful:
-                raise ValueError(
-                    f"simulation.workers: {cfg.meta.algorithm!r} keeps client state, which the Ray workers do not hold yet; "
-                    f"set simulation.workers = 0 (got {cfg.simulation.workers})"
                 )
         except ValueError as err:
             from fedmeta.components import ComponentError
