@@ -203,6 +203,24 @@ def test_vectorized_workers_on_two_nodes_equal_in_process_with_dp(cluster, tmp_p
 
 
 @pytest.mark.slow
+def test_a_stateful_method_on_the_workers_equals_in_process(cluster, tmp_path):
+    """SCAFFOLD with workers = 2: the driver holds the client state and ships each worker its sub-cohort's rows;
+    θ and every client's c_i equal the in-process engine's (returning clients use the state the other worker left)."""
+    base = ["data.num_clients=12", "data.examples_per_client=20", "simulation.engine=vectorized", "simulation.clients_per_round=5",
+            "simulation.rounds=4", "simulation.eval_every=100", "simulation.chunk_size=2", "meta.algorithm=scaffold", "output.progress=false"]
+    theta_ref, _, ref = _run_in_process(build_config(None, base), tmp_path / "in-process")
+    theta, _, backend = _run_in_process(build_config(None, base + ["simulation.workers=2", f"simulation.ray_address={cluster.address}"]), tmp_path / "workers")
+    for k in theta_ref:
+        torch.testing.assert_close(theta[k], theta_ref[k], atol=1e-6, rtol=0)
+    states, states_ref = backend.client_states.state_dict(), ref.client_states.state_dict()
+    assert states.keys() == states_ref.keys() and len(states) > 5  # clients came back in later rounds
+    for cid in states_ref:
+        for k in states_ref[cid]:
+            torch.testing.assert_close(states[cid][k], states_ref[cid][k], atol=1e-6, rtol=0)
+    assert "clients" in torch.load(tmp_path / "workers" / "checkpoint.pt")  # checkpointed with the run, by the driver
+
+
+@pytest.mark.slow
 def test_flower_simulation_joins_the_cluster(cluster, tmp_path):
     """The Flower Simulation Engine on the running cluster (simulation.ray_address), 2 rounds."""
     import ray

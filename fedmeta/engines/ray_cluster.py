@@ -11,6 +11,9 @@ turns them into the per-client replies the round loop takes, in cohort order.
 Sampling, screening, aggregation, DP clipping and noise (added once, here) and
 accounting stay in :func:`fedmeta.federation.run_federation`, unchanged, which is
 why θ equals the in-process engine's up to float rounding (tested to 1e-5).
+A stateful method's client state stays on the driver too (its store, checkpointed with the run): each
+call ships the sub-cohort's state rows with θ and takes the new rows back, so a worker holds no state
+between rounds and a client's state does not depend on which worker trained it (tested to 1e-6).
 
 Per-client results are what the server needs (server-mode DP clips each client's
 update, robust aggregation sorts them), so each round moves
@@ -38,6 +41,8 @@ from pathlib import Path
 
 from fedmeta.config import Config, config_from_json
 from fedmeta.federation import Params, Replies, RunError
+from fedmeta.meta.algorithm import algorithm_for
+from fedmeta.meta.client_state import ClientStates, CohortRows
 
 log = logging.getLogger("fedmeta")
 
@@ -63,8 +68,14 @@ class ShardWorker:
         return {"pid": os.getpid(), "node": ctx.get_node_id(), "device": str(self.backend.device),
                 "gpus": ray.get_gpu_ids() if hasattr(ray, "get_gpu_ids") else []}
 
-    def train_chunks(self, theta: Params, cids: list[int], server_round: int):
-        return self.backend.train_chunks(theta, cids, server_round)
+    def train_chunks(self, theta: Params, cids: list[int], server_round: int, state: Params | None = None):
+        """The sub-cohort's chunks; with ``state`` (a stateful method: the driver's rows of ``cids``, ``[C, *shape]``
+        per key) also the new rows, as ``(chunks, rows)``: the worker holds no client state between calls."""
+        if state is None:
+            return self.backend.train_chunks(theta, cids, server_round)
+        rows = CohortRows(cids, state)
+        self.backend.client_states = rows
+        return self.backend.train_chunks(theta, cids, server_round), rows.rows
 
     def evaluate_chunks(self, theta: Params, cids: list[int], server_round: int):
         return self.backend.evaluate_chunks(theta, cids, server_round)
@@ -135,6 +146,9 @@ class RayVectorizedBackend:
         self.dataset = dataset
         self.workers = cfg.simulation.workers
         self.timeout = cfg.simulation.round_timeout
+        # a stateful method's client state: held here, on the driver (checkpointed with the run); each worker gets
+        # its sub-cohort's rows with the call and returns the new rows (ShardWorker.train_chunks)
+        self.client_states = ClientStates(algorithm_for(cfg))
         self.started_ray = connect(cfg.simulation.ray_address)
         try:
             have = ray.cluster_resources()
@@ -182,12 +196,21 @@ class RayVectorizedBackend:
 
         theta_ref = ray.put(theta)
         shards = self._shards(cids)
-        calls = [(pos, getattr(a, method).remote(theta_ref, [cids[p] for p in pos], server_round))
-                 for a, pos in zip(self.actors, shards) if pos]
+        stateful = method == "train_chunks" and self.client_states.algorithm.stateful
+        calls = []
+        for a, pos in zip(self.actors, shards):
+            if pos:
+                sub = [cids[p] for p in pos]
+                extra = (self.client_states.gather(sub, theta),) if stateful else ()
+                calls.append((pos, getattr(a, method).remote(theta_ref, sub, server_round, *extra)))
         try:
             results = ray.get([ref for _, ref in calls], timeout=self.timeout)
         except Exception as err:  # noqa: BLE001 - a worker's error (or death, or the timeout) ends the run with one line
             raise RunError(f"round {server_round}: a Ray worker failed: {_first_line(err)}") from None
+        if stateful:  # every worker answered: keep the new rows
+            for (pos, _), (_, rows) in zip(calls, results):
+                self.client_states.scatter([cids[p] for p in pos], rows)
+            results = [worker_chunks for worker_chunks, _ in results]
         chunks = []
         for (pos, _), worker_chunks in zip(calls, results):
             for ch in worker_chunks:  # positions within the worker's sub-cohort -> positions in the cohort

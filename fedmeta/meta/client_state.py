@@ -316,3 +316,32 @@ class DiskClientStates:
         self._roll_back()
         for old in self.dir.glob("journal-*.bin"):  # other epochs' journals: spent
             old.unlink()
+
+
+class CohortRows:
+    """The client state of one cohort only: its rows, shipped with the cohort (what a Ray worker holds for one call).
+
+    ``rows[key][j]`` is client ``cids[j]``'s state; :meth:`scatter` updates them in place, and the caller takes
+    ``rows`` back to its own store.
+    """
+
+    kind = "rows"
+
+    def __init__(self, cids: list[int], rows: Params) -> None:
+        self.position = {int(c): j for j, c in enumerate(cids)}
+        self.rows = {k: v.detach().cpu().clone() for k, v in rows.items()}
+
+    def _index(self, cids: list[int]) -> Tensor:
+        try:
+            return torch.tensor([self.position[int(c)] for c in cids], dtype=torch.long)
+        except KeyError as err:
+            raise RunError(f"client state: client {err.args[0]} was not shipped with this cohort (internal error)") from None
+
+    def gather(self, cids: list[int], theta: Params) -> Params:
+        idx = self._index(cids)
+        return {k: v[idx] for k, v in self.rows.items()}
+
+    def scatter(self, cids: list[int], state: Params) -> None:
+        idx = self._index(cids)
+        for k in self.rows:
+            self.rows[k][idx] = state[k].detach().cpu().to(self.rows[k].dtype)
