@@ -148,3 +148,72 @@ def test_a_million_client_population_costs_disk_only_for_the_cohort(small_cfg, t
     assert allocated <= 6 * (row + 2 * 4096 * len(files)) and allocated < apparent / 10_000  # ...but only the trained rows exist
     built = np.fromfile(tmp_path / "run" / DIR / "built.bin", dtype=np.uint8)
     assert int(built.sum()) == store.built_count()
+
+
+# -- a user's stateful method via `flwr run`: the state lives in each SuperNode's context.state ----------------------
+
+USER_METHOD = '''
+import torch
+
+from fedmeta.meta import MetaAlgorithm
+
+
+class Visits(MetaAlgorithm):
+    """Each client counts its rounds in its client state; its update is theta + 0.01 * visits."""
+
+    def init_client_state(self, theta):
+        return {"visits": torch.zeros(())}
+
+    def client_update(self, model, params, support, query, schedule, icfg, state):
+        visits = state["visits"] + 1
+        return {k: v + 0.01 * visits for k, v in params.items()}, {"train_loss": visits}, {"visits": visits}
+
+    def step_size(self, server_round):
+        return 1.0
+'''
+USER_SETS = ["data.num_clients=6", "simulation.rounds=3", "simulation.clients_per_round=3", "simulation.eval_every=3", "simulation.round_timeout=120"]
+
+
+@pytest.mark.slow
+def test_a_users_stateful_method_through_flwr_run(tmp_path):
+    """examples/user_project plus a user's module with a stateful method, run by `flwr run .`: each SuperNode keeps its
+    client's visit count across rounds (round 3's mean count exceeds 1 only if it was carried), and θ equals the
+    sequential engine's (the engine's store) to 1e-5."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from procs import pids_with_cmdline, stop
+
+    root = Path(__file__).resolve().parents[1]
+    app = tmp_path / "app"
+    shutil.copytree(root / "examples" / "user_project", app, ignore=shutil.ignore_patterns("runs", "__pycache__"))
+    (app / "my_visits.py").write_text(USER_METHOD)
+    env = {**os.environ, "PYTHONPATH": str(root), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    seq = tmp_path / "sequential"
+    sets = [a for s in [*USER_SETS, "meta.algorithm=my_visits:Visits", "simulation.engine=sequential"] for a in ("--set", s)]
+    r = subprocess.run([shutil.which("fedmeta"), "simulate", "--config", "experiment.toml", *sets, "--out", str(seq)],
+                       cwd=app, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = 6\n')
+    out = tmp_path / "flower"
+    run_config = " ".join(USER_SETS) + f" meta.algorithm='my_visits:Visits' output.dir='{out}'"
+    try:
+        r = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", run_config], cwd=app, env={**env, "FLWR_HOME": str(home)},
+                           capture_output=True, text=True, timeout=500)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    finally:
+        # `flwr run` leaves its local SuperLink (and SuperExec) running: stop them by PID.
+        superlinks = pids_with_cmdline(str(home))
+        children = [q for p in superlinks for q in pids_with_cmdline(f"--parent-pid {p}")]
+        stop(superlinks + children)
+        assert not pids_with_cmdline(str(home))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (seq / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in records] == pytest.approx([r["train_loss"] for r in reference], abs=1e-9)
+    assert records[0]["train_loss"] == 1.0 and records[-1]["train_loss"] > 1.0  # 4 training clients, 3 a round: some came back
+    a, b = torch.load(out / "model.pt"), torch.load(seq / "model.pt")
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
