@@ -78,9 +78,12 @@ def open_client_states(setting: str, algorithm: Any, run_dir: str | Path, popula
 
     A fresh run (``resume`` False) starts with no state: a disk store's old files in ``run_dir`` are removed.
     """
+    directory = Path(run_dir) / DIR
     if store_kind(setting, algorithm, population, theta) == "memory":
+        if not resume and directory.is_dir():  # an earlier run's disk store: stale for this one
+            shutil.rmtree(directory)
         return ClientStates(algorithm)
-    return DiskClientStates(algorithm, Path(run_dir) / DIR, population, fresh=not resume)
+    return DiskClientStates(algorithm, directory, population, fresh=not resume)
 
 
 class ClientStates:
