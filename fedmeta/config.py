@@ -263,6 +263,8 @@ class Config(_Section):
             raise ValueError(f"simulation.ray_address: used by engine 'flower' or by simulation.workers > 0 only (got engine {sim.engine!r} with workers = 0)")
         if sim.num_gpus_per_client and sim.engine != "flower":
             raise ValueError(f"simulation.num_gpus_per_client: Ray client resources of engine 'flower' only (got engine {sim.engine!r}; the vectorized engine's workers take one GPU each with device cuda)")
+        if sim.client_state != "auto" and sim.engine == "flower":
+            raise ValueError(f"simulation.client_state: a Flower ClientApp keeps its client state in context.state; the store is the sequential and vectorized engines' (got {sim.client_state!r} with engine 'flower'; leave it 'auto')")
         if sim.num_gpus_per_client and sim.device == "cpu":
             raise ValueError("simulation.num_gpus_per_client: the clients would hold a GPU and compute on the CPU; set simulation.device = 'cuda' or 'auto' (got device 'cpu')")
         if self.privacy.enabled and self.privacy.adaptive_clipping and self.privacy.mode == "client":

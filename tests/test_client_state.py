@@ -122,6 +122,18 @@ def test_auto_picks_disk_only_for_a_large_population(small_cfg):
     assert store_kind("memory", algo, 1_000_000, {}) == "memory" and store_kind("disk", algo, 10, {}) == "disk"
 
 
+@pytest.mark.parametrize("sets, message", [
+    (["simulation.client_state=tape"], "config error: simulation.client_state: must be one of 'auto', 'memory' or 'disk' (got 'tape')"),
+    (["simulation.client_state=disk", "simulation.engine=flower"], "config error: simulation.client_state: a Flower ClientApp keeps its client state in context.state"),
+])
+def test_a_bad_client_state_setting_is_one_line(sets, message):
+    from fedmeta.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError) as err:
+        build_config(None, sets)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
 def test_a_resume_with_the_other_store_is_one_line(small_cfg, tmp_path):
     disk = DiskClientStates(Count(small_cfg()), tmp_path / DIR, population=5)
     with pytest.raises(RunError, match="its client state is in memory"):
