@@ -108,6 +108,17 @@ def test_the_journal_undoes_rows_and_a_torn_record_is_ignored(tmp_path, small_cf
     assert again.built_count() == 2 and not list((tmp_path / DIR).glob("journal-*.bin"))
 
 
+def test_a_resume_without_the_client_state_directory_is_one_line(tmp_path, small_cfg):
+    store = DiskClientStates(Count(small_cfg()), tmp_path / DIR, population=5)
+    store.gather([0], {})
+    ckpt = store.state_dict()
+    import shutil
+
+    shutil.rmtree(tmp_path / DIR)
+    with pytest.raises(RunError, match=r"client_state: missing; checkpoint.pt's client state lives there"):
+        DiskClientStates(Count(small_cfg()), tmp_path / DIR, population=5, fresh=False).load_state_dict(ckpt)
+
+
 def test_a_state_that_changes_shape_is_one_line(tmp_path, small_cfg):
     store = DiskClientStates(Count(small_cfg()), tmp_path / DIR, population=5)
     store.gather([0], {})
