@@ -49,12 +49,10 @@ class ShardWorker:
         cfg = config_from_json(cfg_json)
         if gpu:  # Ray made exactly one GPU visible to this actor
             cfg = cfg.model_copy(update={"simulation": cfg.simulation.model_copy(update={"device": "cuda"})})
-        from fedmeta.components import check_components
-        from fedmeta.data import build_dataset
+        from fedmeta.components import resolve_components
         from fedmeta.engines.vectorized import VectorizedBackend
 
-        check_components(cfg)
-        self.backend = VectorizedBackend(cfg, build_dataset(cfg.data, cfg.model.modalities))
+        self.backend = VectorizedBackend(cfg, resolve_components(cfg, with_engine=False))  # this process's components, once
 
     def where(self) -> dict:
         import ray
