@@ -136,6 +136,17 @@ def test_registered_names_run_through_the_python_api_and_the_algorithm_is_built_
     assert len(user_reg.BUILT) == 1  # resolved once at the top, then passed down as an object
 
 
+def test_an_engine_object_given_to_simulate_runs_and_is_recorded_by_its_reference(user_module, monkeypatch):
+    import fedmeta
+
+    monkeypatch.syspath_prepend(str(user_module))
+    import user_reg
+
+    fedmeta.simulate({"data": {"dataset": "three_classes"}}, algorithm=user_reg.HalfReptile, engine=user_reg.MarkedLoop,
+                     overrides=SMALL, out=user_module / "obj")
+    _check(user_module / "obj", "user_reg:HalfReptile", "three_classes", "user_reg:MarkedLoop")  # importable: by reference
+
+
 @pytest.mark.parametrize("key, value, listed", [
     ("meta.algorithm", "reptil", "'reptile', 'fedavg'"),
     ("data.dataset", "synthetc", "'synthetic', 'avdigits', 'sine', 'disk', 'store'"),

@@ -174,12 +174,13 @@ def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bo
           launched_at: float | None = None, components=None) -> dict[str, Any]:
     """Discover the nodes, then run the federation; returns the run summary.
 
-    ``components``: the run's :class:`~fedmeta.components.Components`; None resolves ``cfg``'s (a deployed ServerApp's top).
+    ``components``: the run's :class:`~fedmeta.components.Components`; None resolves ``cfg``'s (a deployed ServerApp's top;
+    it is the engine, so none is resolved).
     """
     if components is None:
         from fedmeta.components import resolve_components
 
-        components = resolve_components(cfg)
+        components = resolve_components(cfg, with_engine=False)
     launched_at = time.time() if launched_at is None else launched_at
     configure_torch(1)
     out = Path(out_dir or cfg.output.dir or default_out_dir())
