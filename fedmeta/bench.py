@@ -235,7 +235,7 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
         else:
             from fedmeta.engines.sequential import SequentialBackend
 
-            backend = SequentialBackend(cfg, _Prebuilt(dataset))
+            backend = SequentialBackend(cfg, components.with_dataset(_Prebuilt(dataset)))
             if threads:
                 configure_torch(threads)
         theta0 = params_of(model_for(cfg, dataset.spec, components))

@@ -20,7 +20,7 @@ the config key and the problem.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from fedmeta.errors import ComponentError
@@ -59,6 +59,10 @@ class Components:
 
             self._dataset = build_dataset(self.cfg.data, self.cfg.model.modalities, factory=self.dataset_factory)
         return self._dataset
+
+    def with_dataset(self, dataset) -> "Components":
+        """The same components (the same algorithm object) around a built dataset object, used as it is."""
+        return replace(self, _dataset=dataset)
 
     def model(self, spec):
         """A fresh model for ``spec`` from the model factory, seeded from ``simulation.seed``, accepted by the algorithm."""
@@ -125,9 +129,7 @@ def components_of(cfg: "Config", given: Any, with_engine: bool = False) -> Compo
     components around that dataset object, used as it is."""
     if isinstance(given, Components):
         return given
-    comps = resolve_components(cfg, dataset=given, with_engine=with_engine)
-    comps._dataset = given
-    return comps
+    return resolve_components(cfg, dataset=given, with_engine=with_engine).with_dataset(given)
 
 
 def check_components(cfg: "Config") -> Components:
