@@ -254,3 +254,25 @@ def test_a_local_object_is_refused_by_resume_and_by_other_processes_with_one_lin
         with pytest.raises(ConfigError, match=f"^config error: {key}, which cannot use meta.algorithm = '<local>:Halved'"):
             fedmeta.simulate(None, algorithm=Halved, overrides=[*SMALL, *sets], out=tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_load_run_of_a_run_with_local_objects_takes_them_again(tmp_path):
+    import torch
+    from torch import nn
+
+    import fedmeta
+
+    class Tiny(nn.Module):  # a notebook cell's model factory (a class: (spec, cfg) -> nn.Module)
+        def __init__(self, spec, cfg):
+            super().__init__()
+            self.head = nn.Linear(sum(int(torch.tensor(m.shape).prod()) for m in spec.modalities), spec.num_classes)
+
+        def forward(self, x, present):
+            return self.head(torch.cat([v.flatten(1).float() for v in x.values()], 1))
+
+    fedmeta.simulate(None, model=Tiny, overrides=["simulation.engine=sequential", *SMALL], out=tmp_path / "run")
+    with pytest.raises(ComponentError, match=r"^config error: model.factory: '<local>:.*Tiny' was an object given to fedmeta.simulate\(\)"):
+        fedmeta.load_run(tmp_path / "run")
+    cfg, spec, model = fedmeta.load_run(tmp_path / "run", model=Tiny)
+    saved = torch.load(tmp_path / "run" / "model.pt")
+    assert isinstance(model, Tiny) and all(torch.equal(p, saved[k]) for k, p in model.named_parameters())
