@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.config import Config, build_config, load_config
-from fedmeta.results import RunWriter, default_out_dir, prepare_out_dir, run_dir_lock  # noqa: F401 - RunWriter: API users
+from fedmeta.results import default_out_dir, prepare_out_dir, run_dir_lock
 
 
 def _reference(obj: Any, key: str) -> str:

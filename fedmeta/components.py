@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from fedmeta.errors import ComponentError
-from fedmeta.registry import REFERENCE, _allow_cwd_for, _first_line, is_local, is_reference, raised, resolve  # noqa: F401 - re-exported
+from fedmeta.registry import REFERENCE, is_local, is_reference, raised, resolve  # noqa: F401 - re-exported (fedmeta.components.resolve ...)
 
 if TYPE_CHECKING:
     from fedmeta.config import Config
