@@ -85,7 +85,8 @@ def update_norms(updates: "list[ClientUpdate] | StackedUpdates", theta: Params) 
     if len(updates) == 0:
         return []
     phi = stacked_phi(updates)
-    per_key = [(phi[k] - theta[k]).to(torch.float64).pow(2).flatten(1).sum(1) for k in theta]
+    n = len(updates)  # reshape, not flatten(1): a 0-d parameter (a learnt temperature) is [N] stacked
+    per_key = [(phi[k] - theta[k]).to(torch.float64).pow(2).reshape(n, -1).sum(1) for k in theta]
     return torch.stack(per_key).sum(0).sqrt().tolist()
 
 

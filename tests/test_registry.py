@@ -1,6 +1,6 @@
 """Registries the config trusts (fedmeta/registry.py) and components passed down as objects (fedmeta/components.py).
 
-A user's module registers a method, a dataset and an engine by name; a TOML config names them and
+A user's module registers a method, a dataset, an engine and a model factory by name; a TOML config names them and
 ``fedmeta simulate --config`` runs them, as does the Python API. An unknown name is one line listing the
 registered names (exit 2). Objects given to ``fedmeta.simulate`` are used as themselves, resolved once.
 """
@@ -26,14 +26,18 @@ SMALL = ["data.num_clients=8", "data.examples_per_client=12", "simulation.client
          "simulation.eval_every=1", "output.progress=false"]
 
 USER_MODULE = textwrap.dedent('''
-    """A user's module: a method, a dataset and an engine, each registered by name."""
+    """A user's module: a method, a dataset, an engine and a model factory, each registered by name."""
     from pathlib import Path
+
+    import torch
+    from torch import nn
 
     from fedmeta.data.synthetic import SyntheticMultimodal
     from fedmeta.engines.base import InProcessEngine
     from fedmeta.engines.sequential import SequentialBackend
     from fedmeta.meta import MetaAlgorithm, register
-    from fedmeta.registry import DATASETS, ENGINES
+    from fedmeta.models import multimodal_net
+    from fedmeta.registry import DATASETS, ENGINES, MODELS
 
     BUILT = []  # every HalfReptile instance: the run resolves its algorithm once
 
@@ -55,6 +59,19 @@ USER_MODULE = textwrap.dedent('''
                                    seed=cfg.seed)
 
 
+    @MODELS.register("marked_net")
+    class MarkedNet(nn.Module):
+        """The built-in net plus a parameter that shows in model.pt."""
+
+        def __init__(self, spec, cfg):
+            super().__init__()
+            self.net = multimodal_net(spec, cfg)
+            self.marker = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, present):
+            return self.net(x, present) + self.marker
+
+
     @ENGINES.register("marked_loop")
     class MarkedLoop(InProcessEngine):
         """The sequential backend, leaving a mark in the run directory (and which algorithm object it got)."""
@@ -74,6 +91,9 @@ TOML = textwrap.dedent('''
     dataset = "user_reg:three_classes"
     num_clients = 8
     examples_per_client = 12
+
+    [model]
+    factory = "user_reg:marked_net"
 
     [meta]
     algorithm = "user_reg:half_reptile"
@@ -98,7 +118,7 @@ def user_module(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", sys.path[:])
     yield tmp_path
     sys.modules.pop("user_reg", None)
-    for registry, name in ((METHODS, "half_reptile"), (DATASETS, "three_classes"), (ENGINES, "marked_loop")):
+    for registry, name in ((METHODS, "half_reptile"), (DATASETS, "three_classes"), (ENGINES, "marked_loop"), (MODELS, "marked_net")):
         registry.entries.pop(name, None)
 
 
@@ -106,9 +126,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
 
 
-def _check(out: Path, method: str, dataset: str, engine: str) -> dict:
+def _check(out: Path, method: str, dataset: str, engine: str, model: str | None = None) -> dict:
+    import torch
+
     config = json.loads((out / "config.json").read_text())
     assert (config["meta"]["algorithm"], config["data"]["dataset"], config["simulation"]["engine"]) == (method, dataset, engine)
+    if model is not None:  # the user's model factory built the model: its extra parameter is in model.pt
+        assert config["model"]["factory"] == model and "marker" in torch.load(out / "model.pt")
     assert (out / "marked_loop.txt").read_text() == "HalfReptile"  # the user's engine ran, with the user's method object
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2] and all(r["beta"] == 0.5 for r in records)  # HalfReptile's step size
@@ -121,7 +145,7 @@ def test_registered_names_from_a_users_module_run_on_the_cli(user_module):
     r = subprocess.run([sys.executable, "-m", "fedmeta.cli", "simulate", "--config", "experiment.toml", "--out", "run"],
                        cwd=user_module, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    _check(user_module / "run", "user_reg:half_reptile", "user_reg:three_classes", "user_reg:marked_loop")
+    _check(user_module / "run", "user_reg:half_reptile", "user_reg:three_classes", "user_reg:marked_loop", "user_reg:marked_net")
 
 
 def test_registered_names_run_through_the_python_api_and_the_algorithm_is_built_once(user_module, monkeypatch):
@@ -130,9 +154,10 @@ def test_registered_names_run_through_the_python_api_and_the_algorithm_is_built_
     monkeypatch.syspath_prepend(str(user_module))
     import user_reg  # registers its names: bare names are valid now
 
-    data = {"data": {"dataset": "three_classes"}, "meta": {"algorithm": "half_reptile"}, "simulation": {"engine": "marked_loop"}}
+    data = {"data": {"dataset": "three_classes"}, "meta": {"algorithm": "half_reptile"}, "simulation": {"engine": "marked_loop"},
+            "model": {"factory": "marked_net"}}
     fedmeta.simulate(data, overrides=SMALL, out=user_module / "api")
-    _check(user_module / "api", "half_reptile", "three_classes", "marked_loop")
+    _check(user_module / "api", "half_reptile", "three_classes", "marked_loop", "marked_net")
     assert len(user_reg.BUILT) == 1  # resolved once at the top, then passed down as an object
 
 
@@ -276,3 +301,16 @@ def test_load_run_of_a_run_with_local_objects_takes_them_again(tmp_path):
     cfg, spec, model = fedmeta.load_run(tmp_path / "run", model=Tiny)
     saved = torch.load(tmp_path / "run" / "model.pt")
     assert isinstance(model, Tiny) and all(torch.equal(p, saved[k]) for k, p in model.named_parameters())
+
+
+def test_a_zero_dim_parameter_has_an_update_norm():
+    """A user's model may hold a 0-d parameter (a learnt temperature, MarkedNet's marker above): the round loop's
+    norm screen reads it (it crashed with IndexError on ``flatten(1)`` of the stacked ``[N]`` tensor)."""
+    import torch
+
+    from fedmeta.federation import ClientUpdate, update_norms
+
+    theta = {"w": torch.zeros(2), "t": torch.tensor(1.0)}
+    updates = [ClientUpdate(0, {"w": torch.tensor([3.0, 0.0]), "t": torch.tensor(5.0)}, 4),
+               ClientUpdate(1, {"w": torch.zeros(2), "t": torch.tensor(1.0)}, 4)]
+    assert update_norms(updates, theta) == pytest.approx([5.0, 0.0])  # sqrt(3^2 + (5 - 1)^2)
