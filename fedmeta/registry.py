@@ -122,6 +122,10 @@ class Registry:
         caller = sys._getframe(1).f_globals.get("__name__", "")
 
         def deco(obj: Any) -> Any:
+            known = self.origin.get(name)
+            # the same module may register again (a reload; a script run as __main__ and imported by name), another may not
+            if name in self.entries and known != caller and "__main__" not in (known, caller):
+                raise ValueError(f"{self.key}: {name!r} is already registered by {known or 'another module'}; choose another name")
             if self.on_register is not None:
                 self.on_register(name, obj)
             self.entries[name] = obj

@@ -229,6 +229,8 @@ def test_a_registry_resolves_names_references_and_names_a_module_registers(tmp_p
         reg.resolve("<local>:f")
     with pytest.raises(ValueError, match="a registered name must match"):
         reg.register("two words")
+    with pytest.raises(ValueError, match=r"^x.widget: 'cube' is already registered by widgets_mod; choose another name$"):
+        reg.register("cube")(square)  # a name is never silently taken over (a user's "reptile" would replace the built-in)
 
 
 class _Unimportable:
