@@ -122,9 +122,12 @@ class Registry:
         caller = sys._getframe(1).f_globals.get("__name__", "")
 
         def deco(obj: Any) -> Any:
+            if caller not in self.builtin_modules:
+                self._load_builtins()  # the built-in names are taken first, whatever the import order
             known = self.origin.get(name)
             # the same module may register again (a reload; a script run as __main__ and imported by name), another may not
-            if name in self.entries and known != caller and "__main__" not in (known, caller):
+            again = "__main__" in (known, caller) and getattr(self.entries.get(name), "__qualname__", None) == getattr(obj, "__qualname__", "")
+            if name in self.entries and known != caller and not again:
                 raise ValueError(f"{self.key}: {name!r} is already registered by {known or 'another module'}; choose another name")
             if self.on_register is not None:
                 self.on_register(name, obj)

@@ -233,6 +233,17 @@ def test_a_registry_resolves_names_references_and_names_a_module_registers(tmp_p
         reg.register("cube")(square)  # a name is never silently taken over (a user's "reptile" would replace the built-in)
 
 
+def test_a_built_in_name_is_taken_whatever_the_import_order():
+    """A user's module registering ``synthetic`` before fedmeta.data.synthetic was imported is refused (the built-ins
+    load first), not silently preferred, and fedmeta's own import never fails on it."""
+    code = ("from fedmeta.registry import DATASETS\n"
+            "try:\n    DATASETS.register('synthetic')(lambda cfg: None)\nexcept ValueError as err:\n    print(err)\n"
+            "import fedmeta.data.synthetic as s; print(DATASETS.get('synthetic') is s.make_synthetic)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == ["data.dataset: 'synthetic' is already registered by fedmeta.data.synthetic; choose another name", "True"]
+
+
 class _Unimportable:
     """A method whose module cannot be imported again (as a class defined in a notebook cell)."""
 
