@@ -29,16 +29,16 @@ import sys
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmeta.config import BUILTIN_DATASETS, BUILTIN_MODEL, Config, config_from_json
+from fedmeta.config import BUILTIN_MODEL, Config, config_from_json
 from fedmeta.data.base import DataError, spec_to_dict
 from fedmeta import client as work
-from fedmeta.meta.algorithm import builtin_names
+from fedmeta.registry import DATASETS, METHODS, MODELS
 
 app = ClientApp()
 log = logging.getLogger("fedmeta.node")
 
-#: config key -> what a node that does not name the key in its node config accepts (fedmeta's own code)
-COMPONENTS = {"model.factory": (BUILTIN_MODEL,), "data.dataset": BUILTIN_DATASETS, "meta.algorithm": builtin_names()}
+#: config key -> the registry whose built-ins a node that does not name the key in its node config accepts (fedmeta's own code)
+COMPONENTS = {"model.factory": MODELS, "data.dataset": DATASETS, "meta.algorithm": METHODS}
 SIMULATED_NODE = {"partition-id", "num-partitions"}  # the node config Flower's simulation runtime gives every node
 
 
@@ -54,11 +54,14 @@ def check_components(cfg: Config, node_config: dict) -> None:
     """Refuse (one log line, :class:`RefusedComponent`) a reference the node's own configuration does not allow."""
     if _simulated(node_config):
         return
-    for key, builtins in COMPONENTS.items():
+    for key, registry in COMPONENTS.items():
         section, name = key.split(".")
         wanted = getattr(getattr(cfg, section), name)
         mine = node_config.get(key)
-        if wanted == mine or (mine is None and wanted in builtins):
+        if wanted == mine:
+            continue
+        builtins = registry.builtin_names() + ((BUILTIN_MODEL,) if key == "model.factory" else ())
+        if mine is None and wanted in builtins:
             continue
         allowed = repr(mine) if mine is not None else "fedmeta's built-ins (" + ", ".join(builtins) + ")"
         why = (f"refused: the server's {key}={wanted!r} is not this node's ({allowed}); "
@@ -94,8 +97,9 @@ def _setup(msg: Message, context: Context):
     work.configure_torch(1)
     cid, data, spec, group = work.resolve_client(cfg, dict(context.node_config))
     device = work.resolve_device(str(context.node_config.get("device", cfg.simulation.device)))
-    model = work.model_for(cfg, spec).to(device)
-    return cfg, cid, data.to(device), spec, group, model, device
+    components = work.components_for(cfg)  # resolved once per process and config: the objects below get them
+    model = work.model_for(cfg, spec, components).to(device)
+    return cfg, cid, data.to(device), spec, group, model, device, components.algorithm
 
 
 def _theta(msg: Message, device):
@@ -117,11 +121,11 @@ def query(msg: Message, context: Context) -> Message:
 @_data_errors_replied
 def train(msg: Message, context: Context) -> Message:
     """Inner loop from theta on the support set; reply phi and ``num-examples``."""
-    cfg, cid, data, spec, _, model, device = _setup(msg, context)
+    cfg, cid, data, spec, _, model, device, algorithm = _setup(msg, context)
     rnd = int(msg.content["config"]["server-round"])
     held = context.state.array_records.get(CLIENT_STATE)  # a stateful method's state, kept on this node
     state = None if held is None else {k: v.to(device) for k, v in held.to_torch_state_dict().items()}
-    phi, metrics, state = work.train_client_state(model, _theta(msg, device), data, cfg, spec, rnd, cid, state)
+    phi, metrics, state = work.train_client_state(model, _theta(msg, device), data, cfg, spec, rnd, cid, state, algorithm)
     if state:
         context.state[CLIENT_STATE] = ArrayRecord(torch_state_dict={k: v.cpu() for k, v in state.items()})
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict={k: v.cpu() for k, v in phi.items()}), "metrics": MetricRecord(metrics)})
@@ -132,8 +136,8 @@ def train(msg: Message, context: Context) -> Message:
 @_data_errors_replied
 def evaluate(msg: Message, context: Context) -> Message:
     """Query loss and accuracy before and after adaptation."""
-    cfg, cid, data, spec, _, model, device = _setup(msg, context)
+    cfg, cid, data, spec, _, model, device, algorithm = _setup(msg, context)
     rnd = int(msg.content["config"]["server-round"])
-    metrics = work.evaluate_client(model, _theta(msg, device), data, cfg, spec, rnd, cid)
+    metrics = work.evaluate_client(model, _theta(msg, device), data, cfg, spec, rnd, cid, algorithm)
     clean = {k: float(v) for k, v in metrics.items() if v == v}  # MetricRecord cannot hold NaN meaningfully
     return Message(RecordDict({"metrics": MetricRecord(clean)}), reply_to=msg)

@@ -57,19 +57,19 @@ class Attack:
 
 
 def run_one(config: str, overrides: list[str], k: int, out: Path) -> tuple[dict, Attack]:
-    from fedmeta.api import make_backend
-    from fedmeta.client import configure_torch, model_for
-    from fedmeta.data import build_dataset
+    from fedmeta.client import configure_torch
+    from fedmeta.components import resolve_components
     from fedmeta.federation import run_federation
-    from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
+    from fedmeta.meta.algorithm import initial_meta_parameters
     from fedmeta.results import RunWriter, prepare_out_dir
 
     cfg = load_config(config, overrides)
-    dataset = build_dataset(cfg.data, cfg.model.modalities)
-    backend = Attack(make_backend(cfg, dataset), k)
+    components = resolve_components(cfg)  # once: the backend, theta_0 and the round loop get these objects
+    dataset = components.dataset()
+    backend = Attack(components.engine.backend(cfg, components), k)
     configure_torch(1)
-    theta0 = initial_meta_parameters(model_for(cfg, dataset.spec), algorithm_for(cfg))
-    summary = run_federation(cfg, backend, theta0, RunWriter(prepare_out_dir(out, overwrite=True)))
+    theta0 = initial_meta_parameters(components.model(dataset.spec), components.algorithm)
+    summary = run_federation(cfg, backend, theta0, RunWriter(prepare_out_dir(out, overwrite=True)), algorithm=components.algorithm)
     return summary, backend
 
 

@@ -15,8 +15,8 @@ def simulate(*args, **kwargs):
     return _simulate(*args, **kwargs)
 
 
-def load_run(run_dir):
+def load_run(run_dir, **objects):
     """See :func:`fedmeta.loading.load_run`: ``(config, spec, model)`` of a finished run, θ loaded."""
     from fedmeta.loading import load_run as _load_run
 
-    return _load_run(run_dir)
+    return _load_run(run_dir, **objects)

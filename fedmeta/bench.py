@@ -215,33 +215,34 @@ def run_engine(engine: str, overrides: list[str], out_dir: Path, threads: int | 
 
         simulate_flower(cfg, out_dir, progress=False)
     else:
-        from fedmeta.data import build_dataset
         from fedmeta.client import configure_torch, model_for
+        from fedmeta.components import resolve_components
         from fedmeta.federation import run_federation
         from fedmeta.meta import params_of
         from fedmeta.results import RunWriter
 
-        dataset = build_dataset(cfg.data, cfg.model.modalities)
+        components = resolve_components(cfg)
+        dataset = components.dataset()
         if engine == "vectorized":
-            from fedmeta.api import make_backend
             from fedmeta.engines import vectorized
 
             if threads:
                 vectorized.THREADS = threads
-            backend = make_backend(cfg, dataset)  # VectorizedBackend, or RayVectorizedBackend with simulation.workers
+            backend = components.engine.backend(cfg, components)  # VectorizedBackend, or RayVectorizedBackend with simulation.workers
             watcher.extra = [p["pid"] for p in getattr(backend, "placement", [])]
             nodes = len({p["node"] for p in getattr(backend, "placement", [])})
             backend.prefetch()
         else:
             from fedmeta.engines.sequential import SequentialBackend
 
-            backend = SequentialBackend(cfg, _Prebuilt(dataset))
+            backend = SequentialBackend(cfg, components.with_dataset(_Prebuilt(dataset)))
             if threads:
                 configure_torch(threads)
-        theta0 = params_of(model_for(cfg, dataset.spec))
+        theta0 = params_of(model_for(cfg, dataset.spec, components))
         try:
             run_federation(cfg, backend, theta0, RunWriter(out_dir), progress=lambda rec: (ends.setdefault(int(rec["round"]), time.perf_counter()),
-                                                                                 cpu.setdefault(int(rec["round"]), time.process_time())))
+                                                                                 cpu.setdefault(int(rec["round"]), time.process_time())),
+                           algorithm=components.algorithm)
         finally:
             if hasattr(backend, "close"):
                 backend.close()

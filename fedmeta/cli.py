@@ -26,11 +26,11 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def run_simulation(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+def run_simulation(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True, components=None) -> dict:
     """Run ``cfg`` on its configured engine, writing into ``out_dir`` (:func:`fedmeta.api.run`)."""
     from fedmeta.api import run
 
-    return run(cfg, out_dir, resume=resume, progress=progress)
+    return run(cfg, out_dir, resume=resume, progress=progress, components=components)
 
 
 def _resume_config(args: argparse.Namespace) -> tuple[Config, Path]:
@@ -64,7 +64,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             summary = run_simulation(cfg, out, resume=True, progress=cfg.output.progress)
     else:
         cfg = load_config(args.config, args.set)
-        check_components(cfg)  # a bad model/dataset/algorithm reference: one line, nothing created
+        components = check_components(cfg)  # a bad model/dataset/algorithm/engine: one line, nothing created
         if args.out:
             out, option = Path(args.out), "--out"
         elif cfg.output.dir:
@@ -74,7 +74,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         with run_dir_lock(out, option):  # before anything is written, held to the end
             prepare_out_dir(out, overwrite=args.overwrite, option=option)  # before anything starts (Ray included)
             args.run_dir = out
-            summary = run_simulation(cfg, out, resume=False, progress=cfg.output.progress)
+            summary = run_simulation(cfg, out, resume=False, progress=cfg.output.progress, components=components)
     print(f"run written to {out}")
     from fedmeta.plot import write_curves
 

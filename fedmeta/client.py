@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from fedmeta.config import Config
-from fedmeta.data import ClientData, DatasetSpec, build_dataset
+from fedmeta.data import ClientData, DatasetSpec
 from fedmeta.data.base import client_group
 from fedmeta.meta import InnerConfig, Params, batch_schedule, client_seed
-from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, client_step, model_params
+from fedmeta.meta.algorithm import MetaAlgorithm, build_algorithm, client_step, model_params
 from fedmeta.meta.maml import split_support
 from fedmeta.models import build_model_for
 
@@ -33,11 +33,19 @@ def configure_torch(threads: int = 1) -> None:
         torch.set_num_threads(threads)
 
 
-def model_for(cfg: Config, spec: DatasetSpec) -> nn.Module:
-    """The config's model (``model.factory``), initialised from ``simulation.seed``; the method may refuse it (``check_model``)."""
-    model = build_model_for(cfg, spec)
+def model_for(cfg: Config, spec: DatasetSpec, components=None) -> nn.Module:
+    """The run's model (its components' model factory), initialised from ``simulation.seed``; the method may refuse it (``check_model``).
+
+    ``components``: the run's :class:`~fedmeta.components.Components` (every engine passes them); None resolves
+    ``cfg``'s (a script's or a test's single call).
+    """
+    if components is None:
+        from fedmeta.components import resolve_components
+
+        components = resolve_components(cfg, with_engine=False)
+    model = build_model_for(cfg, spec, components.model_factory)
     try:
-        algorithm_for(cfg).check_model(model)
+        components.algorithm.check_model(model)
     except ValueError as err:
         from fedmeta.components import ComponentError
 
@@ -45,12 +53,17 @@ def model_for(cfg: Config, spec: DatasetSpec) -> nn.Module:
     return model
 
 
-def inner_config(cfg: Config, spec: DatasetSpec, evaluation: bool = False) -> InnerConfig:
+def _algorithm(cfg: Config, algorithm: MetaAlgorithm | None) -> MetaAlgorithm:
+    """The run's algorithm object as given (every engine passes it); None builds ``cfg``'s (a script's or a test's single call)."""
+    return build_algorithm(cfg) if algorithm is None else algorithm
+
+
+def inner_config(cfg: Config, spec: DatasetSpec, evaluation: bool = False, algorithm: MetaAlgorithm | None = None) -> InnerConfig:
     """The inner loop's settings: training (``meta.inner_steps``, ``meta.inner_lr``) or, with ``evaluation``,
     test-time adaptation (``meta.eval_steps``, ``meta.eval_lr``; ``eval_lr = 0`` means the training rate)."""
     if not evaluation:
         return InnerConfig.from_meta(cfg.meta, spec.task)
-    steps = cfg.meta.eval_steps if algorithm_for(cfg).adapts_at_eval else 0  # e.g. FedAvg: "after" equals "before"
+    steps = cfg.meta.eval_steps if _algorithm(cfg, algorithm).adapts_at_eval else 0  # e.g. FedAvg: "after" equals "before"
     return replace(InnerConfig.from_meta(cfg.meta, spec.task, steps=steps), lr=cfg.meta.eval_lr or cfg.meta.inner_lr)
 
 
@@ -96,20 +109,25 @@ def train_plan(cfg: Config, algorithm: MetaAlgorithm, data: ClientData, server_r
     return rows, train_schedule(cfg, replace(data, n_support=rows.n_inner), server_round, cid)
 
 
-def train_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> tuple[Params, dict[str, float]]:
+def train_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int,
+                 algorithm: MetaAlgorithm | None = None) -> tuple[Params, dict[str, float]]:
     """The algorithm's client update from theta; metrics carry ``num-examples`` (support size) and its own metrics.
 
     A stateful method starts from a fresh client state here (see :func:`train_client_state`).
     """
-    phi, metrics, _ = train_client_state(model, theta, data, cfg, spec, server_round, cid, None)
+    phi, metrics, _ = train_client_state(model, theta, data, cfg, spec, server_round, cid, None, algorithm)
     return phi, metrics
 
 
 def train_client_state(
-    model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int, state: Params | None
+    model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int, state: Params | None,
+    algorithm: MetaAlgorithm | None = None,
 ) -> tuple[Params, dict[str, float], Params]:
-    """:func:`train_client` with the client's state (None: the method's ``init_client_state``); also returns the new state."""
-    algorithm = algorithm_for(cfg)
+    """:func:`train_client` with the client's state (None: the method's ``init_client_state``); also returns the new state.
+
+    ``algorithm``: the run's algorithm object (every engine and the ClientApp pass it).
+    """
+    algorithm = _algorithm(cfg, algorithm)
     if state is None:
         state = algorithm.init_client_state(model_params(theta)) if algorithm.stateful else {}
     rows, schedule = train_plan(cfg, algorithm, data, server_round, cid)
@@ -119,41 +137,48 @@ def train_client_state(
     if algorithm.needs_query:
         q = data.rows(rows.query_start, rows.query_start + rows.n_query)
         query = (q.x, q.y, q.present)
-    phi, metrics, state = client_step(algorithm, model, theta, state, support, query, schedule, inner_config(cfg, spec))
+    phi, metrics, state = client_step(algorithm, model, theta, state, support, query, schedule, inner_config(cfg, spec, algorithm=algorithm))
     phi = client_side_clip(cfg, theta, {k: v.detach() for k, v in phi.items()})
     return phi, {"num-examples": data.n_support} | {k: float(v) for k, v in metrics.items()}, {k: v.detach() for k, v in state.items()}
 
 
-def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int) -> dict[str, float]:
+def evaluate_client(model: nn.Module, theta: Params, data: ClientData, cfg: Config, spec: DatasetSpec, server_round: int, cid: int,
+                    algorithm: MetaAlgorithm | None = None) -> dict[str, float]:
     """Query loss/accuracy before and after ``meta.eval_steps`` adaptation steps (the algorithm's ``adapt``).
 
     Also ``loss_at_<s>``/``acc_at_<s>`` for s in 1, 5, 10 that are <= eval_steps (adaptation curves).
     """
-    icfg = inner_config(cfg, spec, evaluation=True)
+    algorithm = _algorithm(cfg, algorithm)
+    icfg = inner_config(cfg, spec, evaluation=True, algorithm=algorithm)
     s, q = data.support(), data.query()
     schedule = eval_schedule(cfg, data, server_round, cid, icfg.steps)
-    metrics = algorithm_for(cfg).evaluate(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), schedule, icfg, CURVE_STEPS)
+    metrics = algorithm.evaluate(model, theta, (s.x, s.y, s.present), (q.x, q.y, q.present), schedule, icfg, CURVE_STEPS)
     out = {k: float(v) for k, v in metrics.items()}
     out["num-examples"] = data.n_query
     return out
 
 
 @lru_cache(maxsize=4)
-def _dataset(cfg_json: str):
+def _components(cfg_json: str):
+    from fedmeta.components import resolve_components
     from fedmeta.config import config_from_json
 
-    cfg = config_from_json(cfg_json)
-    return build_dataset(cfg.data, cfg.model.modalities)
+    return resolve_components(config_from_json(cfg_json), with_engine=False)
+
+
+def components_for(cfg: Config):
+    """A client process's components of ``cfg`` (the ClientApp's, a Ray worker's): resolved once per process and config."""
+    return _components(cfg.model_dump_json())
 
 
 def dataset_for(cfg: Config):
     """The config's dataset, cached per process (clients themselves are built on demand)."""
-    return _dataset(cfg.model_dump_json())
+    return components_for(cfg).dataset()
 
 
 @lru_cache(maxsize=64)
 def _client_data(cfg_json: str, cid: int) -> ClientData:
-    return _dataset(cfg_json).client(cid)
+    return _components(cfg_json).dataset().client(cid)
 
 
 def client_data_for(cfg: Config, cid: int) -> ClientData:

@@ -20,19 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BUILTIN_DATASETS = ("synthetic", "avdigits", "sine", "disk", "store")
-ALGORITHM_NAME = re.compile(r"^[A-Za-z_][\w-]*$")  # a registered method's name: checked against the registry when a run starts
+from fedmeta.registry import check_syntax
+
 BUILTIN_MODEL = "fedmeta.models:multimodal_net"
-
-
-def _builtin_or_reference(value: str, builtins: tuple[str, ...], what: str) -> str:
-    """A built-in name, or a ``"package.module:attr"`` reference (resolved when a run starts)."""
-    from fedmeta.components import is_reference
-
-    if value in builtins or is_reference(value):
-        return value
-    names = ", ".join(repr(b) for b in builtins)
-    raise ValueError(f"must be one of {names} or a '{what}' reference (got {value!r})")
 
 
 from fedmeta.errors import ConfigError  # noqa: E402,F401 - defined in fedmeta.errors, importable from here
@@ -80,7 +70,8 @@ class DataConfig(_Section):
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
-        return _builtin_or_reference(v, BUILTIN_DATASETS, "package.module:callable")
+        """A registered name or a reference; *which* names are registered: fedmeta.registry.DATASETS, when the run starts."""
+        return check_syntax(v, "dataset", "synthetic", "package.module:callable")
 
 
 class ModelConfig(_Section):
@@ -95,7 +86,7 @@ class ModelConfig(_Section):
     @field_validator("factory")
     @classmethod
     def _factory(cls, v: str) -> str:
-        return _builtin_or_reference(v, (), "package.module:callable")
+        return check_syntax(v, "model factory", "multimodal_net", "package.module:callable")
 
 
 class MetaConfig(_Section):
@@ -132,12 +123,8 @@ class MetaConfig(_Section):
     @field_validator("algorithm")
     @classmethod
     def _algorithm(cls, v: str) -> str:
-        """A registered name or a reference; *which* names are registered is the registry's (fedmeta.meta.algorithm), not a list here."""
-        from fedmeta.components import is_reference
-
-        if ALGORITHM_NAME.match(v) or is_reference(v):
-            return v
-        raise ValueError(f"must be a registered method name (e.g. 'reptile') or a 'package.module:Name' reference (got {_short(v)})")
+        """A registered name or a reference; *which* names are registered is the registry's (fedmeta.registry.METHODS), not a list here."""
+        return check_syntax(v, "method", "reptile", "package.module:Name")
 
     @model_validator(mode="after")
     def _final_below_start(self) -> "MetaConfig":
@@ -147,7 +134,8 @@ class MetaConfig(_Section):
 
 
 class SimulationConfig(_Section):
-    engine: Literal["flower", "vectorized", "sequential"] = "flower"
+    # a registered engine (built-in: flower | vectorized | sequential; fedmeta.registry.ENGINES) or "package.module:Engine"
+    engine: str = "flower"
     rounds: int = Field(50, ge=1, le=COUNT_MAX)
     clients_per_round: int = Field(10, ge=1, le=COUNT_MAX)
     sampling: Literal["fixed", "poisson"] = "fixed"
@@ -181,6 +169,11 @@ class SimulationConfig(_Section):
     # "auto" = the cluster this host belongs to (`ray start` was run here), or "host:port" / "ray://host:port"
     ray_address: str = ""
     num_gpus_per_client: float = Field(0.0, ge=0, le=1024)  # flower engine: Ray GPU share per ClientApp (e.g. 0.25)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine(cls, v: str) -> str:
+        return check_syntax(v, "engine", "vectorized", "package.module:Engine")
 
     @field_validator("ray_address")
     @classmethod

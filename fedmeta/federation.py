@@ -24,7 +24,7 @@ import torch
 from fedmeta.config import Config
 from fedmeta.meta.aggregate import finite_number, weighted_average
 from fedmeta.meta.inner import Params, client_seed
-from fedmeta.meta.algorithm import MetaAlgorithm, algorithm_for, extra_params, model_params
+from fedmeta.meta.algorithm import MetaAlgorithm, build_algorithm, extra_params, model_params
 from fedmeta.meta.client_state import open_client_states
 from fedmeta.meta.outer import difference
 from fedmeta.meta.robust import norm_outliers
@@ -86,7 +86,8 @@ def update_norms(updates: "list[ClientUpdate] | StackedUpdates", theta: Params) 
     if len(updates) == 0:
         return []
     phi = stacked_phi(updates)
-    per_key = [(phi[k] - theta[k]).to(torch.float64).pow(2).flatten(1).sum(1) for k in theta]
+    n = len(updates)  # reshape, not flatten(1): a 0-d parameter (a learnt temperature) is [N] stacked
+    per_key = [(phi[k] - theta[k]).to(torch.float64).pow(2).reshape(n, -1).sum(1) for k in theta]
     return torch.stack(per_key).sum(0).sqrt().tolist()
 
 
@@ -296,7 +297,7 @@ class Server:
         self.cfg = cfg
         self.theta = {k: v.detach().clone() for k, v in theta.items()}
         self.num_train = num_train_clients
-        self.algorithm = algorithm if algorithm is not None else algorithm_for(cfg)
+        self.algorithm = algorithm if algorithm is not None else build_algorithm(cfg)  # None: a test's or script's single server
         self.state = self.algorithm.init_server_state(self.theta, num_train_clients)
         self.hook: Any = AlgorithmServer(self.algorithm)
         self.privacy = None
@@ -397,8 +398,11 @@ def run_federation(
     resume: bool = False,
     progress: Any | None = None,
     launched_at: float | None = None,
+    algorithm: MetaAlgorithm | None = None,
 ) -> dict[str, Any]:
     """Drive ``cfg.simulation.rounds`` rounds on ``backend``; returns the summary (also written to disk).
+
+    ``algorithm``: the run's algorithm object (the engines pass their components'); None builds ``cfg``'s.
 
     ``launched_at``: when the command started (``time.time()``), so that the summary's ``startup_s``
     counts what came before the first round (Ray, building the population, discovering nodes).
@@ -414,10 +418,11 @@ def run_federation(
             "simulation.clients_per_round=%d exceeds the %d training clients available; each round samples all %d",
             cfg.simulation.clients_per_round, len(train_pop), len(train_pop),
         )
-    algorithm = algorithm_for(cfg)
+    algorithm = getattr(backend, "algorithm", None) if algorithm is None else algorithm
+    algorithm = build_algorithm(cfg) if algorithm is None else algorithm
     extra = algorithm.extra_state(model_params(theta0))  # e.g. Meta-SGD's learning rates, if theta0 lacks them
     theta0 = {k: v.detach().clone() for k, v in extra.items() if k not in theta0} | dict(theta0)
-    server = Server(cfg, theta0, len(train_pop))
+    server = Server(cfg, theta0, len(train_pop), algorithm)
     if hasattr(backend, "client_states"):  # a stateful method's client state: in memory, or memory-mapped in the run directory
         backend.client_states = open_client_states(cfg.simulation.client_state, algorithm, writer.dir, max(train_pop) + 1, theta0, resume)
     start_round, history = 1, []

@@ -27,9 +27,13 @@ class LoadedRun(NamedTuple):
     model: torch.nn.Module
 
 
-def load_run(run_dir: str | Path) -> LoadedRun:
-    """``(config, spec, model)`` of the finished run in ``run_dir``; one-line ``RunDirError`` if it is not one."""
-    from fedmeta.client import model_for
+def load_run(run_dir: str | Path, *, model: Any = None, dataset: Any = None, algorithm: Any = None) -> LoadedRun:
+    """``(config, spec, model)`` of the finished run in ``run_dir``; one-line ``RunDirError`` if it is not one.
+
+    ``model``, ``dataset``, ``algorithm``: the objects given to :func:`fedmeta.simulate`, for a run that recorded
+    them as ``"<local>:..."`` (no importable reference; without them that is a one-line ``ComponentError``).
+    """
+    from fedmeta.components import resolve_components
     from fedmeta.config import ConfigError, build_config
     from fedmeta.data.base import spec_from_dict
 
@@ -49,11 +53,10 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             data_spec = None
         if isinstance(data_spec, dict):
             spec = spec_from_dict(data_spec)
+    components = resolve_components(cfg, model=model, dataset=dataset, algorithm=algorithm, with_engine=False)
     if spec is None:
-        from fedmeta.data import build_dataset
-
-        spec = build_dataset(cfg.data, cfg.model.modalities).spec
-    model = model_for(cfg, spec)
+        spec = components.dataset().spec
+    model = components.model(spec)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

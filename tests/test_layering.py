@@ -57,7 +57,7 @@ def test_fedmeta_never_imports_its_adapters_or_experiments():
 def test_errors_imports_nothing_and_config_no_torch():
     assert module_level_imports("fedmeta.errors", PKG / "errors.py") == all_imports("fedmeta.errors", PKG / "errors.py") == []
     heavy = {"torch", "numpy", "flwr"}
-    for m in ("fedmeta.config", "fedmeta.population"):
+    for m in ("fedmeta.config", "fedmeta.population", "fedmeta.registry"):
         names = all_imports(m, modules()[m])
         assert not [n for n in names if n.split(".")[0] in heavy], (m, names)
     # and at run time: building and checking a config's sections loads neither torch nor numpy

@@ -24,7 +24,7 @@ from fedmeta.engines.sequential import SequentialBackend
 from fedmeta.engines.vectorized import VectorizedBackend
 from fedmeta.federation import NOISE_STREAM, ClientUpdate, Server, sample_rate
 from fedmeta.meta import InnerConfig, batch_schedule, client_seed, loss_fn, params_of
-from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
+from fedmeta.meta.algorithm import build_algorithm, initial_meta_parameters
 from fedmeta.meta.metasgd import PREFIX
 from fedmeta.models import build_model
 from fedmeta.privacy.mechanism import global_norm, noise_like
@@ -65,7 +65,7 @@ def _regression_problem(seed=0):
     g = torch.Generator().manual_seed(seed)
     mk = lambda n: ({"x": torch.randn(n, 3, generator=g, dtype=torch.float64)}, torch.randn(n, 1, generator=g, dtype=torch.float64), torch.ones(n, 1, dtype=torch.bool))
     cfg = build_config(None, ["meta.algorithm=metasgd", "meta.inner_lr=0.05"])
-    algo = algorithm_for(cfg)
+    algo = build_algorithm(cfg)
     theta = params_of(model)
     params = initial_meta_parameters(model, algo)
     assert set(params) == set(theta) | {LR + k for k in theta}
@@ -130,7 +130,7 @@ def test_server_step_learns_alpha_and_evaluation_adapts_with_it(small_cfg):
                     "meta.outer_lr=0.5", "meta.outer_lr_final=0.5", "meta.eval_steps=3")
     ds = build_dataset(cfg.data)
     model = model_for(cfg, ds.spec)
-    algo = algorithm_for(cfg)
+    algo = build_algorithm(cfg)
     params = initial_meta_parameters(model, algo)
     cid = ds.train_clients[0]
     data = ds.client(cid)
@@ -202,7 +202,7 @@ def test_vectorized_equals_sequential_on_theta_and_alpha(tmp_path, extra):
 def _cohort_updates(cfg, n=4):
     ds = build_dataset(cfg.data)
     model = model_for(cfg, ds.spec)
-    params = initial_meta_parameters(model, algorithm_for(cfg))
+    params = initial_meta_parameters(model, build_algorithm(cfg))
     ups = []
     for cid in ds.train_clients[:n]:
         phi, m = train_client(model, params, ds.client(cid), cfg, ds.spec, 1, cid)

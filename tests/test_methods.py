@@ -8,7 +8,7 @@ from torch import nn
 
 from fedmeta.config import build_config
 from fedmeta.meta import InnerConfig
-from fedmeta.meta.algorithm import algorithm_for
+from fedmeta.meta.algorithm import build_algorithm
 
 RNG = np.random.default_rng(0)
 X, Y = RNG.normal(size=(6, 2)), RNG.normal(size=(6, 1))  # support rows
@@ -44,7 +44,7 @@ def rows(x, y):
 
 def setup(name, *sets, two=False, query=False):
     cfg = build_config(None, [f"meta.algorithm={name}", f"meta.inner_lr={LR}", *sets])
-    algo = algorithm_for(cfg)
+    algo = build_algorithm(cfg)
     model = Lin(two).double()
     theta = {k: v.detach().clone() for k, v in model.named_parameters()}
     icfg = InnerConfig(steps=len(SCHEDULE), lr=LR, batch_size=3, task="regression")
@@ -172,7 +172,7 @@ class Enc(nn.Module):
 
 def test_protonet_loss_step_and_nearest_prototype_evaluation():
     cfg = build_config(None, ["meta.algorithm=protonet", f"meta.inner_lr={LR}"])
-    algo, model = algorithm_for(cfg), Enc().double()
+    algo, model = build_algorithm(cfg), Enc().double()
     theta = {k: v.detach().clone() for k, v in model.named_parameters()}
     sy, qy = np.array([0, 1, 0, 1, 0, 1]), np.array([1, 0, 0, 1])
     support = ({"v": t(X)}, torch.tensor(sy), torch.ones(6, 1, dtype=torch.bool))
@@ -199,7 +199,7 @@ def test_protonet_loss_step_and_nearest_prototype_evaluation():
 def test_protonet_refuses_a_model_without_embed(small_cfg):
     from fedmeta.components import ComponentError
 
-    algo = algorithm_for(small_cfg("meta.algorithm=protonet"))
+    algo = build_algorithm(small_cfg("meta.algorithm=protonet"))
     with pytest.raises(ValueError, match=r"^model.factory: protonet needs a model with embed"):
         algo.check_model(nn.Linear(2, 2))
     import fedmeta.client as client
@@ -209,7 +209,7 @@ def test_protonet_refuses_a_model_without_embed(small_cfg):
 
         orig = models.build_model_for
         try:
-            client.build_model_for = lambda cfg, spec: nn.Linear(2, 2)
+            client.build_model_for = lambda cfg, spec, factory=None: nn.Linear(2, 2)
             client.model_for(small_cfg("meta.algorithm=protonet"), None)
         finally:
             client.build_model_for = orig
@@ -234,7 +234,7 @@ def test_sequential_and_vectorized_agree(small_cfg, tmp_path, name):
     for engine, backend in (("sequential", SequentialBackend), ("vectorized", VectorizedBackend)):
         cfg = small_cfg(f"meta.algorithm={name}", f"simulation.engine={engine}", "simulation.rounds=3", "simulation.eval_every=3", "meta.inner_steps=3")
         ds = build_dataset(cfg.data)
-        summaries[engine] = run_federation(cfg, backend(cfg, ds), initial_meta_parameters(model_for(cfg, ds.spec), algorithm_for(cfg)), RunWriter(tmp_path / engine))
+        summaries[engine] = run_federation(cfg, backend(cfg, ds), initial_meta_parameters(model_for(cfg, ds.spec), build_algorithm(cfg)), RunWriter(tmp_path / engine))
         models[engine] = torch.load(tmp_path / engine / "model.pt")
     a, b = models["sequential"], models["vectorized"]
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5

@@ -87,18 +87,18 @@ def test_worker_resources_one_gpu_each():
 
 
 def _run_in_process(cfg, out, dataset=None):
-    from fedmeta.api import make_backend
-    from fedmeta.client import configure_torch, model_for
+    from fedmeta.client import configure_torch
+    from fedmeta.components import components_of
     from fedmeta.federation import run_federation
-    from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
+    from fedmeta.meta.algorithm import initial_meta_parameters
     from fedmeta.results import RunWriter
 
-    dataset = dataset or build_dataset(cfg.data, cfg.model.modalities)
-    backend = make_backend(cfg, dataset)
+    components = components_of(cfg, dataset or build_dataset(cfg.data, cfg.model.modalities), with_engine=True)
+    backend = components.engine.backend(cfg, components)  # the vectorized engine: in process, or its Ray workers
     configure_torch(1)
-    theta0 = initial_meta_parameters(model_for(cfg, dataset.spec), algorithm_for(cfg))
+    theta0 = initial_meta_parameters(components.model(components.dataset().spec), components.algorithm)
     try:
-        run_federation(cfg, backend, theta0, RunWriter(out))
+        run_federation(cfg, backend, theta0, RunWriter(out), algorithm=components.algorithm)
     finally:
         if hasattr(backend, "close"):
             backend.close()

@@ -125,7 +125,7 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_promise_one(tmp_path, monke
     out = tmp_path / "run"
     wrote = []
 
-    def interrupted(cfg, out_dir, resume=False, progress=True):  # Ctrl-C while Ray starts, before any checkpoint
+    def interrupted(cfg, out_dir, resume=False, progress=True, components=None):  # Ctrl-C while Ray starts, before any checkpoint
         for name in wrote:
             (out_dir / name).write_text("{}")
         raise KeyboardInterrupt

@@ -6,7 +6,7 @@ import torch
 from fedmeta.components import ComponentError
 from fedmeta.federation import ClientUpdate, Server
 from fedmeta.meta import MetaAlgorithm
-from fedmeta.meta.algorithm import algorithm_for
+from fedmeta.meta.algorithm import build_algorithm
 
 
 class HalfStep(MetaAlgorithm):
@@ -46,7 +46,7 @@ def test_a_server_update_dp_cannot_wrap_refuses_privacy(small_cfg, monkeypatch):
     monkeypatch.setattr(HalfStep, "name", "halfstep")
     cfg = small_cfg("privacy.enabled=true", "simulation.sampling=poisson")
     with pytest.raises(ComponentError, match=r"^config error: privacy.enabled: .* overrides server_update"):
-        algorithm_for(cfg.model_copy(update={"meta": cfg.meta.model_copy(update={"algorithm": "halfstep"})}))
+        build_algorithm(cfg.model_copy(update={"meta": cfg.meta.model_copy(update={"algorithm": "halfstep"})}))
 
 
 # -- client state ------------------------------------------------------------------------------------------------
@@ -147,11 +147,11 @@ def damped(monkeypatch):
 def test_a_registered_name_is_valid_in_the_config_and_params_come_from_meta_params(damped):
     cfg = build_config(None, ["meta.algorithm=damped_test", "meta.params.lam=3.0"])
     check_components(cfg)
-    algo = algorithm_for(cfg)
+    algo = build_algorithm(cfg)
     assert type(algo) is Damped and algo.params.lam == 3.0 and algo.step_size(1) == 0.25
     assert cfg.to_dict()["meta"]["params"] == {"lam": 3.0}  # what config.json records
     assert cfg.to_flat()["meta.params.lam"] == 3.0  # Flower's flat run config
-    assert algorithm_for(build_config(None, ["meta.algorithm=damped_test"])).params.lam == 0.5  # the default
+    assert build_algorithm(build_config(None, ["meta.algorithm=damped_test"])).params.lam == 0.5  # the default
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -177,9 +177,9 @@ def test_a_name_registered_by_the_module_a_reference_names(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        algo = algorithm_for(build_config(None, ["meta.algorithm='my_methods_reg:my_reg_method'"]))
+        algo = build_algorithm(build_config(None, ["meta.algorithm='my_methods_reg:my_reg_method'"]))
         assert type(algo).__name__ == "Mine" and algo.name == "my_reg_method"
-        assert type(algorithm_for(build_config(None, ["meta.algorithm=my_reg_method"]))).__name__ == "Mine"  # now registered
+        assert type(build_algorithm(build_config(None, ["meta.algorithm=my_reg_method"]))).__name__ == "Mine"  # now registered
     finally:
         REGISTRY.pop("my_reg_method", None)
 
@@ -230,9 +230,9 @@ def test_dp_wraps_a_methods_own_server_apply(small_cfg, tmp_path):
     cfg = small_cfg("meta.algorithm=scaffold", "privacy.enabled=true", "simulation.sampling=poisson", "privacy.noise_multiplier=1e-9",
                     "privacy.clip_norm=1.0", "meta.params.global_lr=0.5")
     theta = {"w": torch.zeros(3)}
-    algo = algorithm_for(cfg)
+    algo = build_algorithm(cfg)
     theta |= algo.extra_state(theta)
-    server = Server(cfg, theta, 8)
+    server = Server(cfg, theta, 8, algo)  # the run's algorithm object, passed down
     assert isinstance(server.hook, PrivateServer) and server.hook.algorithm is algo
     big = {"w": torch.tensor([30.0, 0.0, 40.0]), "scaffold/w": torch.zeros(3)}  # norm 50: clipped to 1
     info = server.step([ClientUpdate(0, big, 5)], 1)

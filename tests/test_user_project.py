@@ -82,12 +82,12 @@ def _theta_after(cfg, backend_cls, out: Path) -> dict[str, torch.Tensor]:
     from fedmeta.client import configure_torch, model_for
     from fedmeta.data import build_dataset
     from fedmeta.federation import run_federation
-    from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
+    from fedmeta.meta.algorithm import build_algorithm, initial_meta_parameters
     from fedmeta.results import RunWriter
 
     configure_torch(1)
     dataset = build_dataset(cfg.data, cfg.model.modalities)
-    theta0 = initial_meta_parameters(model_for(cfg, dataset.spec), algorithm_for(cfg))
+    theta0 = initial_meta_parameters(model_for(cfg, dataset.spec), build_algorithm(cfg))
     writer = RunWriter(out)
     run_federation(cfg, backend_cls(cfg, dataset), theta0, writer)
     return theta0, writer.load_checkpoint()["server"]["theta"]
@@ -141,7 +141,10 @@ def test_python_api_with_process_local_objects(tmp_path, monkeypatch):
     summary = fedmeta.simulate(None, model=model, dataset=dataset, algorithm=Faster, overrides=["simulation.engine=vectorized", *sets], out=tmp_path / "run")
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["model"]["factory"].startswith("fedmeta.api:LOCAL.")
+    # recorded by readable labels (the objects themselves were passed down, never through a string)
+    assert config["model"]["factory"] == "<local>:test_python_api_with_process_local_objects.<locals>.<lambda>"
+    assert config["data"]["dataset"] == f"<local>:{type(dataset).__qualname__} object"
+    assert config["meta"]["algorithm"] == "<local>:test_python_api_with_process_local_objects.<locals>.Faster"
     with pytest.raises(ConfigError, match="simulation.engine: 'flower' runs clients in other processes"):
         fedmeta.simulate(None, model=model, dataset=dataset, algorithm=Faster, overrides=["simulation.engine=flower", *sets], out=tmp_path / "f")
 
@@ -186,7 +189,7 @@ def test_readme_bring_your_own_snippet_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert " -> " in r.stdout
     summary = json.loads((tmp_path / "runs" / "byo" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["engine"] == "vectorized" and summary["algorithm"].startswith("fedmeta.api:LOCAL.")
+    assert summary["status"] == "completed" and summary["engine"] == "vectorized" and summary["algorithm"] == "<local>:CosineReptile"
 
 
 def test_model_pt_reloads_into_the_users_model(tmp_path, monkeypatch):

@@ -11,21 +11,19 @@ if TYPE_CHECKING:
     from fedmeta.config import DataConfig
 
 __all__ = [
-    "Batch", "ClientData", "DataError", "DatasetSpec", "FederatedDataset", "ModalitySpec", "build_dataset",
+    "BUILTIN", "Batch", "ClientData", "DataError", "DatasetSpec", "FederatedDataset", "ModalitySpec", "build_dataset",
     "resolve_dataset_factory", "split_clients",
 ]
 
-BUILTIN = ("synthetic", "avdigits", "sine", "disk", "store")
-
-
 def resolve_dataset_factory(name: str):
-    """A built-in dataset name -> None; ``"package.module:callable"`` -> the callable (one-line error otherwise)."""
-    if name in BUILTIN:
-        return None
-    from fedmeta.components import ComponentError, resolve
+    """``data.dataset`` -> the dataset factory: a registered name (:data:`fedmeta.registry.DATASETS`, the built-ins
+    included) or ``"package.module:attr"``; one-line ``ComponentError`` otherwise."""
+    from fedmeta.registry import DATASETS
 
-    factory = resolve(name, "data.dataset")
+    factory = DATASETS.resolve(name)
     if not callable(factory):
+        from fedmeta.errors import ComponentError
+
         raise ComponentError(f"config error: data.dataset: {name!r} is not callable")
     return factory
 
@@ -70,20 +68,23 @@ class CheckedClients:
         return getattr(self.base, name)
 
 
-def build_dataset(cfg: "DataConfig", modalities: str = "") -> FederatedDataset:
+def build_dataset(cfg: "DataConfig", modalities: str = "", factory=None) -> FederatedDataset:
     """The dataset a config names, restricted to ``modalities`` (comma-separated; "" = all).
 
     Pass ``cfg.model.modalities`` as ``modalities``. Construction is cheap: clients are built on demand.
     Then, for any dataset (built-in or a user's): ``data.missing_modality_mode = "sample"`` drops
     modalities per example (:class:`~fedmeta.data.subset.SampleDropout`), and
     ``data.validation_fraction`` carves validation clients out of the training clients of a dataset
-    that has no validation group of its own.
+    that has no validation group of its own. ``factory``: the resolved dataset factory
+    (:class:`fedmeta.components.Components` passes it); None resolves ``cfg.dataset``.
     """
     from fedmeta.data.base import carve_validation, check_population, validation_clients, validation_count
     from fedmeta.data.subset import SampleDropout, WithValidation
 
-    dataset = _build(cfg)
-    local = ":LOCAL." in cfg.dataset  # an object passed to fedmeta.simulate(dataset=...): its generated name says nothing
+    from fedmeta.registry import is_local
+
+    dataset = _build(cfg, resolve_dataset_factory(cfg.dataset) if factory is None else factory)
+    local = is_local(cfg.dataset)  # an object passed to fedmeta.simulate(dataset=...): its label names no file
     where = ("data.dataset" if local else f"data.dataset={cfg.dataset!r}") + (f" (data.path={cfg.path})" if cfg.path else "")
     check_population(dataset, where)  # every dataset: built-in, disk, store, a user's
     if not _validated_on_open(dataset):
@@ -110,74 +111,27 @@ def _validated_on_open(dataset) -> bool:
     return isinstance(dataset, StoreDataset)
 
 
-def _per_client_missing(cfg: "DataConfig") -> float:
-    """The built-in datasets' own (per-client) drop; off when examples drop modalities instead."""
-    return cfg.missing_modality_fraction if cfg.missing_modality_mode == "client" else 0.0
+def _build(cfg: "DataConfig", factory) -> FederatedDataset:
+    """The factory's dataset; a user's factory is checked against the protocol and may fail with one line only."""
+    from fedmeta.registry import DATASETS
 
-
-def _build(cfg: "DataConfig") -> FederatedDataset:
-    factory = resolve_dataset_factory(cfg.dataset)
-    if factory is not None:
-        try:
-            dataset = factory(cfg)
-        except (DataError, ConfigError):
+    builtin = DATASETS.is_builtin(factory)
+    try:
+        dataset = factory(cfg)
+    except (DataError, ConfigError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a user's factory may raise anything
+        if builtin:
             raise
-        except Exception as err:  # noqa: BLE001 - a user's factory may raise anything
-            from fedmeta.components import raised
+        from fedmeta.registry import raised
 
-            raise raised("data.dataset", cfg.dataset, err) from None
-        return _check_dataset(dataset, cfg.dataset)
-    if cfg.dataset == "synthetic":
-        from fedmeta.data.synthetic import SyntheticMultimodal
+        raise raised("data.dataset", cfg.dataset, err) from None
+    return dataset if builtin else _check_dataset(dataset, cfg.dataset)
 
-        return SyntheticMultimodal(
-            num_clients=cfg.num_clients,
-            examples_per_client=cfg.examples_per_client,
-            num_classes=cfg.num_classes,
-            support_fraction=cfg.support_fraction,
-            heldout_fraction=cfg.heldout_fraction,
-            missing_modality_fraction=_per_client_missing(cfg),
-            missing_modality=cfg.missing_modality,
-            seed=cfg.seed,
-        )
-    if cfg.dataset == "avdigits":
-        from fedmeta.data.avdigits import AVDigits
 
-        return AVDigits(
-            num_clients=cfg.num_clients,
-            heldout_fraction=cfg.heldout_fraction,
-            support_fraction=cfg.support_fraction,
-            examples_per_client=cfg.examples_per_client,
-            num_classes=cfg.num_classes,
-            missing_modality_fraction=_per_client_missing(cfg),
-            missing_modality=cfg.missing_modality or None,
-            dirichlet_alpha=cfg.dirichlet_alpha,
-            seed=cfg.seed,
-            audio_domain=cfg.audio_domain,
-            path=cfg.path or None,
-            audio_dedup=cfg.audio_dedup,
-            content_pool=cfg.content_pool,
-        )
-    if cfg.dataset == "sine":
-        from fedmeta.data.sine import SineDataset
+def __getattr__(name: str):
+    if name == "BUILTIN":  # the built-in dataset names: the registry's contents (fedmeta.registry.DATASETS)
+        from fedmeta.registry import DATASETS
 
-        return SineDataset(
-            num_clients=cfg.num_clients,
-            heldout_fraction=cfg.heldout_fraction,
-            k_shot=cfg.k_shot,
-            examples_per_client=cfg.examples_per_client,
-            seed=cfg.seed,
-        )
-    if cfg.dataset == "disk":
-        if not cfg.path:
-            raise DataError("data.path: required when data.dataset = 'disk' (a directory written by `fedmeta partition`)")
-        from fedmeta.data.disk import DiskDataset
-
-        return DiskDataset(cfg.path, num_clients=cfg.num_clients)
-    if cfg.dataset == "store":
-        if not cfg.path:
-            raise DataError("data.path: required when data.dataset = 'store' (a directory written by `fedmeta partition --format store`)")
-        from fedmeta.data.store import StoreDataset
-
-        return StoreDataset(cfg.path, num_clients=cfg.num_clients)
-    raise DataError(f"data.dataset: unknown dataset {cfg.dataset!r}")
+        return DATASETS.builtin_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,7 +53,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fedmeta.data.base import ClientData, DataError, DatasetSpec, ModalitySpec, split_clients
+from fedmeta.data.base import ClientData, DataError, DatasetSpec, ModalitySpec, split_clients, per_client_missing
+from fedmeta.registry import DATASETS
 
 ASSET = Path(__file__).resolve().parent / "assets" / "avdigits_audio.npz"
 MODALITY_NAMES = ("image", "audio", "signal")
@@ -375,3 +376,23 @@ class AVDigits:
             x[self.modalities[m]].zero_()
         n_support = min(max(1, int(round(self.support_fraction * n))), n - 1)
         return ClientData(x=x, y=torch.from_numpy(y.copy()), present=present, n_support=n_support)
+
+
+@DATASETS.register("avdigits")
+def make_avdigits(cfg) -> AVDigits:
+    """``data.dataset = "avdigits"``: the built-in dataset factory of a ``DataConfig``."""
+    return AVDigits(
+        num_clients=cfg.num_clients,
+        heldout_fraction=cfg.heldout_fraction,
+        support_fraction=cfg.support_fraction,
+        examples_per_client=cfg.examples_per_client,
+        num_classes=cfg.num_classes,
+        missing_modality_fraction=per_client_missing(cfg),
+        missing_modality=cfg.missing_modality or None,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+        seed=cfg.seed,
+        audio_domain=cfg.audio_domain,
+        path=cfg.path or None,
+        audio_dedup=cfg.audio_dedup,
+        content_pool=cfg.content_pool,
+    )

@@ -301,3 +301,8 @@ def check_client(data: object, spec: DatasetSpec, cid: int, where: str = "") -> 
     if not _is_id(k) or not 1 <= int(k) <= n - 1:
         raise DataError(f"{at}: n_support must be an integer in [1, n - 1] = [1, {n - 1}] (a support and a query set), got {k!r}")
     return data
+
+
+def per_client_missing(cfg) -> float:
+    """The built-in datasets' own (per-client) modality drop of a ``DataConfig``; off when examples drop modalities instead."""
+    return cfg.missing_modality_fraction if cfg.missing_modality_mode == "client" else 0.0

@@ -80,6 +80,7 @@ import numpy as np
 import torch
 
 from fedmeta.data.base import ClientData, DataError, DatasetSpec, FederatedDataset, ModalitySpec, spec_to_dict
+from fedmeta.registry import DATASETS
 
 FORMAT_VERSION = 1
 DATASET_FILE = "dataset.json"
@@ -428,3 +429,11 @@ class DiskDataset:
         if heldout != self._heldout[int(cid)]:
             raise DataError(f"{meta_path}: the client is a {heldout!r} client, dataset.json says {self._heldout[int(cid)]!r}")
         return data
+
+
+@DATASETS.register("disk")
+def make_disk(cfg) -> DiskDataset:
+    """``data.dataset = "disk"``: partitions written by ``fedmeta partition`` under ``data.path``."""
+    if not cfg.path:
+        raise DataError("data.path: required when data.dataset = 'disk' (a directory written by `fedmeta partition`)")
+    return DiskDataset(cfg.path, num_clients=cfg.num_clients)

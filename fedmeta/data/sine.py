@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedmeta.data.base import ClientData, DataError, DatasetSpec, ModalitySpec, split_clients
+from fedmeta.registry import DATASETS
 
 
 class SineDataset:
@@ -84,3 +85,15 @@ class SineDataset:
             present=torch.ones(n, 1, dtype=torch.bool),
             n_support=self.k_shot,
         )
+
+
+@DATASETS.register("sine")
+def make_sine(cfg) -> SineDataset:
+    """``data.dataset = "sine"``: the built-in dataset factory of a ``DataConfig``."""
+    return SineDataset(
+        num_clients=cfg.num_clients,
+        heldout_fraction=cfg.heldout_fraction,
+        k_shot=cfg.k_shot,
+        examples_per_client=cfg.examples_per_client,
+        seed=cfg.seed,
+    )

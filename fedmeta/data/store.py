@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from fedmeta.data.base import ClientData, DataError, spec_to_dict
+from fedmeta.registry import DATASETS
 
 STORE_FILE = "store.json"
 FORMAT, VERSION = "fedmeta-store", 1
@@ -292,3 +293,11 @@ def mapped_store(dataset) -> "StoreDataset | None":
     while isinstance(dataset, (WithValidation, CheckedClients)):
         dataset = dataset.base
     return dataset if isinstance(dataset, StoreDataset) else None
+
+
+@DATASETS.register("store")
+def make_store(cfg) -> StoreDataset:
+    """``data.dataset = "store"``: a memory-mapped store written by ``fedmeta partition --format store`` under ``data.path``."""
+    if not cfg.path:
+        raise DataError("data.path: required when data.dataset = 'store' (a directory written by `fedmeta partition --format store`)")
+    return StoreDataset(cfg.path, num_clients=cfg.num_clients)

@@ -20,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedmeta.data.base import ClientData, DataError, DatasetSpec, ModalitySpec, split_clients
+from fedmeta.data.base import ClientData, DataError, DatasetSpec, ModalitySpec, split_clients, per_client_missing
+from fedmeta.registry import DATASETS
 
 LATENT = 16
 IMAGE = (8, 8)
@@ -117,3 +118,18 @@ class SyntheticMultimodal:
             if not present[0, j]:
                 x[name] = torch.zeros_like(x[name])
         return ClientData(x=x, y=torch.from_numpy(y.astype(np.int64)), present=torch.from_numpy(present), n_support=self.n_support)
+
+
+@DATASETS.register("synthetic")
+def make_synthetic(cfg) -> SyntheticMultimodal:
+    """``data.dataset = "synthetic"``: the built-in dataset factory of a ``DataConfig``."""
+    return SyntheticMultimodal(
+        num_clients=cfg.num_clients,
+        examples_per_client=cfg.examples_per_client,
+        num_classes=cfg.num_classes,
+        support_fraction=cfg.support_fraction,
+        heldout_fraction=cfg.heldout_fraction,
+        missing_modality_fraction=per_client_missing(cfg),
+        missing_modality=cfg.missing_modality,
+        seed=cfg.seed,
+    )

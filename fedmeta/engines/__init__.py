@@ -1,4 +1,7 @@
-"""Backends: one per ``simulation.engine``, each running a round's clients.
+"""Engines and their backends: one per ``simulation.engine``, each running a round's clients.
+
+An engine is an :class:`~.base.Engine` object registered by name (:data:`fedmeta.registry.ENGINES`);
+:func:`fedmeta.api.run` calls ``engine.run(cfg, components, ...)`` and never branches on the name.
 
 ``sequential`` (:class:`~.sequential.SequentialBackend`), ``vectorized``
 (:class:`~.vectorized.VectorizedBackend`) and ``flower``

@@ -27,12 +27,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.config import Config
-from fedmeta.data import build_dataset
 from fedmeta.data.base import DataError, spec_to_dict
 from fedmeta.client import configure_torch, model_for
 from fedmeta.federation import Params, Replies, RunError, run_federation
 from fedmeta.engines.messages import MetaStrategy
-from fedmeta.meta.algorithm import algorithm_for, initial_meta_parameters
+from fedmeta.engines.base import Engine
+from fedmeta.meta.algorithm import initial_meta_parameters
+from fedmeta.registry import ENGINES
 from fedmeta.progress import round_printer, status
 from fedmeta.results import RunDirError, RunWriter, check_resume, close_writers, default_out_dir, prepare_out_dir, run_dir_lock
 
@@ -170,17 +171,25 @@ def check_node_count(found: int, cfg: Config) -> None:
 
 
 def serve(grid: Grid, cfg: Config, out_dir: str | Path | None = None, resume: bool | None = None, progress: bool | None = None,
-          launched_at: float | None = None) -> dict[str, Any]:
-    """Discover the nodes, then run the federation; returns the run summary."""
+          launched_at: float | None = None, components=None) -> dict[str, Any]:
+    """Discover the nodes, then run the federation; returns the run summary.
+
+    ``components``: the run's :class:`~fedmeta.components.Components`; None resolves ``cfg``'s (a deployed ServerApp's top;
+    it is the engine, so none is resolved).
+    """
+    if components is None:
+        from fedmeta.components import resolve_components
+
+        components = resolve_components(cfg, with_engine=False)
     launched_at = time.time() if launched_at is None else launched_at
     configure_torch(1)
     out = Path(out_dir or cfg.output.dir or default_out_dir())
     resume = cfg.output.resume if resume is None else resume
     with run_dir_lock(out, "output.dir", create=not resume):  # one process per run directory (re-entrant in-process)
-        return _serve(grid, cfg, out, resume, progress, launched_at)
+        return _serve(grid, cfg, out, resume, progress, launched_at, components)
 
 
-def _serve(grid: Grid, cfg: Config, out: Path, resume: bool, progress: bool | None, launched_at: float) -> dict[str, Any]:
+def _serve(grid: Grid, cfg: Config, out: Path, resume: bool, progress: bool | None, launched_at: float, components) -> dict[str, Any]:
     if resume:  # the same rules as `fedmeta simulate --resume` (fedmeta/results.py::check_resume), before discovery
         check_resume(out, cfg, option="output.dir")
     else:
@@ -192,28 +201,29 @@ def _serve(grid: Grid, cfg: Config, out: Path, resume: bool, progress: bool | No
     backend.discover(expected=cfg.data.num_clients, wait_s=min(cfg.simulation.round_timeout, 120.0), require_all=True)
     if not backend.train_pop:
         raise RunError("no training clients answered; check the SuperNodes' logs")
-    spec = backend.spec or build_dataset(cfg.data, cfg.model.modalities).spec
-    theta0 = initial_meta_parameters(model_for(cfg, spec), algorithm_for(cfg))
+    spec = backend.spec or components.dataset().spec
+    theta0 = initial_meta_parameters(model_for(cfg, spec, components), components.algorithm)
     chance = 1.0 / spec.num_classes if spec.task == "classification" and spec.num_classes > 0 else None
     show = round_printer(cfg.simulation.rounds, chance=chance) if show_progress else None
     if show_progress:
         status(f"{'resuming' if resume else 'starting'} {cfg.simulation.rounds} rounds of {cfg.meta.algorithm} into {out}")
     try:
-        return run_federation(cfg, backend, theta0, RunWriter(out), resume=resume, progress=show, launched_at=launched_at)
+        return run_federation(cfg, backend, theta0, RunWriter(out), resume=resume, progress=show, launched_at=launched_at,
+                              algorithm=components.algorithm)
     finally:
         if show is not None:
             show.close()
 
 
 def make_server_app(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, result: dict | None = None,
-                    launched_at: float | None = None) -> ServerApp:
+                    launched_at: float | None = None, components=None) -> ServerApp:
     """A ServerApp bound to a config (what ``fedmeta simulate`` runs)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            summary = serve(grid, cfg, out_dir, resume, progress, launched_at=launched_at)
+            summary = serve(grid, cfg, out_dir, resume, progress, launched_at=launched_at, components=components)
         except (RunDirError, RunError, DataError) as err:  # e.g. a full disk, a bad client: the caller reports one line
             if result is None:
                 raise
@@ -269,8 +279,12 @@ class _NotForTheUser(logging.Filter):
         return not (str(record.msg).lstrip().startswith("DEPRECATED FEATURE") and "run_simulation" in str(record.args))
 
 
-def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True, launched_at: float | None = None) -> dict[str, Any]:
-    """Run the ServerApp and ClientApp on Flower's Simulation Engine; one SuperNode per client."""
+def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: bool = True, launched_at: float | None = None,
+                    components=None) -> dict[str, Any]:
+    """Run the ServerApp and ClientApp on Flower's Simulation Engine; one SuperNode per client.
+
+    The ServerApp (in this process) uses ``components``; each ClientApp (a Ray actor) resolves its own from the config.
+    """
     launched_at = time.time() if launched_at is None else launched_at
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -282,7 +296,7 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
 
     client_app = load_component(CLIENT_APP)
     result: dict[str, Any] = {}
-    server_app = make_server_app(cfg, out_dir, resume=resume, progress=progress, result=result, launched_at=launched_at)
+    server_app = make_server_app(cfg, out_dir, resume=resume, progress=progress, result=result, launched_at=launched_at, components=components)
     backend_config = ray_backend_config(cfg)
     # Ctrl-C: Flower's ServerApp runs in a non-daemon thread that would wait (up to round_timeout per round) for
     # replies that never come once the Simulation Engine stops, and could log the round in flight as failed.
@@ -321,3 +335,14 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
     if not result:
         raise RunError("the Flower simulation ended without a result; see the log above")
     return result
+
+
+@ENGINES.register("flower")
+class FlowerEngine(Engine):
+    """``simulation.engine = "flower"``: the project's ServerApp and ClientApp on Flower's Simulation Engine."""
+
+    def clients_elsewhere(self, cfg: Config) -> str | None:
+        return "simulation.engine: 'flower' runs clients in other processes"
+
+    def run(self, cfg, components, out_dir, resume=False, progress=True, launched_at=None):
+        return simulate_flower(cfg, Path(out_dir), resume=resume, progress=progress, launched_at=launched_at, components=components)

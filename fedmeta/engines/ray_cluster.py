@@ -41,7 +41,6 @@ from pathlib import Path
 
 from fedmeta.config import Config, config_from_json
 from fedmeta.federation import Params, Replies, RunError
-from fedmeta.meta.algorithm import algorithm_for
 from fedmeta.meta.client_state import ClientStates, CohortRows
 
 log = logging.getLogger("fedmeta")
@@ -54,12 +53,10 @@ class ShardWorker:
         cfg = config_from_json(cfg_json)
         if gpu:  # Ray made exactly one GPU visible to this actor
             cfg = cfg.model_copy(update={"simulation": cfg.simulation.model_copy(update={"device": "cuda"})})
-        from fedmeta.components import check_components
-        from fedmeta.data import build_dataset
+        from fedmeta.components import resolve_components
         from fedmeta.engines.vectorized import VectorizedBackend
 
-        check_components(cfg)
-        self.backend = VectorizedBackend(cfg, build_dataset(cfg.data, cfg.model.modalities))
+        self.backend = VectorizedBackend(cfg, resolve_components(cfg, with_engine=False))  # this process's components, once
 
     def where(self) -> dict:
         import ray
@@ -135,7 +132,8 @@ class RayVectorizedBackend:
 
     name = "vectorized"
 
-    def __init__(self, cfg: Config, dataset) -> None:
+    def __init__(self, cfg: Config, components) -> None:
+        """``components``: the run's :class:`~fedmeta.components.Components` (the workers rebuild theirs from ``cfg``)."""
         import ray
 
         from fedmeta.client import configure_torch
@@ -143,12 +141,13 @@ class RayVectorizedBackend:
 
         configure_torch(THREADS)  # the driver screens and aggregates, as the in-process engine does, with its threads
         self.cfg = cfg
-        self.dataset = dataset
+        self.dataset = components.dataset()
+        self.algorithm = components.algorithm
         self.workers = cfg.simulation.workers
         self.timeout = cfg.simulation.round_timeout
         # a stateful method's client state: held here, on the driver (checkpointed with the run); each worker gets
         # its sub-cohort's rows with the call and returns the new rows (ShardWorker.train_chunks)
-        self.client_states = ClientStates(algorithm_for(cfg))
+        self.client_states = ClientStates(self.algorithm)
         self.started_ray = connect(cfg.simulation.ray_address)
         try:
             have = ray.cluster_resources()

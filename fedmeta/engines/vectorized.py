@@ -63,7 +63,10 @@ from fedmeta.client import (
     train_plan,
 )
 from fedmeta.federation import ClientUpdate, Params, Replies, RunError, StackedUpdates
-from fedmeta.meta.algorithm import ClientStates, algorithm_for, client_step
+from fedmeta.components import components_of
+from fedmeta.engines.base import InProcessEngine
+from fedmeta.meta.algorithm import ClientStates, client_step
+from fedmeta.registry import ENGINES
 
 # One intra-op thread: measured fastest for the default model on a 2-core machine
 # (see docs/benchmarks.md, section 2); a second thread only adds contention.
@@ -256,14 +259,16 @@ class VectorizedBackend:
 
     name = "vectorized"
 
-    def __init__(self, cfg: Config, dataset) -> None:
+    def __init__(self, cfg: Config, components) -> None:
+        """``components``: the run's :class:`~fedmeta.components.Components` (or a built dataset: ``cfg``'s components around it)."""
         configure_torch(THREADS)
+        components = components_of(cfg, components)
         self.cfg = cfg
-        self.dataset = dataset
+        self.dataset = dataset = components.dataset()
         self.spec = dataset.spec
         self.device = resolve_device(cfg.simulation.device)
-        self.model = model_for(cfg, self.spec).to(self.device)
-        self.algorithm = algorithm_for(cfg)
+        self.model = model_for(cfg, self.spec, components).to(self.device)
+        self.algorithm = components.algorithm
         self.chunk_size = cfg.simulation.chunk_size
         self.store = ClientStore(dataset)
         self.client_states = ClientStates(self.algorithm)  # a stateful method's per-client state (host memory)
@@ -344,7 +349,7 @@ class VectorizedBackend:
         """``evaluate_client`` for the whole cohort, per chunk: query loss/accuracy before, during and after adaptation."""
         cfg, store = self.cfg, self.store
         store.ensure(cids)
-        icfg = inner_config(cfg, self.spec, evaluation=True)
+        icfg = inner_config(cfg, self.spec, evaluation=True, algorithm=self.algorithm)
         marks = tuple(s for s in CURVE_STEPS if 0 < s <= icfg.steps)
         schedules = [eval_schedule(cfg, store.client(cid), server_round, cid, icfg.steps) for cid in cids]
         n_query = (store.n - store.n_support)[cids].tolist()
@@ -440,3 +445,19 @@ def eval_results(cids: list[int], chunks: list[EvalChunk]) -> list[tuple[int, di
         for j, p in enumerate(ch.positions):
             metrics[p] = {k: float(v[j]) for k, v in ch.metrics.items()} | {"num-examples": int(ch.num_examples[j])}
     return list(zip(cids, metrics))
+
+
+@ENGINES.register("vectorized")
+class VectorizedEngine(InProcessEngine):
+    """``simulation.engine = "vectorized"``: :class:`VectorizedBackend`, or with ``simulation.workers = N`` the Ray workers'
+    :class:`~fedmeta.engines.ray_cluster.RayVectorizedBackend` (which rebuild the components from the config)."""
+
+    def clients_elsewhere(self, cfg: Config) -> str | None:
+        return "simulation.workers: Ray workers run in other processes" if cfg.simulation.workers else None
+
+    def backend(self, cfg: Config, components):
+        if cfg.simulation.workers:
+            from fedmeta.engines.ray_cluster import RayVectorizedBackend
+
+            return RayVectorizedBackend(cfg, components)
+        return VectorizedBackend(cfg, components)

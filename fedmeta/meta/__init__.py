@@ -15,7 +15,7 @@ from fedmeta.meta.algorithm import (
     REGISTRY,
     ClientStates,
     MetaAlgorithm,
-    algorithm_for,
+    build_algorithm,
     client_step,
     extra_params,
     model_params,
@@ -24,7 +24,7 @@ from fedmeta.meta.algorithm import (
 from fedmeta.meta.outer import apply_step, difference, linear_anneal, reptile_update, weighted_mean
 
 __all__ = [
-    "REGISTRY", "ClientStates", "MetaAlgorithm", "algorithm_for", "client_step", "extra_params", "model_params", "register",
+    "REGISTRY", "ClientStates", "MetaAlgorithm", "build_algorithm", "client_step", "extra_params", "model_params", "register",
     "InnerConfig", "Params", "adapt_and_evaluate", "apply_step", "batch_schedule", "client_seed", "difference", "evaluate",
     "inner_loop", "linear_anneal", "loss_fn", "params_of", "reptile_update", "weighted_mean",
 ]

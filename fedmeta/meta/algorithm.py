@@ -46,6 +46,8 @@ from fedmeta.meta.client_state import ClientStates  # noqa: F401 - re-exported: 
 from fedmeta.meta.inner import InnerConfig, Params, adaptation_metrics, inner_loop
 from fedmeta.meta.maml import Set, maml_client_update
 from fedmeta.meta.outer import ServerAdam, apply_step, linear_anneal
+from fedmeta.errors import ComponentError
+from fedmeta.registry import METHODS, raised
 
 if TYPE_CHECKING:
     from fedmeta.config import Config
@@ -190,7 +192,7 @@ class MetaAlgorithm:
         ``deltas``: the cohort's ``phi_i - theta`` stacked per key (``[N, *shape]``), as in :meth:`aggregate`.
 
         A method may override this instead of the two halves; DP then cannot wrap it and
-        :func:`algorithm_for` refuses ``privacy.enabled`` for it (see :attr:`private_server`).
+        :func:`build_algorithm` refuses ``privacy.enabled`` for it (see :attr:`private_server`).
         """
         return self.server_apply(theta, self.aggregate(deltas, weights, state), server_round, state)
 
@@ -216,18 +218,10 @@ def client_step(
     return new, metrics, state
 
 
-REGISTRY: dict[str, type[MetaAlgorithm]] = {}
-
-
-def register(name: str):
-    """Class decorator: make a :class:`MetaAlgorithm` available as ``meta.algorithm = name``."""
-
-    def deco(cls: type[MetaAlgorithm]) -> type[MetaAlgorithm]:
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-
-    return deco
+#: The registered methods (name -> class): the contents of :data:`fedmeta.registry.METHODS`.
+REGISTRY: dict[str, type[MetaAlgorithm]] = METHODS.entries
+#: Class decorator: ``@register("name")`` makes a :class:`MetaAlgorithm` available as ``meta.algorithm = name``.
+register = METHODS.register
 
 
 @register("reptile")
@@ -283,79 +277,47 @@ class FOMAML(MAML):
     second_order = False
 
 
-#: Modules of the built-in methods beyond this one (each registers its names when imported).
-BUILTIN_MODULES = (
-    "fedmeta.meta.metasgd", "fedmeta.meta.perfedavg", "fedmeta.meta.ditto", "fedmeta.meta.fedrep",
-    "fedmeta.meta.scaffold", "fedmeta.meta.protonet",
-)
-
-
 def builtin_names() -> tuple[str, ...]:
     """Every registered method name: the built-ins, and any a user's module registered (once imported)."""
-    import importlib
-
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-    return tuple(REGISTRY)
+    return METHODS.names()
 
 
 def resolve_algorithm(name: str) -> type[MetaAlgorithm]:
     """A registered name, ``"package.module:Name"`` (a class, or a name that module ``@register``s) -> the class;
     one-line ``ComponentError`` otherwise."""
-    from fedmeta.components import ComponentError, is_reference, resolve
-
-    names = builtin_names()
-    if name in names:
-        return REGISTRY[name]
-    if not is_reference(name):
-        listed = ", ".join(repr(n) for n in names)
-        raise ComponentError(f"config error: meta.algorithm: must be one of {listed} or a 'package.module:Name' reference (got {name!r})")
-    try:
-        obj = resolve(name, "meta.algorithm")
-    except ComponentError:
-        registered = name.partition(":")[2]
-        if registered in REGISTRY:  # the module imported fine and registered that name
-            return REGISTRY[registered]
-        raise
+    obj = METHODS.resolve(name)
     if not (isinstance(obj, type) and issubclass(obj, MetaAlgorithm)):
         raise ComponentError(f"config error: meta.algorithm: {name!r} is not a subclass of fedmeta.meta.MetaAlgorithm (got {obj!r})")
     return obj
 
 
-_CACHE: dict[str, MetaAlgorithm] = {}
+def build_algorithm(cfg: "Config", cls: type[MetaAlgorithm] | None = None) -> MetaAlgorithm:
+    """The run's algorithm object: ``cls`` (None: the class ``meta.algorithm`` names) built from ``cfg`` and checked.
 
+    Called once per run, by :func:`fedmeta.components.resolve_components`; everything below gets the object.
+    """
+    name = cfg.meta.algorithm
+    if cls is None:
+        cls = resolve_algorithm(name)
+    elif not (isinstance(cls, type) and issubclass(cls, MetaAlgorithm)):
+        raise ComponentError(f"config error: meta.algorithm: {name!r} is not a subclass of fedmeta.meta.MetaAlgorithm (got {cls!r})")
+    try:
+        algo = cls(cfg)
+    except ValidationError as err:  # the method's Params refused meta.params
+        from fedmeta.config import _format_error
 
-def algorithm_for(cfg: "Config") -> MetaAlgorithm:
-    """The config's algorithm object (one per config, cached)."""
-    key = cfg.model_dump_json()
-    algo = _CACHE.get(key)
-    if algo is None:
-        if len(_CACHE) > 16:
-            _CACHE.clear()
-        cls = resolve_algorithm(cfg.meta.algorithm)
-        try:
-            algo = cls(cfg)
-        except ValidationError as err:  # the method's Params refused meta.params
-            from fedmeta.components import ComponentError
-            from fedmeta.config import _format_error
-
-            raise ComponentError(_format_error(err, ("meta", "params"))) from None
-        except Exception as err:  # noqa: BLE001 - a user's __init__ may raise anything
-            from fedmeta.components import raised
-
-            raise raised("meta.algorithm", cfg.meta.algorithm, err) from None
-        try:
-            algo.check_config()
-            if cfg.privacy.enabled and not algo.private_server:
-                raise ValueError(
-                    f"privacy.enabled: {cfg.meta.algorithm!r} overrides server_update, which the DP wrapper cannot make private "
-                    "(override aggregate/server_apply instead); set privacy.enabled = false"
-                )
-        except ValueError as err:
-            from fedmeta.components import ComponentError
-
-            raise ComponentError(f"config error: {str(err).splitlines()[0] if str(err) else 'meta.algorithm: refused by ' + repr(cfg.meta.algorithm)}") from None
-        _CACHE[key] = algo
+        raise ComponentError(_format_error(err, ("meta", "params"))) from None
+    except Exception as err:  # noqa: BLE001 - a user's __init__ may raise anything
+        raise raised("meta.algorithm", name, err) from None
+    try:
+        algo.check_config()
+        if cfg.privacy.enabled and not algo.private_server:
+            raise ValueError(
+                f"privacy.enabled: {name!r} overrides server_update, which the DP wrapper cannot make private "
+                "(override aggregate/server_apply instead); set privacy.enabled = false"
+            )
+    except ValueError as err:
+        raise ComponentError(f"config error: {str(err).splitlines()[0] if str(err) else 'meta.algorithm: refused by ' + repr(name)}") from None
     return algo
 
 
@@ -365,8 +327,6 @@ def initial_meta_parameters(model: nn.Module, algorithm: MetaAlgorithm) -> Param
     extra = algorithm.extra_state(theta)
     bad = [k for k in extra if EXTRA_SEP not in k]
     if bad:
-        from fedmeta.components import ComponentError
-
         raise ComponentError(f"config error: meta.algorithm: extra_state keys must contain {EXTRA_SEP!r} (got {bad[:3]})")
     return theta | {k: v.detach().clone() for k, v in extra.items()}
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedmeta.models.multimodal import MultimodalNet, build_model
+from fedmeta.registry import MODELS
 
 if TYPE_CHECKING:
     from fedmeta.config import Config
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["MultimodalNet", "build_model", "build_model_for", "multimodal_net", "resolve_model_factory"]
 
 
+@MODELS.register("multimodal_net")
 def multimodal_net(spec: "DatasetSpec", cfg: "Config") -> nn.Module:
     """The built-in factory (``model.factory`` default): encoders per modality, fusion, head."""
     m = cfg.model
@@ -32,19 +34,24 @@ def multimodal_net(spec: "DatasetSpec", cfg: "Config") -> nn.Module:
 
 
 def resolve_model_factory(reference: str) -> Callable[..., Any]:
-    from fedmeta.components import ComponentError, resolve
+    """``model.factory`` -> the factory: a registered name (:data:`fedmeta.registry.MODELS`) or ``"package.module:attr"``."""
+    from fedmeta.errors import ComponentError
 
-    factory = resolve(reference, "model.factory")
+    factory = MODELS.resolve(reference)
     if not callable(factory):
         raise ComponentError(f"config error: model.factory: {reference!r} is not callable")
     return factory
 
 
-def build_model_for(cfg: "Config", spec: "DatasetSpec") -> nn.Module:
-    """The config's model for ``spec``, with initial weights drawn from ``simulation.seed``."""
-    from fedmeta.components import ComponentError, raised
+def build_model_for(cfg: "Config", spec: "DatasetSpec", factory: Callable[..., Any] | None = None) -> nn.Module:
+    """The config's model for ``spec``, with initial weights drawn from ``simulation.seed``.
 
-    factory = resolve_model_factory(cfg.model.factory)
+    ``factory``: the resolved model factory (:class:`fedmeta.components.Components` passes it); None resolves ``model.factory``.
+    """
+    from fedmeta.errors import ComponentError
+    from fedmeta.registry import raised
+
+    factory = resolve_model_factory(cfg.model.factory) if factory is None else factory
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.simulation.seed)
         try:

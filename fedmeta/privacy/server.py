@@ -197,7 +197,7 @@ class PrivateServer:
 
     It replaces the algorithm's ``aggregate`` (the only step that sees individual clients), so any method
     whose ``server_update`` is the default ``aggregate`` + ``server_apply`` can be made private; the others
-    are refused by ``algorithm_for`` (``MetaAlgorithm.private_server``). ``noise_generator(cfg, privacy, round, attempt)`` is the
+    are refused by ``build_algorithm`` (``MetaAlgorithm.private_server``). ``noise_generator(cfg, privacy, round, attempt)`` is the
     DP noise seeding call site (:func:`fedmeta.federation.noise_generator`).
     """
 
