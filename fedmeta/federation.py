@@ -269,6 +269,12 @@ class AlgorithmServer:
                attempt: int = 0, release: int = 0):
         return self.algorithm.server_update(theta, deltas, weights, server_round, state)
 
+    #: no DP: the noise and cohorts need no secret (``privacy.server.PrivateServer`` says otherwise)
+    secret_noise = False
+
+    def sampling_seed(self, stream: int, server_round: int, attempt: int) -> int | None:
+        return None  # the cohort is drawn from the config's seed
+
     def budget_exhausted(self) -> str | None:
         return None
 
@@ -310,11 +316,11 @@ class Server:
     @property
     def secret_noise(self) -> bool:
         """A private run whose noise and cohorts come from the server's secret (not ``privacy.reproducible_noise``)."""
-        return self.privacy is not None and self.privacy.secret is not None
+        return self.hook.secret_noise
 
     def cohort(self, population: list[int], server_round: int, attempt: int = 0) -> list[int]:
         """This round's cohort: :func:`sample_cohort`, from the server's secret in a private run."""
-        seed = self.privacy.sampling_seed(SAMPLE_STREAM, server_round, attempt) if self.secret_noise else None
+        seed = self.hook.sampling_seed(SAMPLE_STREAM, server_round, attempt)
         return sample_cohort(self.cfg, population, server_round, attempt, seed=seed)
 
     def step(self, updates: "list[ClientUpdate] | StackedUpdates", server_round: int, attempt: int = 0, release: int = 0) -> dict[str, float]:

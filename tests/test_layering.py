@@ -122,3 +122,24 @@ def test_the_checker_finds_a_cycle_and_an_upward_import(tmp_path):
     assert module_level_imports("fedmeta.b", b) == ["fedmeta.a"]
     assert cycles({"fedmeta.a": ["fedmeta.b"], "fedmeta.b": ["fedmeta.a"], "fedmeta.c": ["fedmeta.a"]}) == [["fedmeta.a", "fedmeta.b"]]
     assert cycles({"x": ["y"], "y": ["z"], "z": []}) == []
+
+
+def test_the_round_loop_has_no_privacy_branch():
+    """DP wraps the server hook (``privacy.server.PrivateServer``): the round loop never asks whether a run is private.
+
+    An AST check of fedmeta/federation.py: no comparison of anything named ``privacy`` (or ``….privacy``) with None.
+    """
+    tree = ast.parse((ROOT / "fedmeta" / "federation.py").read_text())
+
+    def named_privacy(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id == "privacy") or (isinstance(node, ast.Attribute) and node.attr == "privacy")
+
+    found = [
+        node.lineno for node in ast.walk(tree)
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops)
+        and any(isinstance(c, ast.Constant) and c.value is None for c in node.comparators)
+        and named_privacy(node.left)
+    ]
+    assert found == []
+    bad = ast.parse("if self.privacy is not None and privacy is None:\n    pass\n")
+    assert sum(isinstance(n, ast.Compare) and named_privacy(n.left) for n in ast.walk(bad)) == 2  # the check sees both forms

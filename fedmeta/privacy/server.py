@@ -217,6 +217,15 @@ class PrivateServer:
         theta, state, info = self.algorithm.server_apply(theta, mean, server_round, state)
         return theta, state, info | dp_info
 
+    @property
+    def secret_noise(self) -> bool:
+        """Noise and cohorts from the server's secret (False only under ``privacy.reproducible_noise``)."""
+        return self.privacy.secret is not None
+
+    def sampling_seed(self, stream: int, server_round: int, attempt: int) -> int | None:
+        """The cohort's seed: keyed by the server's secret, or None (the config's seed) with ``reproducible_noise``."""
+        return self.privacy.sampling_seed(stream, server_round, attempt) if self.secret_noise else None
+
     def budget_exhausted(self) -> str | None:
         return self.privacy.budget_exhausted()
 
