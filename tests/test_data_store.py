@@ -225,3 +225,18 @@ def test_a_ragged_store_costs_its_clients_rows_and_runs_as_the_in_memory_populat
         assert code == 0, capsys.readouterr().err
         thetas.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
     assert thetas[0].keys() == thetas[1].keys() and all(torch.equal(thetas[0][k], thetas[1][k]) for k in thetas[0])
+
+
+def test_writing_a_client_of_another_shape_is_one_line(tmp_path):
+    """Version 2 appends raw rows: a client whose rows do not match client 0's trailing shape is refused, not written."""
+    from fedmeta.data.base import DataError
+
+    class Odd(Tiny):
+        def client(self, cid):
+            data = super().client(cid)
+            if cid == 4:
+                data.x["image"] = torch.zeros(R, 3, 2)
+            return data
+
+    with pytest.raises(DataError, match=r"^write_store: client 4: x.image has shape \[6, 3, 2\], the store needs \[6, 2, 2\]"):
+        write_store(Odd(), tmp_path / "s")

@@ -81,7 +81,11 @@ def write_store(dataset, out: str | Path, rows: int | None = None, flush_every: 
             data = first if cid == 0 else dataset.client(cid)
             parts = {**{f"x.{k}.npy": v for k, v in data.x.items()}, "y.npy": data.y, "present.npy": data.present}
             for name, f in files.items():
-                f.write(np.ascontiguousarray(parts[name].numpy(), dtype=dtypes[name]).tobytes())
+                a = parts[name]
+                if tuple(a.shape) != (data.n, *fields[name].shape[1:]):  # the rows must tile the file exactly
+                    raise DataError(f"write_store: client {cid}: {name[:-4]} has shape {list(a.shape)}, "
+                                    f"the store needs [{data.n}, {', '.join(map(str, fields[name].shape[1:]))}] (client 0's trailing shape)")
+                f.write(np.ascontiguousarray(a.numpy(), dtype=dtypes[name]).tobytes())
             n[cid], n_support[cid] = data.n, data.n_support
             if progress is not None and (cid + 1) % flush_every == 0:
                 progress(cid + 1, P)
