@@ -205,14 +205,75 @@ def test_two_rounds_on_real_data_vectorized_matches_sequential(cache_dir, tmp_pa
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+class _NodesGrid:
+    """A Grid whose node ``cid + 1`` is the real ClientApp holding Shakespeare client ``cid`` (Flower's message ids set as its grids do)."""
+
+    def __init__(self, cfg, num_clients: int) -> None:
+        from flwr.app import Context, RecordDict
+
+        node = {"data.dataset": cfg.data.dataset, "model.factory": cfg.model.factory}  # the node allows these references
+        self.contexts = {cid + 1: Context(run_id=1, node_id=cid + 1, node_config={"partition-id": cid, **node}, state=RecordDict(), run_config={})
+                         for cid in range(num_clients)}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, timeout=None):
+        import clients.app as node_app
+
+        out = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m-{i}-{m.metadata.dst_node_id}"
+            out.append(node_app.app(m, self.contexts[m.metadata.dst_node_id]))
+        return out
+
+
+@needs_texts
+def test_flower_discovery_finds_the_local_engines_populations_and_cohorts(cache_dir, monkeypatch):
+    """Regression (docs/benchmarks.md section 7): the Flower engine once drew other cohorts than the
+    vectorised/sequential engines on Shakespeare. Its discovery put a node in training unless it said
+    ``heldout``, so Shakespeare's own validation roles (10 %) trained on Flower only: 1,027 training roles
+    instead of 913, and the cohort, drawn by position, differed from round 1. Every node's real ClientApp
+    answers discovery here; the populations and the cohorts of the first rounds must be the local engines'."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmeta.config import load_config
+    from fedmeta.data import build_dataset
+    from fedmeta.data.base import validation_clients
+    from fedmeta.engines.flower import FlowerBackend
+    from fedmeta.federation import sample_cohort
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # messages take their ids from the running task
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "shakespeare_small.toml"
+    cfg = load_config(config, ["data.num_clients=60", "data.examples_per_client=25", "simulation.clients_per_round=8"])
+    ds = build_dataset(cfg.data, cfg.model.modalities)
+    assert validation_clients(ds)  # the case that broke: a dataset with validation clients of its own
+    backend = FlowerBackend(_NodesGrid(cfg, ds.num_clients), cfg)
+    backend.discover(expected=ds.num_clients, wait_s=0, require_all=True)
+    assert backend.populations() == (sorted(ds.train_clients), sorted(ds.heldout_clients))
+    assert backend.validation_population() == sorted(validation_clients(ds))
+    assert backend.discovery_rejected == []
+    for rnd in (1, 2, 3):
+        assert sample_cohort(cfg, backend.train_pop, rnd) == sample_cohort(cfg, list(ds.train_clients), rnd)
+
+
 @pytest.mark.slow
 @needs_texts
 def test_two_rounds_on_the_flower_engine(cache_dir, tmp_path, monkeypatch):
-    """The same tiny slice on Flower's Simulation Engine (Ray workers import the dataset and model by reference)."""
+    """The same tiny slice on Flower's Simulation Engine (Ray workers import the dataset and model by reference)
+    gives the sequential engine's theta and held-out metrics: the same cohorts (validation roles never train),
+    batches and updates (docs/benchmarks.md section 7)."""
     monkeypatch.setenv("RAY_ADDRESS", "local")  # our own Ray instance, never another job's cluster on a shared host
     summary = _tiny("flower", tmp_path, algorithm="metasgd")
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     assert np.isfinite(summary["heldout_loss_after"])
+    seq = _tiny("sequential", tmp_path, algorithm="metasgd")
+    for key in ("heldout_loss_before", "heldout_loss_after", "heldout_acc_after"):
+        assert summary[key] == pytest.approx(seq[key], abs=1e-4)
+    a = torch.load(tmp_path / "sequential" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "flower" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 # -- the parse cache: rebuilt on any read error, verified against its digest -------------------------------

@@ -119,7 +119,8 @@ class ClientStore:
     ``present``: ``[rows, M]``, one buffer per field holding every built client's rows back to back
     (appended in the order clients are built; the capacity doubles when full), and per client
     ``start``/``n``/``n_support``: ``[P]``. A client costs its own rows, never the largest client's.
-    Mapped: the store's stacked ``[P, rows, *shape]`` arrays as they are on disk.
+    Mapped: a store's arrays as they are on disk: version 2's flat rows and per-client offsets (read
+    as the buffers above), or version 1's padded ``[P, rows, *shape]`` slots (``padded``).
     Reads stack per client; a row past a client's ``n`` reads as zero (``present`` False), never as
     another client's rows or unfilled memory.
     """
@@ -131,9 +132,12 @@ class ClientStore:
         # seen through wrappers that only regroup clients, never through ones that change them (SampleDropout...)
         source = mapped_store(dataset)
         self.mapped = source is not None
+        self.padded = False  # a version-1 store: one slot of `rows` rows per client (read as [cid, row])
         if self.mapped:
             self.x, self.y, self.present, self.n, self.n_support = source.arrays()
-            self.rows = int(self.y.shape[1])
+            self.padded = not source.ragged
+            if source.ragged:  # version 2: flat rows + offsets, read as the in-memory buffers are
+                self.start = source.starts()
             self.built = torch.ones(self.size, dtype=torch.bool)
             return
         self.built = torch.zeros(self.size, dtype=torch.bool)
@@ -190,7 +194,7 @@ class ClientStore:
     def client(self, cid: int) -> ClientData:
         """One stored client as a :class:`ClientData` of views (no copy)."""
         n = int(self.n[cid])
-        if self.mapped:
+        if self.padded:
             return ClientData(
                 x={k: v[cid, :n] for k, v in self.x.items()}, y=self.y[cid, :n], present=self.present[cid, :n], n_support=int(self.n_support[cid])
             )
@@ -205,7 +209,7 @@ class ClientStore:
         Rows past a client's own support set are padding for the batch: its schedule never indexes them.
         """
         rows = int(self.n_support[cids].max()) if rows is None else rows
-        if not self.mapped:
+        if not self.padded:
             return self.take(cids, torch.arange(rows).expand(len(cids), rows), device)
         out = (
             {k: v[cids, :rows].to(device) for k, v in self.x.items()},
@@ -221,7 +225,7 @@ class ClientStore:
 
     def take(self, cids: Tensor, rows: Tensor, device: torch.device) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Rows ``rows[i]`` (``[C, k]`` row numbers) of each client ``cids[i]``, stacked: ``[C, k, ...]``."""
-        if self.mapped:
+        if self.padded:
             c = cids.unsqueeze(1)
             out = {k: v[c, rows].to(device) for k, v in self.x.items()}, self.y[c, rows].to(device), self.present[c, rows].to(device)
             self._release()
@@ -229,6 +233,7 @@ class ClientStore:
         past = rows >= self.n[cids].unsqueeze(1)  # padding: reads as zero, not as the next client's rows
         flat = torch.where(past, 0, self.start[cids].unsqueeze(1) + rows)
         x, y, present = {k: v[flat] for k, v in self.x.items()}, self.y[flat], self.present[flat]
+        self._release()  # a mapped (version-2) store: the rows are copies now
         if bool(past.any()):
             for t in (*x.values(), y, present):
                 t[past] = 0
