@@ -39,12 +39,14 @@ class PrimitiveLSTM(nn.Module):
         H = self.hidden_size
         seq = x
         for ih, hh in zip(self.ih, self.hh):
-            gx = ih(seq)  # [B, T, 4H]: the input part of every step at once
+            # the input part of every step at once, split into steps once: indexing gx[:, t] at each step would make
+            # every step's backward allocate a zero tensor of the whole [B, T, 4H] (unbind's backward stacks once)
+            steps = ih(seq).unbind(1)
             h = torch.zeros(B, H, dtype=x.dtype, device=x.device)
             c = torch.zeros(B, H, dtype=x.dtype, device=x.device)
             outs = []
             for t in range(T):
-                i, f, g, o = (gx[:, t] + hh(h)).chunk(4, dim=-1)
+                i, f, g, o = (steps[t] + hh(h)).chunk(4, dim=-1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)
                 outs.append(h)
