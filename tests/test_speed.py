@@ -235,6 +235,24 @@ def test_eager_inner_loop_equals_the_transformed_one(optimizer):
     assert max(float((phi[k] - theta[k]).abs().max()) for k in theta) > 1e-4  # it trained
 
 
+def test_eager_sgd_updates_in_place_without_touching_theta_or_the_model():
+    """The eager SGD loop swaps its own copies into the model once and updates them in place: theta and the
+    model's parameters stay as they were, and what it records after step s is a k-step run's phi."""
+    from fedmeta.meta import params_of
+    from fedmeta.meta.inner import inner_loop
+
+    model, theta, (x, y, p), schedule, icfg = _tiny()
+    before, own = {k: v.clone() for k, v in theta.items()}, {k: v.clone() for k, v in params_of(model).items()}
+    phi, _, recorded = inner_loop(model, theta, x, y, p, schedule, icfg, record_at=(0, 2, 4))
+    assert all(torch.equal(theta[k], before[k]) for k in theta)
+    assert all(torch.equal(v, own[k]) for k, v in params_of(model).items())
+    assert recorded[0] is theta and all(torch.equal(recorded[4][k], phi[k]) for k in theta)
+    two, _, _ = inner_loop(model, theta, x, y, p, schedule[:2], icfg)
+    assert all(torch.equal(recorded[2][k], two[k]) for k in theta)
+    assert not torch.equal(recorded[2]["head.weight"], phi["head.weight"])  # later steps did not overwrite the record
+    assert not any(v.requires_grad for v in phi.values())
+
+
 def test_inner_loop_stays_differentiable_when_theta_requires_grad():
     """A caller differentiating through the inner loop (plain autograd) does not get the detached fast path."""
     from fedmeta.meta.inner import _plain_eager, inner_loop
