@@ -349,3 +349,32 @@ def test_compiled_update_equals_eager(tmp_path):
         thetas.append(writer.load_checkpoint()["server"]["theta"])
         assert (backend._compiled is not None) == (flag == "true")
     assert max(float((thetas[0][k] - thetas[1][k]).abs().max()) for k in thetas[0]) < 1e-5
+
+
+# -- the pfl-research row (fedmeta bench --pfl-python) ---------------------------------------
+
+
+def test_bench_pfl_row_is_skipped_with_one_line(tmp_path, capsys, monkeypatch):
+    """Without --pfl-python, or with an interpreter that cannot import pfl, the row is one line, not a failure."""
+    import json
+
+    from fedmeta import bench
+
+    monkeypatch.setattr(bench, "ceilings", lambda clients, device="cpu": {"matmul_2048_gflops": 1.0, "bmm_gflops": 1.0})  # not what this tests
+
+    ov = bench.bench_overrides(2, 1, 3)
+    assert bench.pfl_unavailable(None, ov).startswith("pfl: skipped (no --pfl-python")
+    missing = bench.pfl_unavailable(str(tmp_path / "nowhere" / "python"), ov)
+    assert missing.startswith(f"pfl: skipped (--pfl-python {tmp_path / 'nowhere' / 'python'}: cannot run it")
+    fake = tmp_path / "python"  # an interpreter without pfl
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'pfl'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    why = bench.pfl_unavailable(str(fake), ov)
+    assert why == f"pfl: skipped (--pfl-python {fake} cannot import pfl: ModuleNotFoundError: No module named 'pfl')"
+    assert "Reptile" in bench.pfl_unavailable(str(fake), ov + ["meta.algorithm=maml"])  # another workload: not pfl's row
+    out = tmp_path / "bench.json"
+    args = bench.argparse.Namespace(engines="pfl", clients=2, rounds=1, population=0, json=str(out), chunk_size=None, threads=None,
+                                    pfl_python=str(fake))
+    assert bench.cmd_bench(args) == 0  # a skipped row is not an error
+    assert json.loads(out.read_text())["engines"]["pfl"] == {"skipped": why}
+    assert capsys.readouterr().err.count(why) == 1
