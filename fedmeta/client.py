@@ -59,7 +59,7 @@ def train_schedule(cfg: Config, data: "ClientData | ClientSizes", server_round: 
     return batch_schedule(data.n_support, cfg.meta.inner_steps, cfg.meta.inner_batch_size, seed)
 
 
-def eval_schedule(cfg: Config, data: ClientData, server_round: int, cid: int, steps: int) -> Tensor:
+def eval_schedule(cfg: Config, data: "ClientData | ClientSizes", server_round: int, cid: int, steps: int) -> Tensor:
     seed = client_seed(cfg.simulation.seed, EVAL_STREAM, server_round, cid)
     return batch_schedule(data.n_support, steps, cfg.meta.inner_batch_size, seed)
 

@@ -349,8 +349,8 @@ class VectorizedBackend:
         store.ensure(cids)
         icfg = inner_config(cfg, self.spec, evaluation=True)
         marks = tuple(s for s in CURVE_STEPS if 0 < s <= icfg.steps)
-        schedules = [eval_schedule(cfg, store.client(cid), server_round, cid, icfg.steps) for cid in cids]
         n_query = (store.n - store.n_support)[cids].tolist()
+        schedules = [eval_schedule(cfg, ClientSizes(s, q), server_round, cid, icfg.steps) for cid, s, q in zip(cids, store.n_support[cids].tolist(), n_query)]
         theta_d = self._on_device(theta)
         out: list[EvalChunk] = []
         keys = [(*s.shape, q) for s, q in zip(schedules, n_query)]
