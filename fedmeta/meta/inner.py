@@ -147,8 +147,8 @@ class _EagerSGD(nn.Module):
             idx = schedule[t]
             loss = task_loss(self.model, self.model({k: xv[idx] for k, xv in x.items()}, present[idx]), y[idx], cfg.task)
             grads = torch.autograd.grad(loss, leaves)
-            with torch.no_grad():  # p - lr * g: mul, then sub (the roundings of the transformed path), fused over the tensors
-                torch._foreach_sub_(leaves, torch._foreach_mul(grads, cfg.lr))
+            with torch.no_grad():  # p += -lr * g in one fused call, as torch.optim.SGD (foreach) does
+                torch._foreach_add_(leaves, grads, alpha=-cfg.lr)
             total = total + loss.detach()
             if t + 1 in record_at:
                 recorded[t + 1] = {k: v.detach().clone() for k, v in zip(names, leaves)}
@@ -158,8 +158,9 @@ class _EagerSGD(nn.Module):
 def _eager_sgd(
     model: nn.Module, params: Params, x: dict[str, Tensor], y: Tensor, present: Tensor, schedule: Tensor, cfg: InnerConfig, record_at: tuple[int, ...]
 ) -> tuple[Params, Tensor, dict[int, Params]]:
-    """:func:`inner_loop` with SGD outside every ``torch.func`` transform (the sequential engine, the Flower ClientApp):
-    the same values as the transformed path, at the cost of a plain ``nn.Module`` + autograd + fused SGD loop."""
+    """:func:`inner_loop` with SGD outside every ``torch.func`` transform (the sequential engine, the Flower ClientApp),
+    at the cost of a plain ``nn.Module`` + autograd + ``torch.optim.SGD`` loop and bit for bit its result (the step is
+    its fused ``p += -lr * g``); the transformed path's ``p - lr * g`` rounds twice, so the two agree to float rounding."""
     dtype = next(iter(params.values())).dtype
     x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}  # updated in place; theta is not
