@@ -20,6 +20,7 @@ the other bench rows) and ``OUT.json.theta.pt`` (the final theta, for fedmeta to
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import resource
 import sys
@@ -36,7 +37,7 @@ from pfl.callback.base import TrainingProcessCallback  # noqa: E402
 from pfl.data.dataset import Dataset  # noqa: E402
 from pfl.data.federated_dataset import FederatedDataset  # noqa: E402
 from pfl.hyperparam.base import NNEvalHyperParams, NNTrainHyperParams  # noqa: E402
-from pfl.metrics import Weighted  # noqa: E402
+from pfl.metrics import Metrics, Weighted  # noqa: E402
 from pfl.model.pytorch import PyTorchModel  # noqa: E402
 
 from fedmeta.data.base import DatasetSpec, ModalitySpec  # noqa: E402
@@ -69,7 +70,7 @@ class Timer(TrainingProcessCallback):
     def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
-        return False, aggregate_metrics.__class__()
+        return False, Metrics()
 
 
 def main(workload_path: str, out_path: str) -> None:
@@ -124,7 +125,7 @@ def main(workload_path: str, out_path: str) -> None:
         "torch_threads": torch.get_num_threads(),
         "clients_per_round": n,
         "timed_rounds": timed,
-        "pfl_version": __import__("pfl").__version__ if hasattr(__import__("pfl"), "__version__") else "0.6",
+        "pfl_version": importlib.metadata.version("pfl"),
     }
     torch.save({k: v.detach().clone() for k, v in net.net.state_dict().items()}, out_path + ".theta.pt")
     with open(out_path, "w") as f:
