@@ -570,6 +570,9 @@ def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_
     if "vectorized" in ups:
         result["ratios"] = {f"vectorized/{e}": ups["vectorized"] / v for e, v in ups.items() if e != "vectorized" and not e.startswith("vectorized-w")}
         result["ratios"].update({f"{e}/vectorized": v / ups["vectorized"] for e, v in ups.items() if e.startswith("vectorized-w")})
+    per_cpu = {e: r["updates_per_cpu_s"] for e, r in result["engines"].items() if r.get("updates_per_cpu_s")}
+    if "vectorized" in per_cpu:  # the same on each process's own CPU time (steadier on a shared machine)
+        result["cpu_ratios"] = {f"vectorized/{e}": per_cpu["vectorized"] / v for e, v in per_cpu.items() if e != "vectorized"}
     return result
 
 
@@ -622,6 +625,8 @@ def print_table(result: dict) -> None:
         console.print(f"one client update = {result['flops_per_update']:,} FLOPs (FlopCounterMode); ceilings measured in this run, one thread: "
                       f"matmul 2048² {c['matmul_2048_gflops']:.1f} GFLOP/s, bmm {c['bmm_gflops']:.1f} GFLOP/s (% bmm = achieved ÷ bmm; "
                       "the better of before and after the engines); upd/CPU-s: updates per second of the engine process's own CPU time")
+    if result.get("cpu_ratios"):
+        console.print("on CPU time: " + ", ".join(f"{k.replace('/', ' ÷ ')} {v:.2f}x" for k, v in result["cpu_ratios"].items()))
     pfl = result["engines"].get("pfl", {})
     if "theta_max_abs_diff" in pfl:
         console.print(f"pfl: theta after the same rounds differs from fedmeta's by at most {pfl['theta_max_abs_diff']:.2e}")

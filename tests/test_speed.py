@@ -395,3 +395,18 @@ def test_train_plan_from_sizes_equals_the_client_plan(overrides):
         rows, schedule = train_plan(cfg, algorithm_for(cfg), data, 3, cid)
         rows2, schedule2 = train_plan(cfg, algorithm_for(cfg), ClientSizes(data.n_support, data.n_query), 3, cid)
         assert rows == rows2 and torch.equal(schedule, schedule2) and schedule.shape == (cfg.meta.inner_steps, 7)
+
+
+def test_bench_reports_ratios_on_wall_and_cpu_time(monkeypatch):
+    """The JSON has the vectorised engine's ratio to each row on wall-clock and on CPU time; a skipped pfl row has neither."""
+    from fedmeta import bench
+
+    rows = {"vectorized": (500.0, 1000.0), "sequential": (100.0, 250.0), "torch-loop": (125.0, 200.0)}
+    monkeypatch.setattr(bench, "_run_one", lambda engine, overrides, threads, timeout: {"updates_per_s": rows[engine][0], "updates_per_cpu_s": rows[engine][1]})
+    monkeypatch.setattr(bench, "ceilings", lambda clients, device="cpu": {"matmul_2048_gflops": 10.0, "bmm_gflops": 5.0})
+    monkeypatch.setattr(bench, "update_flops", lambda overrides: 1_000_000)
+    result = bench.bench(["vectorized", "sequential", "torch-loop", "pfl"], 2, 1, 3)
+    assert result["ratios"] == {"vectorized/sequential": 5.0, "vectorized/torch-loop": 4.0}
+    assert result["cpu_ratios"] == {"vectorized/sequential": 4.0, "vectorized/torch-loop": 5.0}
+    assert result["engines"]["pfl"]["skipped"].startswith("pfl: skipped (no --pfl-python")
+    assert result["engines"]["sequential"]["bmm_fraction"] == pytest.approx(100.0 * 1e6 / 1e9 / 5.0)
