@@ -24,6 +24,10 @@ own: the ``time_s`` the round loop writes into each ``metrics.jsonl`` line
 * the ``torch-loop`` row: the reference a plain PyTorch user would write, one ``nn.Module`` per
   client, ``loss.backward()`` and ``torch.optim.SGD`` on the same batch schedules, then the same
   server step (:class:`fedmeta.federation.Server`); timed per round with ``time.perf_counter``;
+* the ``pfl`` row (``--pfl-python PY``): pfl-research 0.6 Reptile on the same clients, batches and theta0, run by
+  ``experiments/pfl_reptile.py`` in pfl's own interpreter (pfl pins ``dp-accounting<0.6``); skipped with one
+  line when the option is absent or that interpreter cannot import pfl. ``theta_max_abs_diff``: its final theta
+  against the ``torch-loop`` reference's (:func:`run_pfl`);
 * ``updates_per_cpu_s``: N * R / the engine process's CPU time over the timed rounds (in-process engines
   only; on a shared machine it is what the engine would do with a core to itself);
 * ``startup_s``: worker start (before importing torch/flwr) to the end of round 1,
@@ -56,7 +60,7 @@ import threading
 import time
 from pathlib import Path
 
-ENGINES = ("flower", "vectorized", "sequential", "torch-loop")
+ENGINES = ("flower", "vectorized", "sequential", "torch-loop", "pfl")
 WORKLOAD = ["meta.inner_steps=5", "meta.inner_batch_size=16"]
 
 
@@ -336,6 +340,83 @@ def run_torch_loop(overrides: list[str], t0: float, keep_theta: bool = False) ->
     } | ({"theta": server.theta} if keep_theta else {})
 
 
+PFL_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "pfl_reptile.py"
+
+
+def pfl_workload(overrides: list[str]) -> dict:
+    """What ``experiments/pfl_reptile.py`` needs to train the bench's rounds 1..R+1 exactly as fedmeta would: the
+    spec and model settings, theta0, the inner SGD settings, the outer step size per round, and per round the cohort
+    with each client's support rows in the order its batch schedule visits them (plain tensors, lists and dicts)."""
+    from fedmeta.client import model_for, train_schedule
+    from fedmeta.config import build_config
+    from fedmeta.data import build_dataset
+    from fedmeta.federation import sample_cohort
+    from fedmeta.meta import params_of
+    from fedmeta.meta.algorithm import algorithm_for
+
+    cfg = build_config({}, overrides + ["simulation.engine=sequential"])
+    dataset = build_dataset(cfg.data, cfg.model.modalities)
+    spec, algorithm, m = dataset.spec, algorithm_for(cfg), cfg.model
+    cohorts = [sample_cohort(cfg, list(dataset.train_clients), rnd) for rnd in range(1, cfg.simulation.rounds)]  # R + 1 rounds
+    clients, rows = {}, {}
+    for r, cohort in enumerate(cohorts):
+        for cid in cohort:
+            data = dataset.client(cid)
+            clients.setdefault(str(cid), {"x": dict(data.x), "y": data.y, "present": data.present, "n_support": data.n_support})
+            rows[f"{r}:{cid}"] = train_schedule(cfg, data, r + 1, cid).flatten()
+    return {
+        "modalities": [{"name": s.name, "kind": s.kind, "shape": list(s.shape), "vocab_size": s.vocab_size} for s in spec.modalities],
+        "task": spec.task, "num_classes": spec.num_classes, "output_dim": spec.output_dim,
+        "model": {"embed_dim": m.embed_dim, "hidden_dim": m.hidden_dim, "fusion": m.fusion, "image_encoder": m.image_encoder},
+        "theta0": params_of(model_for(cfg, spec)),
+        "inner_lr": cfg.meta.inner_lr, "batch_size": cfg.meta.inner_batch_size,
+        "betas": [algorithm.step_size(r + 1) for r in range(len(cohorts))],
+        "cohorts": cohorts, "clients": clients, "rows": rows,
+    }
+
+
+def pfl_unavailable(python: str | None, overrides: list[str]) -> str | None:
+    """Why the pfl row cannot run (one line), or None."""
+    if not python:
+        return "pfl: skipped (no --pfl-python: pfl-research runs from its own interpreter, see experiments/pfl_reptile.py)"
+    if not PFL_SCRIPT.exists():
+        return f"pfl: skipped ({PFL_SCRIPT} is not in this installation)"
+    from fedmeta.config import BUILTIN_MODEL, build_config
+
+    cfg = build_config({}, overrides)
+    if (cfg.model.factory, cfg.meta.algorithm, cfg.meta.inner_optimizer, cfg.privacy.enabled) != (BUILTIN_MODEL, "reptile", "sgd", False):
+        return "pfl: skipped (the pfl row runs the default model with Reptile, SGD inner steps and no DP)"
+    try:
+        proc = subprocess.run([python, "-c", "import pfl.algorithm, pfl.model.pytorch"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"pfl: skipped (--pfl-python {python}: cannot run it: {err})"
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["exit code " + str(proc.returncode)])[-1]
+        return f"pfl: skipped (--pfl-python {python} cannot import pfl: {last})"
+    return None
+
+
+def run_pfl(python: str, overrides: list[str], timeout: float) -> dict:
+    """The pfl row: ``experiments/pfl_reptile.py`` in ``python`` on :func:`pfl_workload`; its report plus
+    ``theta_max_abs_diff``, the largest |theta_pfl - theta_fedmeta| after the same rounds (fedmeta: the torch-loop row's)."""
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="fedmeta-bench-pfl-") as tmp:
+        workload, out = Path(tmp) / "workload.pt", Path(tmp) / "pfl.json"
+        torch.save(pfl_workload(overrides), workload)
+        root = str(PFL_SCRIPT.parents[1])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        proc = subprocess.run([python, str(PFL_SCRIPT), str(workload), str(out)], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp)
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
+        report = json.loads(out.read_text())
+        theta = torch.load(str(out) + ".theta.pt", weights_only=True)
+    ref = run_torch_loop(overrides, time.perf_counter(), keep_theta=True)["theta"]
+    report["theta_max_abs_diff"] = max(float((theta[k] - ref[k]).abs().max()) for k in ref)
+    return report
+
+
 def update_flops(overrides: list[str]) -> int:
     """FLOPs of one client update on the workload (``FlopCounterMode`` around ``train_client`` of one client)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -434,7 +515,7 @@ def stop_cluster(cluster, before: set[int]) -> None:
 
 def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_size: int | None = None, threads: int | None = None,
           timeout: float = 3600, workers: list[int] | None = None, cluster_nodes: int = 0, store: str | None = None,
-          device: str | None = None, extra: list[str] | None = None) -> dict:
+          device: str | None = None, extra: list[str] | None = None, pfl_python: str | None = None) -> dict:
     """Run each engine (the vectorised one once per ``workers`` value) in a fresh subprocess; returns the JSON document.
 
     ``extra``: more ``key=value`` overrides after the workload's (``--set``: another model or dataset)."""
@@ -465,6 +546,11 @@ def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_
         for i, (name, engine, extra) in enumerate(runs, 1):
             if extra and cluster is not None:
                 extra = extra + [f"simulation.ray_address={cluster.address}"]
+            if engine == "pfl":
+                why = pfl_unavailable(pfl_python, overrides)
+                status(why or f"bench {i}/{len(runs)}: pfl ({pfl_python}), {rounds} rounds of {clients} clients")
+                result["engines"][name] = {"skipped": why} if why else run_pfl(pfl_python, overrides, timeout)
+                continue
             status(f"bench {i}/{len(runs)}: {name}, {rounds} rounds of {clients} clients (start-up included; a few minutes for flower)")
             result["engines"][name] = _run_one(engine, overrides + extra, threads, timeout)
     finally:
@@ -485,6 +571,9 @@ def bench(engines: list[str], clients: int, rounds: int, population: int, chunk_
     if "vectorized" in ups:
         result["ratios"] = {f"vectorized/{e}": ups["vectorized"] / v for e, v in ups.items() if e != "vectorized" and not e.startswith("vectorized-w")}
         result["ratios"].update({f"{e}/vectorized": v / ups["vectorized"] for e, v in ups.items() if e.startswith("vectorized-w")})
+    per_cpu = {e: r["updates_per_cpu_s"] for e, r in result["engines"].items() if r.get("updates_per_cpu_s")}
+    if "vectorized" in per_cpu:  # the same on each process's own CPU time (steadier on a shared machine)
+        result["cpu_ratios"] = {f"vectorized/{e}": per_cpu["vectorized"] / v for e, v in per_cpu.items() if e != "vectorized"}
     return result
 
 
@@ -515,6 +604,9 @@ def print_table(result: dict) -> None:
         if "error" in r:
             table.add_row(engine, f"[red]failed: {r['error']}[/red]", "", "", "", "", "", "", "", "", "")
             continue
+        if "skipped" in r:
+            table.add_row(engine, r["skipped"], "", "", "", "", "", "", "", "", "")
+            continue
         if vec is None or engine == "vectorized":
             ratio = ""
         elif engine.startswith("vectorized-w"):  # Ray workers: speed-up over the in-process engine
@@ -534,6 +626,11 @@ def print_table(result: dict) -> None:
         console.print(f"one client update = {result['flops_per_update']:,} FLOPs (FlopCounterMode); ceilings measured in this run, one thread: "
                       f"matmul 2048² {c['matmul_2048_gflops']:.1f} GFLOP/s, bmm {c['bmm_gflops']:.1f} GFLOP/s (% bmm = achieved ÷ bmm; "
                       "the better of before and after the engines); upd/CPU-s: updates per second of the engine process's own CPU time")
+    if result.get("cpu_ratios"):
+        console.print("on CPU time: " + ", ".join(f"{k.replace('/', ' ÷ ')} {v:.2f}x" for k, v in result["cpu_ratios"].items()))
+    pfl = result["engines"].get("pfl", {})
+    if "theta_max_abs_diff" in pfl:
+        console.print(f"pfl: theta after the same rounds differs from fedmeta's by at most {pfl['theta_max_abs_diff']:.2e}")
     console.print(f"load average before {result['load_avg_before'][0]:.2f}, after {result['load_avg_after'][0]:.2f} ({result['cpus']} CPUs)")
 
 
@@ -587,7 +684,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"fedmeta: --device: {str(err).split(': ', 2)[-1]}", file=sys.stderr)
             return 2
     result = bench(engines, args.clients, args.rounds, population, args.chunk_size, args.threads,
-                   workers=workers, cluster_nodes=cluster, store=store, device=device, extra=extra)
+                   workers=workers, cluster_nodes=cluster, store=store, device=device, extra=extra,
+                   pfl_python=getattr(args, "pfl_python", None))
     print_table(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -612,6 +710,8 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="simulation.device for every engine (cpu, cuda, cuda:i, auto; default cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="another config override after the workload's (repeatable), e.g. --set model.image_encoder=cnn")
+    p.add_argument("--pfl-python", metavar="PY", default=None,
+                   help="the interpreter of a venv with pfl-research 0.6 (and pydantic): adds the pfl row (experiments/pfl_reptile.py)")
     p.add_argument("--store", metavar="DIR", help="the population is this store (fedmeta partition --format store); sets --population")
     p.set_defaults(func=cmd_bench)
 

@@ -67,12 +67,12 @@ def inner_config(cfg: Config, spec: DatasetSpec, evaluation: bool = False, algor
     return replace(InnerConfig.from_meta(cfg.meta, spec.task, steps=steps), lr=cfg.meta.eval_lr or cfg.meta.inner_lr)
 
 
-def train_schedule(cfg: Config, data: ClientData, server_round: int, cid: int) -> Tensor:
+def train_schedule(cfg: Config, data: "ClientData | ClientSizes", server_round: int, cid: int) -> Tensor:
     seed = client_seed(cfg.simulation.seed, TRAIN_STREAM, server_round, cid)
     return batch_schedule(data.n_support, cfg.meta.inner_steps, cfg.meta.inner_batch_size, seed)
 
 
-def eval_schedule(cfg: Config, data: ClientData, server_round: int, cid: int, steps: int) -> Tensor:
+def eval_schedule(cfg: Config, data: "ClientData | ClientSizes", server_round: int, cid: int, steps: int) -> Tensor:
     seed = client_seed(cfg.simulation.seed, EVAL_STREAM, server_round, cid)
     return batch_schedule(data.n_support, steps, cfg.meta.inner_batch_size, seed)
 
@@ -92,7 +92,7 @@ class TrainRows:
     n_query: int
 
 
-def train_rows(cfg: Config, algorithm: MetaAlgorithm, data: ClientData, cid: int) -> TrainRows:
+def train_rows(cfg: Config, algorithm: MetaAlgorithm, data: "ClientData | ClientSizes", cid: int) -> TrainRows:
     if not algorithm.needs_query:
         return TrainRows(data.n_support, 0, 0)
     if cfg.meta.maml_query_fraction == 0:
@@ -103,8 +103,17 @@ def train_rows(cfg: Config, algorithm: MetaAlgorithm, data: ClientData, cid: int
     return TrainRows(n_inner, n_inner, data.n_support - n_inner)
 
 
-def train_plan(cfg: Config, algorithm: MetaAlgorithm, data: ClientData, server_round: int, cid: int) -> tuple[TrainRows, Tensor]:
-    """The rows and the batch schedule of one client's training update."""
+@dataclass(frozen=True)
+class ClientSizes:
+    """All :func:`train_plan` reads of a client: its support and query sizes (an engine that stores the
+    population as tensors, the vectorised one, plans a cohort from these without building ``ClientData`` views)."""
+
+    n_support: int
+    n_query: int
+
+
+def train_plan(cfg: Config, algorithm: MetaAlgorithm, data: "ClientData | ClientSizes", server_round: int, cid: int) -> tuple[TrainRows, Tensor]:
+    """The rows and the batch schedule of one client's training update (``data``: the client, or just its sizes)."""
     rows = train_rows(cfg, algorithm, data, cid)
     return rows, train_schedule(cfg, replace(data, n_support=rows.n_inner), server_round, cid)
 

@@ -175,7 +175,7 @@ def test_bench_flops_per_update_of_the_default_workload():
 
 
 def test_bench_torch_loop_row_matches_the_sequential_engine(tmp_path):
-    """The plain-PyTorch reference does the same work: after its rounds theta equals the sequential engine's."""
+    """The plain-PyTorch reference does the same work: after its rounds theta is the sequential engine's, bit for bit."""
     import torch
 
     from fedmeta import bench
@@ -197,7 +197,8 @@ def test_bench_torch_loop_row_matches_the_sequential_engine(tmp_path):
     server = Server(cfg, params_of(model_for(cfg, ds.spec)), len(ds.train_clients))
     for rnd in (1, 2):
         server.step(backend.train(server.theta, sample_cohort(cfg, list(ds.train_clients), rnd), rnd).results, rnd)
-    assert torch.allclose(report["theta"]["head.weight"], server.theta["head.weight"], atol=1e-5)
+    # bit for bit: the eager inner loop takes the same gradients and the same fused SGD step as torch.optim.SGD
+    assert all(torch.equal(report["theta"][k], server.theta[k]) for k in server.theta)
 
 
 # -- the eager inner loop (sequential engine, Flower ClientApp) -------------------------------
@@ -233,6 +234,24 @@ def test_eager_inner_loop_equals_the_transformed_one(optimizer):
     assert max(float((phi[k] - phi_v[k][0]).abs().max()) for k in theta) < 1e-5
     assert float((loss - loss_v[0]).abs()) < 1e-5
     assert max(float((phi[k] - theta[k]).abs().max()) for k in theta) > 1e-4  # it trained
+
+
+def test_eager_sgd_updates_in_place_without_touching_theta_or_the_model():
+    """The eager SGD loop swaps its own copies into the model once and updates them in place: theta and the
+    model's parameters stay as they were, and what it records after step s is a k-step run's phi."""
+    from fedmeta.meta import params_of
+    from fedmeta.meta.inner import inner_loop
+
+    model, theta, (x, y, p), schedule, icfg = _tiny()
+    before, own = {k: v.clone() for k, v in theta.items()}, {k: v.clone() for k, v in params_of(model).items()}
+    phi, _, recorded = inner_loop(model, theta, x, y, p, schedule, icfg, record_at=(0, 2, 4))
+    assert all(torch.equal(theta[k], before[k]) for k in theta)
+    assert all(torch.equal(v, own[k]) for k, v in params_of(model).items())
+    assert recorded[0] is theta and all(torch.equal(recorded[4][k], phi[k]) for k in theta)
+    two, _, _ = inner_loop(model, theta, x, y, p, schedule[:2], icfg)
+    assert all(torch.equal(recorded[2][k], two[k]) for k in theta)
+    assert not torch.equal(recorded[2]["head.weight"], phi["head.weight"])  # later steps did not overwrite the record
+    assert not any(v.requires_grad for v in phi.values())
 
 
 def test_inner_loop_stays_differentiable_when_theta_requires_grad():
@@ -331,3 +350,63 @@ def test_compiled_update_equals_eager(tmp_path):
         thetas.append(writer.load_checkpoint()["server"]["theta"])
         assert (backend._compiled is not None) == (flag == "true")
     assert max(float((thetas[0][k] - thetas[1][k]).abs().max()) for k in thetas[0]) < 1e-5
+
+
+# -- the pfl-research row (fedmeta bench --pfl-python) ---------------------------------------
+
+
+def test_bench_pfl_row_is_skipped_with_one_line(tmp_path, capsys, monkeypatch):
+    """Without --pfl-python, or with an interpreter that cannot import pfl, the row is one line, not a failure."""
+    import json
+
+    from fedmeta import bench
+
+    monkeypatch.setattr(bench, "ceilings", lambda clients, device="cpu": {"matmul_2048_gflops": 1.0, "bmm_gflops": 1.0})  # not what this tests
+
+    ov = bench.bench_overrides(2, 1, 3)
+    assert bench.pfl_unavailable(None, ov).startswith("pfl: skipped (no --pfl-python")
+    missing = bench.pfl_unavailable(str(tmp_path / "nowhere" / "python"), ov)
+    assert missing.startswith(f"pfl: skipped (--pfl-python {tmp_path / 'nowhere' / 'python'}: cannot run it")
+    fake = tmp_path / "python"  # an interpreter without pfl
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'pfl'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    why = bench.pfl_unavailable(str(fake), ov)
+    assert why == f"pfl: skipped (--pfl-python {fake} cannot import pfl: ModuleNotFoundError: No module named 'pfl')"
+    assert "Reptile" in bench.pfl_unavailable(str(fake), ov + ["meta.algorithm=maml"])  # another workload: not pfl's row
+    out = tmp_path / "bench.json"
+    args = bench.argparse.Namespace(engines="pfl", clients=2, rounds=1, population=0, json=str(out), chunk_size=None, threads=None,
+                                    pfl_python=str(fake))
+    assert bench.cmd_bench(args) == 0  # a skipped row is not an error
+    assert json.loads(out.read_text())["engines"]["pfl"] == {"skipped": why}
+    assert capsys.readouterr().err.count(why) == 1
+
+
+@pytest.mark.parametrize("overrides", [[], ["meta.algorithm=maml", "meta.maml_query_fraction=0.25"], ["meta.algorithm=maml"]])
+def test_train_plan_from_sizes_equals_the_client_plan(overrides):
+    """The vectorised engine plans a cohort from the store's sizes (ClientSizes): the rows and schedules of train_plan on the client."""
+    from fedmeta.client import ClientSizes, train_plan
+    from fedmeta.data import build_dataset
+    from fedmeta.meta.algorithm import algorithm_for
+
+    cfg = build_config({}, ["data.num_clients=8", "simulation.clients_per_round=2", "meta.inner_batch_size=7", *overrides])
+    ds = build_dataset(cfg.data)
+    for cid in range(4):
+        data = ds.client(cid)
+        rows, schedule = train_plan(cfg, algorithm_for(cfg), data, 3, cid)
+        rows2, schedule2 = train_plan(cfg, algorithm_for(cfg), ClientSizes(data.n_support, data.n_query), 3, cid)
+        assert rows == rows2 and torch.equal(schedule, schedule2) and schedule.shape == (cfg.meta.inner_steps, 7)
+
+
+def test_bench_reports_ratios_on_wall_and_cpu_time(monkeypatch):
+    """The JSON has the vectorised engine's ratio to each row on wall-clock and on CPU time; a skipped pfl row has neither."""
+    from fedmeta import bench
+
+    rows = {"vectorized": (500.0, 1000.0), "sequential": (100.0, 250.0), "torch-loop": (125.0, 200.0)}
+    monkeypatch.setattr(bench, "_run_one", lambda engine, overrides, threads, timeout: {"updates_per_s": rows[engine][0], "updates_per_cpu_s": rows[engine][1]})
+    monkeypatch.setattr(bench, "ceilings", lambda clients, device="cpu": {"matmul_2048_gflops": 10.0, "bmm_gflops": 5.0})
+    monkeypatch.setattr(bench, "update_flops", lambda overrides: 1_000_000)
+    result = bench.bench(["vectorized", "sequential", "torch-loop", "pfl"], 2, 1, 3)
+    assert result["ratios"] == {"vectorized/sequential": 5.0, "vectorized/torch-loop": 4.0}
+    assert result["cpu_ratios"] == {"vectorized/sequential": 4.0, "vectorized/torch-loop": 5.0}
+    assert result["engines"]["pfl"]["skipped"].startswith("pfl: skipped (no --pfl-python")
+    assert result["engines"]["sequential"]["bmm_fraction"] == pytest.approx(100.0 * 1e6 / 1e9 / 5.0)

@@ -54,6 +54,7 @@ from fedmeta.data.base import ClientData, check_client
 from fedmeta.data.store import mapped_store
 from fedmeta.client import (
     CURVE_STEPS,
+    ClientSizes,
     client_side_clip,
     configure_torch,
     eval_schedule,
@@ -313,7 +314,8 @@ class VectorizedBackend:
         cfg, store, algorithm = self.cfg, self.store, self.algorithm
         store.ensure(cids)
         icfg = inner_config(cfg, self.spec)
-        plans = [train_plan(cfg, algorithm, store.client(cid), server_round, cid) for cid in cids]
+        sizes = zip(store.n_support[cids].tolist(), (store.n - store.n_support)[cids].tolist())  # no per-client ClientData views
+        plans = [train_plan(cfg, algorithm, ClientSizes(s, q), server_round, cid) for cid, (s, q) in zip(cids, sizes)]
         theta_d = self._on_device(theta)
         query_dim = 0 if algorithm.needs_query else None
         update = self._update(query_dim)
@@ -356,8 +358,8 @@ class VectorizedBackend:
         store.ensure(cids)
         icfg = inner_config(cfg, self.spec, evaluation=True, algorithm=self.algorithm)
         marks = tuple(s for s in CURVE_STEPS if 0 < s <= icfg.steps)
-        schedules = [eval_schedule(cfg, store.client(cid), server_round, cid, icfg.steps) for cid in cids]
         n_query = (store.n - store.n_support)[cids].tolist()
+        schedules = [eval_schedule(cfg, ClientSizes(s, q), server_round, cid, icfg.steps) for cid, s, q in zip(cids, store.n_support[cids].tolist(), n_query)]
         theta_d = self._on_device(theta)
         out: list[EvalChunk] = []
         keys = [(*s.shape, q) for s, q in zip(schedules, n_query)]

@@ -128,6 +128,51 @@ def _autograd_value_and_grad(model: nn.Module, task: str) -> Callable[..., tuple
     return value_and_grad
 
 
+class _EagerSGD(nn.Module):
+    """The eager SGD inner loop as one module call, so ``functional_call`` swaps the parameters in once per
+    client (not twice per step) and each step updates them in place, as ``torch.optim.SGD`` would."""
+
+    def __init__(self, model: nn.Module, params: Params) -> None:
+        super().__init__()
+        self.model = model
+        # the tensors functional_call swaps into the model, held as a plain list (never a forward argument: module
+        # hooks such as FlopCounterMode's would watch them and then refuse the autograd.grad inside)
+        self.leaves = [(k, v) for k, v in params.items()]
+
+    def forward(self, x, y, present, schedule, cfg, record_at):
+        names, leaves = [k for k, _ in self.leaves], [v for _, v in self.leaves]
+        total = torch.zeros((), dtype=leaves[0].dtype, device=y.device)
+        recorded: dict[int, Params] = {}
+        for t in range(schedule.shape[0]):
+            idx = schedule[t]
+            loss = task_loss(self.model, self.model({k: xv[idx] for k, xv in x.items()}, present[idx]), y[idx], cfg.task)
+            grads = torch.autograd.grad(loss, leaves)
+            with torch.no_grad():  # p += -lr * g in one fused call, as torch.optim.SGD (foreach) does
+                torch._foreach_add_(leaves, grads, alpha=-cfg.lr)
+            total = total + loss.detach()
+            if t + 1 in record_at:
+                recorded[t + 1] = {k: v.detach().clone() for k, v in zip(names, leaves)}
+        return total / max(1, schedule.shape[0]), recorded
+
+
+def _eager_sgd(
+    model: nn.Module, params: Params, x: dict[str, Tensor], y: Tensor, present: Tensor, schedule: Tensor, cfg: InnerConfig, record_at: tuple[int, ...]
+) -> tuple[Params, Tensor, dict[int, Params]]:
+    """:func:`inner_loop` with SGD outside every ``torch.func`` transform (the sequential engine, the Flower ClientApp),
+    at the cost of a plain ``nn.Module`` + autograd + ``torch.optim.SGD`` loop and bit for bit its result (the step is
+    its fused ``p += -lr * g``); the transformed path's ``p - lr * g`` rounds twice, so the two agree to float rounding."""
+    dtype = next(iter(params.values())).dtype
+    x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}  # updated in place; theta is not
+    loss, recorded = functional_call(
+        _EagerSGD(model, leaves), {f"model.{k}": v for k, v in leaves.items()}, (x, y, present, schedule, cfg, record_at),
+        tie_weights=not _has_no_tied_tensors(model),
+    )
+    if 0 in record_at:
+        recorded[0] = params
+    return {k: v.detach() for k, v in leaves.items()}, loss, recorded
+
+
 def inner_loop(
     model: nn.Module,
     params: Params,
@@ -143,9 +188,11 @@ def inner_loop(
     Returns the adapted parameters phi, the mean training loss over the steps,
     and the parameters after each step count in ``record_at``.
     """
-    value_and_grad = torch.func.grad_and_value(lambda p, xb, yb, pb: loss_fn(model, p, xb, yb, pb, cfg.task))
     eager = _plain_eager(params)
-    if eager:  # one client, nothing differentiates through us: plain autograd, half the overhead
+    if eager and cfg.optimizer == "sgd":  # one client, nothing differentiates through us: the plain-PyTorch loop
+        return _eager_sgd(model, params, x, y, present, schedule, cfg, record_at)
+    value_and_grad = torch.func.grad_and_value(lambda p, xb, yb, pb: loss_fn(model, p, xb, yb, pb, cfg.task))
+    if eager:  # plain autograd, half the overhead of grad_and_value
         value_and_grad = _autograd_value_and_grad(model, cfg.task)
     v = {k: torch.zeros_like(p) for k, p in params.items()} if cfg.optimizer == "adam" else None
     total = torch.zeros((), dtype=next(iter(params.values())).dtype, device=y.device)
@@ -158,9 +205,6 @@ def inner_loop(
             corr = 1.0 - cfg.beta2 ** (t + 1)
             v = {k: cfg.beta2 * v[k] + (1 - cfg.beta2) * grads[k] ** 2 for k in params}
             params = {k: p - cfg.lr * grads[k] / ((v[k] / corr).sqrt() + cfg.eps) for k, p in params.items()}
-        elif eager:  # the same p - lr * g (mul, then sub: the same roundings), as two fused calls
-            keys = list(params)
-            params = dict(zip(keys, torch._foreach_sub([params[k] for k in keys], torch._foreach_mul([grads[k] for k in keys], cfg.lr))))
         else:
             params = {k: p - cfg.lr * grads[k] for k, p in params.items()}
         if t + 1 in record_at:
