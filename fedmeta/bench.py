@@ -352,11 +352,11 @@ def pfl_workload(overrides: list[str]) -> dict:
     from fedmeta.data import build_dataset
     from fedmeta.federation import sample_cohort
     from fedmeta.meta import params_of
-    from fedmeta.meta.algorithm import algorithm_for
+    from fedmeta.meta.algorithm import build_algorithm
 
     cfg = build_config({}, overrides + ["simulation.engine=sequential"])
     dataset = build_dataset(cfg.data, cfg.model.modalities)
-    spec, algorithm, m = dataset.spec, algorithm_for(cfg), cfg.model
+    spec, algorithm, m = dataset.spec, build_algorithm(cfg), cfg.model
     cohorts = [sample_cohort(cfg, list(dataset.train_clients), rnd) for rnd in range(1, cfg.simulation.rounds)]  # R + 1 rounds
     clients, rows = {}, {}
     for r, cohort in enumerate(cohorts):

@@ -386,14 +386,14 @@ def test_train_plan_from_sizes_equals_the_client_plan(overrides):
     """The vectorised engine plans a cohort from the store's sizes (ClientSizes): the rows and schedules of train_plan on the client."""
     from fedmeta.client import ClientSizes, train_plan
     from fedmeta.data import build_dataset
-    from fedmeta.meta.algorithm import algorithm_for
+    from fedmeta.meta.algorithm import build_algorithm
 
     cfg = build_config({}, ["data.num_clients=8", "simulation.clients_per_round=2", "meta.inner_batch_size=7", *overrides])
     ds = build_dataset(cfg.data)
     for cid in range(4):
         data = ds.client(cid)
-        rows, schedule = train_plan(cfg, algorithm_for(cfg), data, 3, cid)
-        rows2, schedule2 = train_plan(cfg, algorithm_for(cfg), ClientSizes(data.n_support, data.n_query), 3, cid)
+        rows, schedule = train_plan(cfg, build_algorithm(cfg), data, 3, cid)
+        rows2, schedule2 = train_plan(cfg, build_algorithm(cfg), ClientSizes(data.n_support, data.n_query), 3, cid)
         assert rows == rows2 and torch.equal(schedule, schedule2) and schedule.shape == (cfg.meta.inner_steps, 7)
 
 
