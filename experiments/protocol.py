@@ -143,12 +143,12 @@ STUDIES = {
                    "(train, validation, test) loses its audio with probability p (FedMultimodal's protocol)."),
         Study("sine-reptile", "experiments/configs/sine.toml",
               [Arm("reptile", "reptile", ["meta.server_optimizer=sgd"]), Arm("maml", "maml", [], fixed_from="config")],
-              [("reptile", "maml")], regression=True, rounds=2000, trials=6, seeds=5, eval_points=4,
+              [("reptile", "maml")], regression=True, rounds=2000, trials=12, seeds=5, eval_points=4,
               note="2,000 rounds x 25 tasks (a tenth of sine.toml's MAML budget, for tuning cost); MAML: sine.toml's own "
                    "setting, untuned; Reptile: plain SGD server step (beta annealed), inner lr/steps and beta tuned."),
         Study("privacy-tuned", "experiments/configs/privacy.toml", _privacy_arms(),
               [("z0.85-C2", "nonprivate"), ("z3-C2", "nonprivate"), ("z3-C2", "z0.85-C2")],
-              rounds=50, trials=4, seeds=3, eval_points=5,
+              rounds=50, trials=6, seeds=5, eval_points=5,
               note="section 4's population with 200 of its training clients made validation clients; Reptile; only "
                    "the inner learning rate (training and adaptation) is tuned, per setting, on validation clients. "
                    "The selection itself is not charged to ε (see docs/benchmarks.md)."),

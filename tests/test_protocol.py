@@ -63,6 +63,33 @@ def test_every_arm_tunes_its_adaptation_and_only_the_dimensions_it_has():
     assert "meta.server_optimizer=adam" in fedadam.overrides and fedadam.space == "fedadam"
 
 
+def _space(algorithm: str, regression: bool, space: str) -> set[str]:
+    """The dimensions an arm's Optuna search draws (with adaptation on, so its rate is drawn too)."""
+    trial = optuna.trial.FixedTrial({"inner_lr": 0.05, "inner_steps": 3, "outer_lr": 0.2, "outer_lr_final_ratio": 1.0,
+                                     "eval_steps": 10, "eval_lr": 0.01, "params.lam": 0.1, "params.beta": 0.1,
+                                     "params.global_lr": 0.5})
+    suggest(trial, algorithm, regression=regression, space=space)
+    return set(trial.params)
+
+
+@pytest.mark.parametrize("name", sorted(protocol.STUDIES))
+def test_every_study_has_five_seeds_and_enough_trials_for_its_spaces(name):
+    """Issue 22's budget rules, so a study definition cannot regress: 5 reported seeds; one trial count for every
+    tuned arm of a study (equal budgets), at least 12 where an arm's space has more than 3 dimensions; an arm
+    that takes its setting from elsewhere names an arm that exists."""
+    study = protocol.STUDIES[name]
+    assert study.seeds >= 5 and study.trials >= 1
+    for arm in study.arms:
+        if arm.fixed_from:
+            if arm.fixed_from != "config":
+                source, _, source_arm = arm.fixed_from.partition("/")
+                assert source_arm in {a.name for a in protocol.STUDIES[source].arms}, arm.fixed_from
+            continue
+        dims = _space(arm.algorithm, study.regression, arm.space)
+        assert len(dims) <= 3 or study.trials >= 12, (arm.name, sorted(dims), study.trials)
+    assert len(_space("reptile", True, "full")) == 5 and _space("reptile", False, "inner_lr") == {"inner_lr"}
+
+
 def test_holm_against_a_hand_computation():
     # sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> monotone: 0.06)
     assert protocol.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
@@ -100,7 +127,7 @@ def test_a_tiny_study_tunes_on_validation_and_reports_other_seeds(tmp_path, capf
     assert (tmp_path / "docs" / "results" / "synthetic-methods.md").exists() and (tmp_path / "docs" / "img" / "synthetic-methods.png").exists()
     assert list(out["arms"]) == ["reptile", "local"] and "reptile - local" in out["comparisons"]
     reptile = out["arms"]["reptile"]
-    assert len(reptile["trials"]) == 2
+    assert len(reptile["trials"]) == len(out["arms"]["local"]["trials"]) == 2  # the same budget for every arm
     best = max(reptile["trials"], key=lambda t: t["val"])
     assert best["params"] == reptile["chosen"]  # chosen by the validation score, nothing else
     for run in reptile["runs"]:  # reported runs: the chosen setting, on the reported seeds' test clients
