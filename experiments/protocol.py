@@ -446,6 +446,17 @@ def compare_pairs(study: Study, results: dict[str, dict], main_key: str) -> dict
     return comparisons
 
 
+def _adaptation_note(results: dict[str, dict]) -> str:
+    """What the table's header says about test-time adaptation: tuned (steps and rate), its rate only, or the
+    config's own, read from the settings the arms chose (an arm taking another study's setting included)."""
+    chosen = [res.get("chosen") or {} for res in results.values()]
+    if any("eval_steps" in c for c in chosen):
+        return " (test-time adaptation, steps and rate, chosen there too)"
+    if any("eval_lr" in c for c in chosen):
+        return " (the test-time adaptation rate chosen there too; the config's meta.eval_steps)"
+    return " (test-time adaptation not tuned: the config's meta.eval_steps at the inner learning rate)"
+
+
 def write_report(study: Study, results: dict[str, dict], seeds: list[int], trials: int, wall: float, command: str,
                  rewritten_by: str = "") -> dict:
     keys = _metric_keys(study.regression)
@@ -454,7 +465,7 @@ def write_report(study: Study, results: dict[str, dict], seeds: list[int], trial
     flat_label, flat_curve = ("validation Δ", "val_curve") if on_val else ("test Δ (recorded before issue 22)", "curve")
     if not on_val and not study.regression:  # before issue 22 every arm adapted for the config's 10 steps
         keys = [*keys[:-1], ("after 10 steps", main_key)]
-    adapt = " (test-time adaptation, steps and rate, chosen there too)" if on_val else ""
+    adapt = _adaptation_note(results) if on_val else ""
     lines = [f"# {study.name}", "", f"Command: `{command}`" + (f"; this table re-written from its stored runs by `{rewritten_by}`"
                                                            if rewritten_by else ""), "",
              f"Config `{study.config}`, {study.rounds} rounds; tuning: {trials} Optuna TPE trials per arm on the "

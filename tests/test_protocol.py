@@ -90,6 +90,14 @@ def test_every_study_has_five_seeds_and_enough_trials_for_its_spaces(name):
     assert len(_space("reptile", True, "full")) == 5 and _space("reptile", False, "inner_lr") == {"inner_lr"}
 
 
+def test_the_table_says_whether_adaptation_was_tuned():
+    tuned = {"a": {"chosen": {"inner_lr": 0.1, "eval_steps": 50, "eval_lr": 0.01}}, "b": {"chosen": {}}}
+    assert "steps and rate, chosen there too" in protocol._adaptation_note(tuned)
+    assert "rate chosen there too" in protocol._adaptation_note({"a": {"chosen": {"eval_lr": 0.01}}})  # sine: rate only
+    note = protocol._adaptation_note({"a": {"chosen": {"inner_lr": 0.4}}, "b": {"chosen": {"inner_lr": 0.2}}})  # privacy-tuned
+    assert "not tuned" in note and "chosen there too" not in note
+
+
 def test_holm_against_a_hand_computation():
     # sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> monotone: 0.06)
     assert protocol.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
