@@ -166,6 +166,8 @@ STUDIES = {
 #: a method's own hyper-parameters searched beside the shared ones: (meta.params key, low, high), log-uniform
 METHOD_PARAMS = {"ditto": [("lam", 1e-3, 10.0)], "perfedavg": [("beta", 1e-3, 1.0)], "scaffold": [("global_lr", 0.1, 1.0)]}
 ADAPT_STEPS = (0, 10, 50, 200)  # test-time adaptation steps (0 = none): the same choices for every arm
+#: methods whose evaluation needs at least one step (protonet: the prototypes are the support rows the steps visit)
+NO_ZERO_ADAPT = ("protonet",)
 ADAPT_LR = (1e-3, 3.0)  # test-time adaptation learning rate (log-uniform), every arm; wide enough that no optimum sits on a cap
 
 
@@ -203,7 +205,7 @@ def suggest(trial, algorithm: str, regression: bool, space: str = "full") -> lis
             out += [f"meta.outer_lr={beta}", f"meta.outer_lr_final={beta * final}"]
     if regression:
         return out + [f"meta.eval_lr={trial.suggest_float('eval_lr', 1e-4, 0.3, log=True)}"]
-    steps = trial.suggest_categorical("eval_steps", list(ADAPT_STEPS))
+    steps = trial.suggest_categorical("eval_steps", [k for k in ADAPT_STEPS if k or algorithm not in NO_ZERO_ADAPT])
     out.append(f"meta.eval_steps={steps}")
     if steps:  # with 0 steps the rate is inert: not drawn
         out.append(f"meta.eval_lr={trial.suggest_float('eval_lr', *ADAPT_LR, log=True)}")
@@ -636,11 +638,17 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((study.name, a.name, trials, seeds, args.cache, chosen, study.rounds))
         if not jobs:
             continue
-        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for res in pool.map(tune_and_report, *zip(*jobs)):
-                results[res["arm"]] = res
-                print(f"{res['arm']}: chose {res['overrides']}, test {_pm(_values(res, _metric_keys(study.regression)[-1][1]))}"
-                      f" (tune {res['tune_s']:.0f} s, report {res['report_s']:.0f} s)", flush=True)
+        from fedmeta.errors import FedmetaError
+
+        try:
+            with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                for res in pool.map(tune_and_report, *zip(*jobs)):
+                    results[res["arm"]] = res
+                    print(f"{res['arm']}: chose {res['overrides']}, test {_pm(_values(res, _metric_keys(study.regression)[-1][1]))}"
+                          f" (tune {res['tune_s']:.0f} s, report {res['report_s']:.0f} s)", flush=True)
+        except FedmetaError as err:  # a run's config refused (e.g. a setting an arm's method cannot take): one line
+            print(f"experiments.protocol: {study.name}: {str(err).splitlines()[0]} (finished runs stay cached)", file=sys.stderr)
+            return 2
     results = {a.name: results[a.name] for a in arms}  # the study's order
     command = "python -m experiments.protocol " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(study, results, seeds, trials, time.time() - start, command)

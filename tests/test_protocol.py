@@ -246,3 +246,31 @@ def test_convergence_reads_validation_curves_never_test_curves():
     assert protocol._flatness({"runs": [run]}) == pytest.approx([0.01])  # validation: flat
     assert protocol._flatness({"runs": [run]}, "curve") == pytest.approx([0.3])  # the test curve would say "rising"
     assert protocol._flatness({"runs": [{"curve": run["curve"]}]}) == []  # no validation curve: no reading, not the test one
+
+
+def test_every_adaptation_choice_of_every_arm_is_one_its_method_accepts():
+    """A study must not draw a setting its arm's method refuses (protonet needs >= 1 evaluation step: its prototypes
+    are the support rows the steps visit), or the study dies in its tuning phase."""
+    from fedmeta.components import check_components
+    from fedmeta.config import load_config
+
+    class Choices(optuna.trial.FixedTrial):
+        def suggest_categorical(self, name, choices):
+            if name == "eval_steps":
+                seen.extend(choices)
+            return super().suggest_categorical(name, choices)
+
+    checked = set()
+    for study in protocol.STUDIES.values():
+        for arm in study.arms:
+            if arm.fixed_from or (arm.algorithm, study.config) in checked:
+                continue
+            checked.add((arm.algorithm, study.config))
+            seen: list = []
+            params = {"inner_lr": 0.05, "inner_steps": 3, "outer_lr": 0.2, "outer_lr_final_ratio": 1.0, "eval_steps": 10,
+                      "eval_lr": 0.01, "params.lam": 0.1, "params.beta": 0.1, "params.global_lr": 0.5}
+            suggest(Choices(params), arm.algorithm, regression=study.regression, space=arm.space)
+            for steps in seen:
+                cfg = load_config(protocol.ROOT / study.config, [*arm.overrides, f"meta.algorithm={arm.algorithm}", f"meta.eval_steps={steps}"])
+                check_components(cfg)  # raises the method's one-line refusal
+    assert ("protonet", "experiments/configs/default_protocol.toml") in checked and len(checked) > 10
