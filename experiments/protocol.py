@@ -143,12 +143,12 @@ STUDIES = {
                    "(train, validation, test) loses its audio with probability p (FedMultimodal's protocol)."),
         Study("sine-reptile", "experiments/configs/sine.toml",
               [Arm("reptile", "reptile", ["meta.server_optimizer=sgd"]), Arm("maml", "maml", [], fixed_from="config")],
-              [("reptile", "maml")], regression=True, rounds=2000, trials=6, seeds=5, eval_points=4,
+              [("reptile", "maml")], regression=True, rounds=2000, trials=12, seeds=5, eval_points=4,
               note="2,000 rounds x 25 tasks (a tenth of sine.toml's MAML budget, for tuning cost); MAML: sine.toml's own "
                    "setting, untuned; Reptile: plain SGD server step (beta annealed), inner lr/steps and beta tuned."),
         Study("privacy-tuned", "experiments/configs/privacy.toml", _privacy_arms(),
               [("z0.85-C2", "nonprivate"), ("z3-C2", "nonprivate"), ("z3-C2", "z0.85-C2")],
-              rounds=50, trials=4, seeds=3, eval_points=5,
+              rounds=50, trials=6, seeds=5, eval_points=5,
               note="section 4's population with 200 of its training clients made validation clients; Reptile; only "
                    "the inner learning rate (training and adaptation) is tuned, per setting, on validation clients. "
                    "The selection itself is not charged to ε (see docs/benchmarks.md)."),
@@ -166,6 +166,8 @@ STUDIES = {
 #: a method's own hyper-parameters searched beside the shared ones: (meta.params key, low, high), log-uniform
 METHOD_PARAMS = {"ditto": [("lam", 1e-3, 10.0)], "perfedavg": [("beta", 1e-3, 1.0)], "scaffold": [("global_lr", 0.1, 1.0)]}
 ADAPT_STEPS = (0, 10, 50, 200)  # test-time adaptation steps (0 = none): the same choices for every arm
+#: methods whose evaluation needs at least one step (protonet: the prototypes are the support rows the steps visit)
+NO_ZERO_ADAPT = ("protonet",)
 ADAPT_LR = (1e-3, 3.0)  # test-time adaptation learning rate (log-uniform), every arm; wide enough that no optimum sits on a cap
 
 
@@ -203,7 +205,7 @@ def suggest(trial, algorithm: str, regression: bool, space: str = "full") -> lis
             out += [f"meta.outer_lr={beta}", f"meta.outer_lr_final={beta * final}"]
     if regression:
         return out + [f"meta.eval_lr={trial.suggest_float('eval_lr', 1e-4, 0.3, log=True)}"]
-    steps = trial.suggest_categorical("eval_steps", list(ADAPT_STEPS))
+    steps = trial.suggest_categorical("eval_steps", [k for k in ADAPT_STEPS if k or algorithm not in NO_ZERO_ADAPT])
     out.append(f"meta.eval_steps={steps}")
     if steps:  # with 0 steps the rate is inert: not drawn
         out.append(f"meta.eval_lr={trial.suggest_float('eval_lr', *ADAPT_LR, log=True)}")
@@ -446,6 +448,17 @@ def compare_pairs(study: Study, results: dict[str, dict], main_key: str) -> dict
     return comparisons
 
 
+def _adaptation_note(results: dict[str, dict]) -> str:
+    """What the table's header says about test-time adaptation: tuned (steps and rate), its rate only, or the
+    config's own, read from the settings the arms chose (an arm taking another study's setting included)."""
+    chosen = [res.get("chosen") or {} for res in results.values()]
+    if any("eval_steps" in c for c in chosen):
+        return " (test-time adaptation, steps and rate, chosen there too)"
+    if any("eval_lr" in c for c in chosen):
+        return " (the test-time adaptation rate chosen there too; the config's meta.eval_steps)"
+    return " (test-time adaptation not tuned: the config's meta.eval_steps at the inner learning rate)"
+
+
 def write_report(study: Study, results: dict[str, dict], seeds: list[int], trials: int, wall: float, command: str,
                  rewritten_by: str = "") -> dict:
     keys = _metric_keys(study.regression)
@@ -454,7 +467,7 @@ def write_report(study: Study, results: dict[str, dict], seeds: list[int], trial
     flat_label, flat_curve = ("validation Δ", "val_curve") if on_val else ("test Δ (recorded before issue 22)", "curve")
     if not on_val and not study.regression:  # before issue 22 every arm adapted for the config's 10 steps
         keys = [*keys[:-1], ("after 10 steps", main_key)]
-    adapt = " (test-time adaptation, steps and rate, chosen there too)" if on_val else ""
+    adapt = _adaptation_note(results) if on_val else ""
     lines = [f"# {study.name}", "", f"Command: `{command}`" + (f"; this table re-written from its stored runs by `{rewritten_by}`"
                                                            if rewritten_by else ""), "",
              f"Config `{study.config}`, {study.rounds} rounds; tuning: {trials} Optuna TPE trials per arm on the "
@@ -625,11 +638,17 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((study.name, a.name, trials, seeds, args.cache, chosen, study.rounds))
         if not jobs:
             continue
-        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for res in pool.map(tune_and_report, *zip(*jobs)):
-                results[res["arm"]] = res
-                print(f"{res['arm']}: chose {res['overrides']}, test {_pm(_values(res, _metric_keys(study.regression)[-1][1]))}"
-                      f" (tune {res['tune_s']:.0f} s, report {res['report_s']:.0f} s)", flush=True)
+        from fedmeta.errors import FedmetaError
+
+        try:
+            with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+                for res in pool.map(tune_and_report, *zip(*jobs)):
+                    results[res["arm"]] = res
+                    print(f"{res['arm']}: chose {res['overrides']}, test {_pm(_values(res, _metric_keys(study.regression)[-1][1]))}"
+                          f" (tune {res['tune_s']:.0f} s, report {res['report_s']:.0f} s)", flush=True)
+        except FedmetaError as err:  # a run's config refused (e.g. a setting an arm's method cannot take): one line
+            print(f"experiments.protocol: {study.name}: {str(err).splitlines()[0]} (finished runs stay cached)", file=sys.stderr)
+            return 2
     results = {a.name: results[a.name] for a in arms}  # the study's order
     command = "python -m experiments.protocol " + " ".join(argv if argv is not None else sys.argv[1:])
     write_report(study, results, seeds, trials, time.time() - start, command)

@@ -63,6 +63,41 @@ def test_every_arm_tunes_its_adaptation_and_only_the_dimensions_it_has():
     assert "meta.server_optimizer=adam" in fedadam.overrides and fedadam.space == "fedadam"
 
 
+def _space(algorithm: str, regression: bool, space: str) -> set[str]:
+    """The dimensions an arm's Optuna search draws (with adaptation on, so its rate is drawn too)."""
+    trial = optuna.trial.FixedTrial({"inner_lr": 0.05, "inner_steps": 3, "outer_lr": 0.2, "outer_lr_final_ratio": 1.0,
+                                     "eval_steps": 10, "eval_lr": 0.01, "params.lam": 0.1, "params.beta": 0.1,
+                                     "params.global_lr": 0.5})
+    suggest(trial, algorithm, regression=regression, space=space)
+    return set(trial.params)
+
+
+@pytest.mark.parametrize("name", sorted(protocol.STUDIES))
+def test_every_study_has_five_seeds_and_enough_trials_for_its_spaces(name):
+    """Issue 22's budget rules, so a study definition cannot regress: 5 reported seeds; one trial count for every
+    tuned arm of a study (equal budgets), at least 12 where an arm's space has more than 3 dimensions; an arm
+    that takes its setting from elsewhere names an arm that exists."""
+    study = protocol.STUDIES[name]
+    assert study.seeds >= 5 and study.trials >= 1
+    for arm in study.arms:
+        if arm.fixed_from:
+            if arm.fixed_from != "config":
+                source, _, source_arm = arm.fixed_from.partition("/")
+                assert source_arm in {a.name for a in protocol.STUDIES[source].arms}, arm.fixed_from
+            continue
+        dims = _space(arm.algorithm, study.regression, arm.space)
+        assert len(dims) <= 3 or study.trials >= 12, (arm.name, sorted(dims), study.trials)
+    assert len(_space("reptile", True, "full")) == 5 and _space("reptile", False, "inner_lr") == {"inner_lr"}
+
+
+def test_the_table_says_whether_adaptation_was_tuned():
+    tuned = {"a": {"chosen": {"inner_lr": 0.1, "eval_steps": 50, "eval_lr": 0.01}}, "b": {"chosen": {}}}
+    assert "steps and rate, chosen there too" in protocol._adaptation_note(tuned)
+    assert "rate chosen there too" in protocol._adaptation_note({"a": {"chosen": {"eval_lr": 0.01}}})  # sine: rate only
+    note = protocol._adaptation_note({"a": {"chosen": {"inner_lr": 0.4}}, "b": {"chosen": {"inner_lr": 0.2}}})  # privacy-tuned
+    assert "not tuned" in note and "chosen there too" not in note
+
+
 def test_holm_against_a_hand_computation():
     # sorted: 0.01 (x4 = 0.04), 0.02 (x3 = 0.06), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> monotone: 0.06)
     assert protocol.holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
@@ -100,7 +135,7 @@ def test_a_tiny_study_tunes_on_validation_and_reports_other_seeds(tmp_path, capf
     assert (tmp_path / "docs" / "results" / "synthetic-methods.md").exists() and (tmp_path / "docs" / "img" / "synthetic-methods.png").exists()
     assert list(out["arms"]) == ["reptile", "local"] and "reptile - local" in out["comparisons"]
     reptile = out["arms"]["reptile"]
-    assert len(reptile["trials"]) == 2
+    assert len(reptile["trials"]) == len(out["arms"]["local"]["trials"]) == 2  # the same budget for every arm
     best = max(reptile["trials"], key=lambda t: t["val"])
     assert best["params"] == reptile["chosen"]  # chosen by the validation score, nothing else
     for run in reptile["runs"]:  # reported runs: the chosen setting, on the reported seeds' test clients
@@ -211,3 +246,31 @@ def test_convergence_reads_validation_curves_never_test_curves():
     assert protocol._flatness({"runs": [run]}) == pytest.approx([0.01])  # validation: flat
     assert protocol._flatness({"runs": [run]}, "curve") == pytest.approx([0.3])  # the test curve would say "rising"
     assert protocol._flatness({"runs": [{"curve": run["curve"]}]}) == []  # no validation curve: no reading, not the test one
+
+
+def test_every_adaptation_choice_of_every_arm_is_one_its_method_accepts():
+    """A study must not draw a setting its arm's method refuses (protonet needs >= 1 evaluation step: its prototypes
+    are the support rows the steps visit), or the study dies in its tuning phase."""
+    from fedmeta.components import check_components
+    from fedmeta.config import load_config
+
+    class Choices(optuna.trial.FixedTrial):
+        def suggest_categorical(self, name, choices):
+            if name == "eval_steps":
+                seen.extend(choices)
+            return super().suggest_categorical(name, choices)
+
+    checked = set()
+    for study in protocol.STUDIES.values():
+        for arm in study.arms:
+            if arm.fixed_from or (arm.algorithm, study.config) in checked:
+                continue
+            checked.add((arm.algorithm, study.config))
+            seen: list = []
+            params = {"inner_lr": 0.05, "inner_steps": 3, "outer_lr": 0.2, "outer_lr_final_ratio": 1.0, "eval_steps": 10,
+                      "eval_lr": 0.01, "params.lam": 0.1, "params.beta": 0.1, "params.global_lr": 0.5}
+            suggest(Choices(params), arm.algorithm, regression=study.regression, space=arm.space)
+            for steps in seen:
+                cfg = load_config(protocol.ROOT / study.config, [*arm.overrides, f"meta.algorithm={arm.algorithm}", f"meta.eval_steps={steps}"])
+                check_components(cfg)  # raises the method's one-line refusal
+    assert ("protonet", "experiments/configs/default_protocol.toml") in checked and len(checked) > 10
