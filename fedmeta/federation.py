@@ -208,7 +208,7 @@ def screen_updates(updates: "list[ClientUpdate] | StackedUpdates", theta: Params
     outliers, bound = norm_outliers(norms, max_norm_ratio)
     for j in outliers:
         rejected.append(f"client {cids[keep[j]]}: update norm {norms[j]:.3g} exceeds simulation.max_norm_ratio={max_norm_ratio:g} "
-                        f"x the cohort's median norm ({bound:.3g})")
+                        f"x the cohort's median norm {bound / max_norm_ratio:.3g} (bound {bound:.3g})")
     drop = set(outliers)
     keep = [i for j, i in enumerate(keep) if j not in drop]
     return (updates.select(keep) if stacked else [updates[i] for i in keep]), rejected

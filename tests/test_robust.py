@@ -35,7 +35,7 @@ def test_screen_updates_names_the_rejected_client_and_its_bound():
     ups = [ClientUpdate(c, {"w": torch.full((4,), s)}, 10) for c, s in [(1, 0.5), (2, 0.6), (3, 50.0), (4, 0.4), (5, 0.5)]]
     good, rejected = screen_updates(ups, theta, max_norm=1e4, max_norm_ratio=10)
     assert [u.cid for u in good] == [1, 2, 4, 5]
-    assert rejected == ["client 3: update norm 100 exceeds simulation.max_norm_ratio=10 x the cohort's median norm (10)"]
+    assert rejected == ["client 3: update norm 100 exceeds simulation.max_norm_ratio=10 x the cohort's median norm 1 (bound 10)"]
     assert [u.cid for u in screen_updates(ups, theta, max_norm=1e4, max_norm_ratio=0)[0]] == [1, 2, 3, 4, 5]
 
 
