@@ -224,7 +224,8 @@ def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any], droppe
     (``reserved``, ``epsilon``, evaluation keys...), and at most :data:`MAX_CLIENT_METRICS`:
     one client cannot add, overwrite or flood the round's record. Every mean is over the same
     updates: one with a non-finite value of a kept key is left out of all of them, its reason
-    appended to ``dropped`` (the round loop counts it in ``rejected``; its update was still applied).
+    appended to ``dropped`` (the round loop counts it in ``rejected``; its update was still applied). A key
+    that no update reports finite is NaN and drops no one (as :func:`summarise_eval` does).
     """
     if not updates:
         return {}
@@ -232,10 +233,12 @@ def client_metrics(updates: list[ClientUpdate], reserved: dict[str, Any], droppe
     loop_keys = {"failures", "rejected", "skipped", "time_s", "stopped", "epsilon", "delta", "clip_norm",
                  "noise_multiplier", "sample_rate", "accountant", *EVAL_KEYS}
     keys = sorted(k for k in common - loop_keys if not k.startswith(("heldout_", "val_")))[:MAX_CLIENT_METRICS]
+    # a key no update reports finite (local's train_loss: it trains nothing) is a mean of nothing: NaN, no one dropped
+    checked = [k for k in keys if any(finite_number(u.metrics.get(k)) for u in updates)]
     weighted = []
     for u in updates:
         m = u.metrics | {"num-examples": u.num_examples}
-        why = _unusable(m, keys)
+        why = _unusable(m, checked)
         if why:
             if dropped is not None:
                 dropped.append(f"client {u.cid}: training metrics left out of every mean: {why}")

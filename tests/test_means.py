@@ -58,6 +58,14 @@ def test_training_metrics_drop_a_non_finite_client_from_every_mean():
     assert len(dropped) == 1 and dropped[0].startswith("client 2:")
 
 
+def test_a_metric_no_client_reports_finite_is_nan_and_drops_no_one():
+    """local trains nothing: every reply's train_loss is NaN; that is a mean of nothing, not a cohort to reject."""
+    ups = [ClientUpdate(c, {}, 10, {"train_loss": float("nan"), "query_loss": float(c)}) for c in (1, 2, 3)]
+    dropped = []
+    out = client_metrics(ups, reserved={}, dropped=dropped)
+    assert math.isnan(out["train_loss"]) and out["query_loss"] == pytest.approx(2.0) and dropped == []
+
+
 def test_a_left_out_test_client_is_counted_and_logged_in_the_round(tmp_path, monkeypatch, caplog):
     real = SequentialBackend.evaluate
     seen = {}
