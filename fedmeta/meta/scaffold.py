@@ -69,3 +69,11 @@ class Scaffold(MetaAlgorithm):
         lr = self.params.global_lr
         new = {k: theta[k] + (frac if k.startswith(PREFIX) else lr) * mean[k] for k in theta}
         return new, state, {"beta": lr}
+
+
+@register("scaffold_ft")
+class ScaffoldFineTune(Scaffold):
+    """SCAFFOLD training, evaluated after fine-tuning on the support set (as ``fedavg_ft`` is to ``fedavg``): the
+    global model SCAFFOLD trains is not personal, so on client-specific tasks it is compared with fine-tuning."""
+
+    adapts_at_eval = True
