@@ -271,4 +271,21 @@ def test_the_protocol_searches_a_methods_own_params_and_maps_them_back():
     assert build_config(None, sets + ["meta.algorithm=ditto"]).meta.params == {"lam": 0.5}
     for study in ("avdigits-personal", "synthetic-personal"):  # their own studies: the methods studies' tables stay
         arms = {a.algorithm for a in STUDIES[study].arms}
-        assert set(METHODS) <= arms and all((m, "fedavg_ft") in STUDIES[study].pairs for m in METHODS)
+        studied = [m.replace("scaffold", "scaffold_ft") for m in METHODS]  # SCAFFOLD's arm fine-tunes, as FedAvg+FT does
+        assert set(studied) <= arms and all((m, "fedavg_ft") in STUDIES[study].pairs for m in studied)
+
+
+def test_scaffold_ft_trains_as_scaffold_and_adapts_at_evaluation(tmp_path):
+    """scaffold_ft is to scaffold what fedavg_ft is to fedavg: the same training (same theta), plus fine-tuning when scored."""
+    import fedmeta
+
+    small = ["data.num_clients=10", "data.examples_per_client=20", "simulation.clients_per_round=3", "simulation.rounds=2",
+             "simulation.engine=sequential", "simulation.eval_every=2", "output.progress=false"]
+    runs = {}
+    for name in ("scaffold", "scaffold_ft"):
+        summary = fedmeta.simulate(None, overrides=small + [f"meta.algorithm={name}"], out=tmp_path / name)
+        runs[name] = (summary, torch.load(tmp_path / name / "model.pt"))
+    (plain, theta), (ft, theta_ft) = runs["scaffold"], runs["scaffold_ft"]
+    assert all(torch.equal(theta[k], theta_ft[k]) for k in theta)
+    assert plain["heldout_loss_after"] == plain["heldout_loss_before"]  # no adaptation
+    assert ft["heldout_loss_before"] == plain["heldout_loss_before"] and ft["heldout_loss_after"] < ft["heldout_loss_before"]
