@@ -210,7 +210,7 @@ DATASETS = Registry("dataset", "data.dataset", (
 ), hint="package.module:callable")
 #: ``simulation.engine``: :class:`fedmeta.engines.base.Engine` subclasses or instances.
 ENGINES = Registry("engine", "simulation.engine", (
-    "fedmeta.engines.sequential", "fedmeta.engines.vectorized", "fedmeta.engines.flower",
+    "fedmeta.engines.sequential", "fedmeta.engines.vectorized", "fedmeta.engines.flower_engine",
 ), hint="package.module:Engine")
 #: ``model.factory``: model factories ``(DatasetSpec, Config) -> nn.Module``.
 MODELS = Registry("model factory", "model.factory", ("fedmeta.models",), hint="package.module:callable")

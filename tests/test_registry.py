@@ -327,3 +327,15 @@ def test_a_zero_dim_parameter_has_an_update_norm():
     updates = [ClientUpdate(0, {"w": torch.tensor([3.0, 0.0]), "t": torch.tensor(5.0)}, 4),
                ClientUpdate(1, {"w": torch.zeros(2), "t": torch.tensor(1.0)}, 4)]
     assert update_norms(updates, theta) == pytest.approx([5.0, 0.0])  # sqrt(3^2 + (5 - 1)^2)
+
+
+def test_resolving_the_default_engine_loads_no_flower():
+    """fedmeta simulate resolves its components before its first status line: naming 'flower' must not import Flower/Ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom fedmeta.components import check_components\nfrom fedmeta.config import build_config\n"
+            "c = check_components(build_config(None, []))\n"
+            "print(type(c.engine).__name__, sorted(m for m in ('flwr', 'ray', 'dp_accounting', 'matplotlib') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "FlowerEngine []", r.stdout + r.stderr[-2000:]

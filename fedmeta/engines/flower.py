@@ -31,9 +31,7 @@ from fedmeta.data.base import DataError, spec_to_dict
 from fedmeta.client import configure_torch, model_for
 from fedmeta.federation import Params, Replies, RunError, run_federation
 from fedmeta.engines.messages import MetaStrategy
-from fedmeta.engines.base import Engine
 from fedmeta.meta.algorithm import initial_meta_parameters
-from fedmeta.registry import ENGINES
 from fedmeta.progress import round_printer, status
 from fedmeta.results import RunDirError, RunWriter, check_resume, close_writers, default_out_dir, prepare_out_dir, run_dir_lock
 
@@ -335,14 +333,3 @@ def simulate_flower(cfg: Config, out_dir: Path, resume: bool = False, progress: 
     if not result:
         raise RunError("the Flower simulation ended without a result; see the log above")
     return result
-
-
-@ENGINES.register("flower")
-class FlowerEngine(Engine):
-    """``simulation.engine = "flower"``: the project's ServerApp and ClientApp on Flower's Simulation Engine."""
-
-    def clients_elsewhere(self, cfg: Config) -> str | None:
-        return "simulation.engine: 'flower' runs clients in other processes"
-
-    def run(self, cfg, components, out_dir, resume=False, progress=True, launched_at=None):
-        return simulate_flower(cfg, Path(out_dir), resume=resume, progress=progress, launched_at=launched_at, components=components)
