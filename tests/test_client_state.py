@@ -176,25 +176,7 @@ def test_a_million_client_population_costs_disk_only_for_the_cohort(small_cfg, t
 
 # -- a user's stateful method via `flwr run`: the state lives in each SuperNode's context.state ----------------------
 
-USER_METHOD = '''
-import torch
-
-from fedmeta.meta import MetaAlgorithm
-
-
-class Visits(MetaAlgorithm):
-    """Each client counts its rounds in its client state; its update is theta + 0.01 * visits."""
-
-    def init_client_state(self, theta):
-        return {"visits": torch.zeros(())}
-
-    def client_update(self, model, params, support, query, schedule, icfg, state):
-        visits = state["visits"] + 1
-        return {k: v + 0.01 * visits for k, v in params.items()}, {"train_loss": visits}, {"visits": visits}
-
-    def step_size(self, server_round):
-        return 1.0
-'''
+from tests.harness.methods import SOURCE as USER_METHOD  # noqa: E402 - the method's module, as a user's file
 USER_SETS = ["data.num_clients=6", "simulation.rounds=3", "simulation.clients_per_round=3", "simulation.eval_every=3", "simulation.round_timeout=120"]
 
 

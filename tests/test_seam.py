@@ -60,18 +60,7 @@ from fedmeta.meta import params_of  # noqa: E402
 from fedmeta.results import RunWriter  # noqa: E402
 
 
-class Visits(MetaAlgorithm):
-    """Stateful: each client counts its visits; its update is theta + 0.01 * visits (pure, vmappable)."""
-
-    def init_client_state(self, theta):
-        return {"visits": torch.zeros(())}
-
-    def client_update(self, model, params, support, query, schedule, icfg, state):
-        visits = state["visits"] + 1
-        return {k: v + 0.01 * visits for k, v in params.items()}, {"train_loss": visits}, {"visits": visits}
-
-    def step_size(self, server_round):
-        return 1.0
+from tests.harness.methods import Visits  # noqa: E402 - a stateful method: each client counts its visits
 
 
 def _visits_run(small_cfg, tmp_path, engine, name, backend_cls=None, resume=False, crash=None, rounds=4):
