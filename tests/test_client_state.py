@@ -1,7 +1,6 @@
 """Client-state stores (fedmeta/meta/client_state.py): in memory, and memory-mapped on disk for large populations."""
 
 import os
-import signal
 import stat
 
 import numpy as np
@@ -176,6 +175,7 @@ def test_a_million_client_population_costs_disk_only_for_the_cohort(small_cfg, t
 
 # -- a user's stateful method via `flwr run`: the state lives in each SuperNode's context.state ----------------------
 
+from tests.harness.processes import kill_after_rounds  # noqa: E402
 from tests.harness.methods import SOURCE as USER_METHOD  # noqa: E402 - the method's module, as a user's file
 USER_SETS = ["data.num_clients=6", "simulation.rounds=3", "simulation.clients_per_round=3", "simulation.eval_every=3", "simulation.round_timeout=120"]
 
@@ -231,7 +231,6 @@ def test_kill_minus_9_with_the_disk_store_then_resume_is_bit_identical(tmp_path)
     `--resume` rolls back the rows written since the checkpoint and ends with the uninterrupted run's θ and client state."""
     import subprocess
     import sys
-    import time
 
     sets = ["simulation.engine=vectorized", "data.num_clients=10", "data.examples_per_client=20", "simulation.clients_per_round=3",
             "simulation.rounds=40", "simulation.eval_every=100", "meta.algorithm=scaffold", "simulation.client_state=disk",
@@ -240,16 +239,7 @@ def test_kill_minus_9_with_the_disk_store_then_resume_is_bit_identical(tmp_path)
     straight = subprocess.run([*cli, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-2000:]
     out = tmp_path / "b"
-    proc = subprocess.Popen([*cli, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 4):
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_rounds([*cli, "--out", str(out)], out, rounds=4)
     assert not (out / "summary.json").exists()
     resumed = subprocess.run([sys.executable, "-m", "fedmeta.cli", "simulate", "--resume", str(out)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -1,14 +1,13 @@
 """`kill -9` of a running server loses at most the round in flight; --resume finishes identically."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+
+from tests.harness.processes import kill_after_rounds
 
 SETS = [
     "simulation.engine=sequential", "data.num_clients=10", "data.examples_per_client=20",
@@ -27,19 +26,7 @@ def test_kill_minus_9_then_resume(tmp_path):
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     out = tmp_path / "b"
-    proc = subprocess.Popen(cli("--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            metrics = out / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_after_rounds(cli("--out", str(out)), out, rounds=3)
     assert not (out / "summary.json").exists()
     ckpt_round = torch.load(out / "checkpoint.pt", weights_only=False)["round"]
     logged = len((out / "metrics.jsonl").read_text().splitlines())

@@ -753,3 +753,25 @@ def cast_int(value: int | None) -> int:
     if value is None:
         raise DeploymentError("unexpected None")
     return int(value)
+
+
+def kill_after_rounds(cmd: list[str], out, rounds: int, timeout: float = 120) -> None:
+    """Start ``cmd`` (a run writing into ``out``), SIGKILL it once ``out/metrics.jsonl`` has ``rounds`` rows (or after
+    ``timeout`` seconds), and wait for it: a crash in the middle of a run, as a power cut would make it."""
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    metrics = Path(out) / "metrics.jsonl"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= rounds):
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
