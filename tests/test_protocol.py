@@ -208,6 +208,19 @@ def test_a_cached_summary_of_another_config_is_never_reused(tmp_path, how):
     assert json.loads((out / "config.json").read_text())["simulation"]["max_update_norm"] == 1e4
 
 
+@pytest.mark.parametrize("value, reused", [(None, True), ("memory", False)])
+def test_a_run_cached_before_the_client_state_key_existed_is_reused_only_at_its_default(tmp_path, value, reused):
+    """simulation.client_state picks where state is stored (memory and disk stores give the same run): a run
+    recorded before the key existed is this config's run at the default "auto", and nobody else's."""
+    def change(d):
+        del d["simulation"]["client_state"]
+        return d
+
+    study, arm, out = _plant(tmp_path, change)
+    got = protocol._run(study, arm, [f"simulation.client_state={value}"] if value else [], 0, tmp_path, 1)
+    assert (got["heldout_acc_after"] == 0.999) is reused
+
+
 def test_a_cache_entry_held_by_another_process_is_waited_for(tmp_path, monkeypatch):
     from fedmeta.results import RunDirError, run_dir_lock
 
