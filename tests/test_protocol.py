@@ -282,8 +282,10 @@ def test_every_adaptation_choice_of_every_arm_is_one_its_method_accepts():
             seen: list = []
             params = {"inner_lr": 0.05, "inner_steps": 3, "outer_lr": 0.2, "outer_lr_final_ratio": 1.0, "eval_steps": 10,
                       "eval_lr": 0.01, "params.lam": 0.1, "params.beta": 0.1, "params.global_lr": 0.5}
-            suggest(Choices(params), arm.algorithm, regression=study.regression, space=arm.space)
+            suggest(Choices(params), arm.algorithm, regression=study.regression, space=arm.space, adapt_steps=study.adapt_steps)
+            assert study.regression or arm.space == "inner_lr" or [k for k in seen if k] == [k for k in study.adapt_steps or protocol.ADAPT_STEPS if k]  # its own choices
             for steps in seen:
                 cfg = load_config(protocol.ROOT / study.config, [*arm.overrides, f"meta.algorithm={arm.algorithm}", f"meta.eval_steps={steps}"])
                 check_components(cfg)  # raises the method's one-line refusal
     assert ("protonet", "experiments/configs/default_protocol.toml") in checked and len(checked) > 10
+    assert ("maml", "experiments/configs/shakespeare_small.toml") in checked
