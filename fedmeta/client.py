@@ -84,7 +84,8 @@ class TrainRows:
     The inner loop indexes rows ``0 .. n_inner``; an algorithm that ``needs_query`` gets the
     meta-query rows ``query_start .. query_start + n_query``: the client's query set
     (``meta.maml_query_fraction = 0``) or the last fraction of its support rows (then the inner
-    loop sees only the rest, and the query set stays untouched).
+    loop sees only the rest, and the query set stays untouched). A client with a single support row
+    has nothing to hold back: that row is both (rows 0..1), rather than one small client ending the run.
     """
 
     n_inner: int
@@ -97,8 +98,8 @@ def train_rows(cfg: Config, algorithm: MetaAlgorithm, data: "ClientData | Client
         return TrainRows(data.n_support, 0, 0)
     if cfg.meta.maml_query_fraction == 0:
         return TrainRows(data.n_support, data.n_support, data.n_query)
-    if data.n_support < 2:
-        raise ValueError(f"meta.maml_query_fraction: client {cid} has {data.n_support} support row(s), needs >= 2")
+    if data.n_support < 2:  # no row to hold back: the lone row is the inner loop's and the meta-query's (a small
+        return TrainRows(data.n_support, 0, data.n_support)  # client trains, never crashes the run; its query set stays untouched)
     n_inner = split_support(data.n_support, cfg.meta.maml_query_fraction)
     return TrainRows(n_inner, n_inner, data.n_support - n_inner)
 

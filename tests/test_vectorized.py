@@ -369,3 +369,29 @@ def test_store_memory_script_builds_the_training_population(tmp_path, capsys):
     assert result["rows_of_built_clients"] * per_row <= result["allocated_elements"] <= 2 * result["rows_of_built_clients"] * per_row
     assert store_memory.main(["--config", str(tmp_path / "missing.toml")]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+class OneRowClients(Ragged):
+    """Every third client keeps a single support row (a small Dirichlet share, as on avdigits' disjoint pool)."""
+
+    def client(self, cid: int) -> ClientData:
+        full = self.base.client(cid)
+        if cid % 3:
+            return full
+        keep = torch.cat([torch.arange(1), full.n_support + torch.arange(full.n - full.n_support)])
+        return ClientData({k: v[keep] for k, v in full.x.items()}, full.y[keep], full.present[keep], 1)
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "maml"])
+def test_a_client_with_one_support_row_trains_under_a_held_back_meta_query(tmp_path, algorithm):
+    """meta.maml_query_fraction holds back part of the support rows; a client with one row has none to spare: that
+    row is its inner loop's and its meta-query's (it used to end the run with a ValueError), the same on both engines."""
+    from fedmeta.client import ClientSizes, train_rows
+    from fedmeta.meta.algorithm import build_algorithm
+
+    cfg = build_config({}, SMALL + [f"meta.algorithm={algorithm}", "meta.maml_query_fraction=0.3", "simulation.rounds=2"])
+    rows = train_rows(cfg, build_algorithm(cfg), ClientSizes(1, 5), cid=0)
+    assert (rows.n_inner, rows.query_start, rows.n_query) == (1, 0, 1)
+    dataset = OneRowClients(build_dataset(cfg.data))
+    assert any(dataset.client(c).n_support == 1 for c in dataset.train_clients)
+    _assert_same(cfg, dataset, tmp_path)
