@@ -104,6 +104,8 @@ def _privacy_arms(space: str = "inner_lr") -> list[Arm]:
             Arm("z3-C2", "reptile", dp(3, 2), space=space)]
 
 
+PRIVACY_PAIRS = [("z0.85-C2", "nonprivate"), ("z3-C2", "nonprivate"), ("z3-C2", "z0.85-C2")]
+
 METHODS = ("reptile", "fedavg_ft", "maml", "fomaml", "local")
 # every method at its best, plus Flower's / pfl's strongest FedAvg: FedAvg training with a tuned server Adam
 # (FedAdam: fedmeta's FedAvg is Reptile with beta = 1, so FedAdam is Reptile's client update with server Adam)
@@ -159,14 +161,12 @@ STUDIES = {
               [("reptile", "maml")], regression=True, rounds=2000, trials=12, seeds=5, eval_points=4,
               note="2,000 rounds x 25 tasks (a tenth of sine.toml's MAML budget, for tuning cost); MAML: sine.toml's own "
                    "setting, untuned; Reptile: plain SGD server step (beta annealed), inner lr/steps and beta tuned."),
-        Study("privacy-tuned", "experiments/configs/privacy.toml", _privacy_arms(),
-              [("z0.85-C2", "nonprivate"), ("z3-C2", "nonprivate"), ("z3-C2", "z0.85-C2")],
+        Study("privacy-tuned", "experiments/configs/privacy.toml", _privacy_arms(), PRIVACY_PAIRS,
               rounds=50, trials=6, seeds=5, eval_points=5,
               note="section 4's population with 200 of its training clients made validation clients; Reptile; only "
                    "the inner learning rate (training and adaptation) is tuned, per setting, on validation clients. "
                    "The selection itself is not charged to ε (see docs/benchmarks.md)."),
-        Study("privacy-adapt", "experiments/configs/privacy.toml", _privacy_arms("full"),
-              [("z0.85-C2", "nonprivate"), ("z3-C2", "nonprivate"), ("z3-C2", "z0.85-C2")],
+        Study("privacy-adapt", "experiments/configs/privacy.toml", _privacy_arms("full"), PRIVACY_PAIRS,
               rounds=50, trials=12, seeds=5, eval_points=5,
               note="privacy-tuned with each arm's whole space (inner lr and steps, server step and schedule, and "
                    "test-time adaptation: steps incl. none, and rate), 12 trials per arm on validation clients. "
@@ -203,10 +203,10 @@ def suggest(trial, algorithm: str, regression: bool, space: str = "full", adapt_
     Every arm (``space`` "full" or "fedadam") also draws its **test-time adaptation**: steps from
     :data:`ADAPT_STEPS` (0 = no adaptation) and ``meta.eval_lr`` from :data:`ADAPT_LR`, the same choices for every
     method, scored on validation clients like everything else (a study may name its own ``adapt_steps``, the same
-    for all its arms). Training dimensions are the ones the method
-    has: ``local`` trains nothing (adaptation only); FedAvg's server step is fixed at 1 (no ``outer_lr``);
+    for all its arms). Training dimensions are the ones the method has: ``local`` trains nothing (adaptation only); FedAvg's server step is fixed at 1 (no ``outer_lr``);
     ``space = "fedadam"`` (FedAvg training with server Adam, Reddi et al. 2021; also any meta-method whose server
-    step is Adam, as on Shakespeare) tunes the server learning rate log-uniformly in 1e-3..0.3. Regression (sine) keeps the paper's 10 adaptation steps and tunes only their rate.
+    step is Adam, as on Shakespeare) tunes the server learning rate log-uniformly in 1e-3..0.3. Regression (sine)
+    keeps the paper's 10 adaptation steps and tunes only their rate.
     ``space = "inner_lr"``: only the inner learning rate (training and adaptation).
     """
     lo, hi = (1e-3, 0.1) if regression else (1e-2, 1.0)

@@ -93,7 +93,7 @@ class TrainRows:
     n_query: int
 
 
-def train_rows(cfg: Config, algorithm: MetaAlgorithm, data: "ClientData | ClientSizes", cid: int) -> TrainRows:
+def train_rows(cfg: Config, algorithm: MetaAlgorithm, data: "ClientData | ClientSizes") -> TrainRows:
     if not algorithm.needs_query:
         return TrainRows(data.n_support, 0, 0)
     if cfg.meta.maml_query_fraction == 0:
@@ -115,7 +115,7 @@ class ClientSizes:
 
 def train_plan(cfg: Config, algorithm: MetaAlgorithm, data: "ClientData | ClientSizes", server_round: int, cid: int) -> tuple[TrainRows, Tensor]:
     """The rows and the batch schedule of one client's training update (``data``: the client, or just its sizes)."""
-    rows = train_rows(cfg, algorithm, data, cid)
+    rows = train_rows(cfg, algorithm, data)
     return rows, train_schedule(cfg, replace(data, n_support=rows.n_inner), server_round, cid)
 
 

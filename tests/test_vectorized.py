@@ -390,7 +390,7 @@ def test_a_client_with_one_support_row_trains_under_a_held_back_meta_query(tmp_p
     from fedmeta.meta.algorithm import build_algorithm
 
     cfg = build_config({}, SMALL + [f"meta.algorithm={algorithm}", "meta.maml_query_fraction=0.3", "simulation.rounds=2"])
-    rows = train_rows(cfg, build_algorithm(cfg), ClientSizes(1, 5), cid=0)
+    rows = train_rows(cfg, build_algorithm(cfg), ClientSizes(1, 5))
     assert (rows.n_inner, rows.query_start, rows.n_query) == (1, 0, 1)
     dataset = OneRowClients(build_dataset(cfg.data))
     assert any(dataset.client(c).n_support == 1 for c in dataset.train_clients)
